@@ -1,0 +1,1 @@
+"""Core: host-free training code (stdlib, torch, numpy, PIL, safetensors only)."""
