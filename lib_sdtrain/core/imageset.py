@@ -1,0 +1,229 @@
+"""Core: reading a training folder: options, images, captions and prompt templates (host-free).
+
+What the host's PersonalizedBase does before it touches the model (modules/textual_inversion/
+dataset.py:32-90): list the folder, decode and resize images, keep alpha for loss weights and find
+each image's caption. Errors surface here, before any model work, as `DatasetError`/`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from lib_sdtrain.core.errors import ConfigError, DatasetError
+
+log = logging.getLogger(__name__)
+
+LatentSampling = Literal["once", "deterministic", "random"]
+Crop = Literal["resize", "center", "random"]
+LATENT_SAMPLING_METHODS = ("once", "deterministic", "random")
+CROPS = ("resize", "center", "random")
+
+_RE_NUMBERS_AT_START = re.compile(r"^[-\d]+\s*")  # host: modules/textual_inversion/dataset.py:17
+_BICUBIC = Image.Resampling.BICUBIC
+
+
+@dataclass
+class DatasetOptions:
+    data_root: str | os.PathLike[str]
+    width: int
+    height: int
+    placeholder_token: str
+    template_file: str | os.PathLike[str]
+    batch_size: int = 1
+    gradient_step: int = 1
+    shuffle_tags: bool = False
+    tag_drop_out: float = 0.0
+    varsize: bool = False  # "do not resize images": keep each image's size, batch same sizes together
+    use_weight: bool = False  # PNG alpha as per-pixel loss weight
+    repeats: int = 1  # items per image per epoch (the host has the setting but ignores it: keep 1)
+    flip_p: float = 0.0  # random horizontal flip per fetch (the host builds one but never applies it)
+    crop: Crop = "resize"  # resize = the host's stretch to width×height
+    filename_word_regex: str = ""
+    filename_join_string: str = " "
+    require_name_in_template: bool = True  # textual inversion only learns where [name] appears
+    latent_sampling_method: LatentSampling = "once"
+    latent_downscale: int = 8
+    seed: int | None = None  # None or < 0: fresh randomness each run
+
+    def validate(self) -> None:
+        def need(ok: bool, field: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(field, msg)
+
+        for name in ("width", "height", "batch_size", "gradient_step", "repeats", "latent_downscale"):
+            v = getattr(self, name)
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                name,
+                f"must be a whole number > 0, got {v!r}",
+            )
+        need(
+            0.0 <= self.tag_drop_out <= 1.0,
+            "tag_drop_out",
+            f"must be between 0 and 1, got {self.tag_drop_out}",
+        )
+        need(0.0 <= self.flip_p <= 1.0, "flip_p", f"must be between 0 and 1, got {self.flip_p}")
+        need(self.crop in CROPS, "crop", f"must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        need(
+            self.latent_sampling_method in LATENT_SAMPLING_METHODS,
+            "latent_sampling_method",
+            f"must be one of {', '.join(LATENT_SAMPLING_METHODS)}, got {self.latent_sampling_method!r}",
+        )
+        try:
+            re.compile(self.filename_word_regex or "")
+        except re.error as e:
+            raise ConfigError("filename_word_regex", f"not a valid regular expression: {e}") from None
+
+
+@dataclass
+class ImageRecord:
+    path: Path
+    filename_text: str  # caption source: the .txt file or the cleaned filename
+    size: tuple[int, int]  # (width, height) of the training pixels
+    rgb: torch.Tensor | None  # uint8 [3, H, W]; None after `release_pixels`
+    alpha: np.ndarray | None  # uint8 [H, W], aligned with rgb; only with use_weight and transparency
+
+
+@dataclass
+class ImageSet:
+    images: list[ImageRecord]
+    skipped: list[tuple[str, str]]  # (path, reason) of image files that could not be read
+
+
+def read_template(path: str | os.PathLike[str], require_name: bool = True) -> list[str]:
+    """Template lines, stripped. Deviation: blank lines are dropped (the host keeps them as empty prompts)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"Prompt template file not found: {p}")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise DatasetError(f"Prompt template file {p} has no prompt lines.")
+    if require_name and not any("[name]" in ln for ln in lines):
+        raise DatasetError(
+            f"Prompt template {p.name} ({p}) has no [name] placeholder: textual inversion would learn "
+            "nothing, since only prompts containing the embedding's name train it. Pick a template "
+            "with [name] (e.g. subject.txt or style_filewords.txt)."
+        )
+    if require_name and not all("[name]" in ln for ln in lines):
+        log.warning("Some lines of prompt template %s have no [name]; steps using them train nothing.", p)
+    return lines
+
+
+def filename_caption(path: Path, word_regex: str = "", join_string: str = " ") -> str:
+    """The host's caption source: `<stem>.txt` if present, else the cleaned filename (dataset.py:73-84).
+
+    Deviations: a UTF-8 BOM and trailing line breaks of the .txt are removed (the host keeps them).
+    """
+    text_file = path.with_name(path.stem + ".txt")  # host: os.path.splitext(path)[0] + ".txt"
+    if text_file.is_file():
+        return text_file.read_text(encoding="utf-8-sig").rstrip("\r\n")
+    text = _RE_NUMBERS_AT_START.sub("", path.stem)
+    if word_regex:
+        text = (join_string or "").join(re.findall(word_regex, text))
+    return text
+
+
+def resolve_seed(seed: int | None) -> int | None:
+    """None for "no fixed seed" (None or negative, like the UI's -1)."""
+    return None if seed is None or seed < 0 else seed
+
+
+def _image_extensions() -> frozenset[str]:
+    return frozenset(Image.registered_extensions())
+
+
+def _read_image(
+    path: Path, opts: DatasetOptions, rng: random.Random
+) -> tuple[Image.Image, Image.Image | None]:
+    with Image.open(path) as im:
+        im.load()
+        try:
+            im = ImageOps.exif_transpose(im)  # host images.read; a broken EXIF block is ignored there too
+        except Exception:
+            pass
+        alpha = None
+        if opts.use_weight:
+            if "transparency" in im.info and "A" not in im.getbands():
+                im = im.convert("RGBA")  # palette/colour-key transparency (the host misses most of it)
+            if "A" in im.getbands():
+                alpha = im.getchannel("A")
+        rgb = im.convert("RGB")
+    if opts.varsize:
+        return rgb, alpha
+    w, h = opts.width, opts.height
+    if opts.crop == "resize":
+        box = None
+        size = (w, h)
+    else:
+        scale = max(w / rgb.width, h / rgb.height)
+        size = (max(w, round(rgb.width * scale)), max(h, round(rgb.height * scale)))
+        if opts.crop == "center":
+            left, top = (size[0] - w) // 2, (size[1] - h) // 2
+        else:
+            left, top = rng.randint(0, size[0] - w), rng.randint(0, size[1] - h)
+        box = (left, top, left + w, top + h)
+
+    def fit(img: Image.Image) -> Image.Image:
+        img = img.resize(size, _BICUBIC)
+        return img.crop(box) if box else img
+
+    return fit(rgb), (fit(alpha) if alpha is not None else None)
+
+
+def load_images(opts: DatasetOptions) -> ImageSet:
+    """Read every image of `opts.data_root` (sorted by name). Non-image files are ignored; files with
+    an image extension that fail to decode are skipped, logged and listed in `skipped`."""
+    opts.validate()
+    root = Path(opts.data_root) if str(opts.data_root).strip() else None
+    if root is None:
+        raise DatasetError("No dataset directory given.")
+    if not root.is_dir():
+        raise DatasetError(f"Dataset directory {root} does not exist or is not a directory.")
+    names = sorted(os.listdir(root))
+    if not names:
+        raise DatasetError(f"Dataset directory {root} is empty.")
+    image_exts = _image_extensions()
+    seed = resolve_seed(opts.seed)
+    rng = random.Random(f"{seed}-crop" if seed is not None else None)
+    images: list[ImageRecord] = []
+    skipped: list[tuple[str, str]] = []
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            continue
+        if path.suffix.lower() == ".txt":
+            continue
+        is_image_ext = path.suffix.lower() in image_exts
+        try:
+            rgb, alpha = _read_image(path, opts, rng)
+        except Exception as e:  # corrupt, truncated, unsupported mode, decompression bomb...
+            if is_image_ext:
+                reason = f"{type(e).__name__}: {e}"
+                log.warning("Skipping unreadable image %s (%s)", path, reason)
+                skipped.append((str(path), reason))
+            continue  # other files that are not images are ignored silently, like the host
+        pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        images.append(
+            ImageRecord(
+                path=path,
+                filename_text=filename_caption(path, opts.filename_word_regex, opts.filename_join_string),
+                size=rgb.size,
+                rgb=pixels,
+                alpha=np.asarray(alpha, dtype=np.uint8).copy() if alpha is not None else None,
+            )
+        )
+    if not images:
+        detail = "".join(f"\n  {p}: {r}" for p, r in skipped)
+        raise DatasetError(f"No usable images found in {root}.{detail}")
+    return ImageSet(images, skipped)
