@@ -1,0 +1,339 @@
+"""Core: job configurations as validated dataclasses (a bad value names its field before any model work).
+
+Field names follow the host's request fields (A1111 `/sdapi/v1/train/embedding`), so a request body
+maps onto a config one to one; sdtrain's own options sit beside them. Defaults are the host UI's
+defaults (modules/ui.py, Train tab) and Training settings (modules/shared_options.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lib_sdtrain.core.errors import ConfigError
+
+#: Our own copy of the host's six prompt templates (same names and placeholders).
+DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parents[2] / "textual_inversion_templates")
+
+CONFIG_VERSION = 1
+
+
+def _opt(default: Any, label: str, help: str = "", choices: tuple | None = None, **extra: Any):
+    """A dataclass field carrying UI metadata, so each option is described once."""
+    meta = {"label": label, "help": help, **extra}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """Convert a JSON/UI value to the field's declared type, or raise ConfigError naming the field."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(name, f"expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(name, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # gradio Number gives floats
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(name, f"expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(name, f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value.strip())
+            except ValueError:
+                raise ConfigError(name, f"expected a number, got {value!r}") from None
+        else:
+            raise ConfigError(name, f"expected a number, got {value!r}")
+        if not math.isfinite(out):
+            raise ConfigError(name, f"must be finite, got {value!r}")
+        return out
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a learning rate sent as a JSON number
+        raise ConfigError(name, f"expected text, got {value!r}")
+    return value
+
+
+class ConfigBase:
+    """Mixin: `from_dict` (unknown keys refused, values coerced), `to_dict`, `validate`."""
+
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, ignore: tuple[str, ...] = ()) -> Any:
+        data = dict(data or {})
+        version = data.pop("config_version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ConfigError(
+                "config_version", f"unsupported version {version!r} (this sdtrain reads {CONFIG_VERSION})"
+            )
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        kwargs = {}
+        for key, value in data.items():
+            if key in ignore:
+                continue
+            if key not in known:
+                raise ConfigError(key, f"unknown field for {cls.kind or cls.__name__}")
+            if value is None and known[key].default is not None:
+                continue  # JSON null → the default, as the host UI would fill it
+            kwargs[key] = _coerce(key, value, hints[key])
+        obj = cls(**kwargs)
+        obj.validate()
+        return obj
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        out["config_version"] = CONFIG_VERSION
+        return out
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(
+                    f.name, f"must be one of {', '.join(map(str, choices))}; got {getattr(self, f.name)!r}"
+                )
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """Fields with defaults, types and labels: for forms, CLI flags and API schemas."""
+        hints = typing.get_type_hints(cls)
+        return [
+            {
+                "name": f.name,
+                "type": hints[f.name].__name__,
+                "default": f.default,
+                **dict(f.metadata),
+            }
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        ]
+
+
+def _require(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(name, message)
+
+
+def _check_name(name: str, value: str) -> None:
+    _require(bool(value and value.strip()), name, "is empty")
+    _require(
+        not any(c in value for c in "/\\\0") and value.strip() not in (".", ".."),
+        name,
+        f"{value!r} is not a plain name (no folders)",
+    )
+
+
+@dataclass
+class CreateEmbeddingConfig(ConfigBase):
+    """A1111 `create_embedding(name, num_vectors_per_token, overwrite_old, init_text)`."""
+
+    kind: ClassVar[str] = "create_embedding"
+
+    name: str = _opt("", "Name")
+    num_vectors_per_token: int = _opt(1, "Number of vectors per token", minimum=1, maximum=75)
+    overwrite_old: bool = _opt(False, "Overwrite Old Embedding")
+    init_text: str = _opt("*", "Initialization text")
+    embeddings_dir: str = _opt("embeddings", "Embeddings folder")
+    save_format: str = _opt("pt", "File format", choices=("pt", "safetensors"))
+
+    def validate(self) -> None:
+        super().validate()
+        _check_name("name", self.name)
+        _require(1 <= self.num_vectors_per_token <= 75, "num_vectors_per_token", "must be between 1 and 75")
+        _require(bool(self.embeddings_dir), "embeddings_dir", "is empty")
+
+
+@dataclass
+class TrainEmbeddingConfig(ConfigBase):
+    """Everything a textual-inversion run needs. Names and defaults as A1111 v1.10.1."""
+
+    kind: ClassVar[str] = "train_embedding"
+
+    # --- the host's request fields (modules/api/api.py train_embedding → textual_inversion.train_embedding)
+    embedding_name: str = _opt("", "Embedding")
+    learn_rate: str = _opt(
+        "0.005", "Embedding Learning rate", help="A rate, or a schedule: 0.005:100, 1e-3:1000, 1e-5"
+    )
+    batch_size: int = _opt(1, "Batch size", minimum=1)
+    gradient_step: int = _opt(1, "Gradient accumulation steps", minimum=1)
+    data_root: str = _opt("", "Dataset directory")
+    log_directory: str = _opt("textual_inversion", "Log directory")
+    training_width: int = _opt(512, "Width", minimum=64, maximum=2048, step=8)
+    training_height: int = _opt(512, "Height", minimum=64, maximum=2048, step=8)
+    varsize: bool = _opt(False, "Do not resize images")
+    steps: int = _opt(100000, "Max steps", minimum=1)
+    clip_grad_mode: str = _opt("disabled", "Gradient Clipping", choices=("disabled", "value", "norm"))
+    clip_grad_value: str = _opt(
+        "0.1", "Gradient clip value", help="A value or a schedule, like the learning rate"
+    )
+    shuffle_tags: bool = _opt(False, "Shuffle tags by ',' when creating prompts.")
+    tag_drop_out: float = _opt(0.0, "Drop out tags when creating prompts.", minimum=0.0, maximum=1.0)
+    latent_sampling_method: str = _opt(
+        "once", "Choose latent sampling method", choices=("once", "deterministic", "random")
+    )
+    use_weight: bool = _opt(False, "Use PNG alpha channel as loss weight")
+    create_image_every: int = _opt(
+        500, "Save an image to log directory every N steps, 0 to disable", minimum=0
+    )
+    save_embedding_every: int = _opt(
+        500, "Save a copy of embedding to log directory every N steps, 0 to disable", minimum=0
+    )
+    template_filename: str = _opt("style_filewords.txt", "Prompt template")
+    save_image_with_stored_embedding: bool = _opt(True, "Save images with embedding in PNG chunks")
+    preview_from_txt2img: bool = _opt(
+        False, "Read parameters (prompt, etc...) from txt2img tab when making previews"
+    )
+    preview_prompt: str = _opt("", "Preview prompt")
+    preview_negative_prompt: str = _opt("", "Preview negative prompt")
+    preview_steps: int = _opt(20, "Preview sampling steps", minimum=1)
+    preview_sampler_name: str = _opt("Euler a", "Preview sampler")
+    preview_cfg_scale: float = _opt(7.0, "Preview CFG scale")
+    preview_seed: int = _opt(-1, "Preview seed")
+    preview_width: int = _opt(512, "Preview width", minimum=64, step=8)
+    preview_height: int = _opt(512, "Preview height", minimum=64, step=8)
+
+    # --- host settings the in-tree trainer reads from opts (modules/shared_options.py, Training section)
+    embeddings_dir: str = _opt("embeddings", "Embeddings folder")
+    templates_dir: str = _opt(DEFAULT_TEMPLATES_DIR, "Prompt templates folder")
+    save_optimizer_state: bool = _opt(
+        True,
+        "Save optimizer state (.optim) to resume training",
+        help="The host keeps this off by default; sdtrain keeps it on.",
+    )
+    save_training_settings_to_txt: bool = _opt(True, "Save training settings to a file when training starts")
+    training_write_csv_every: int = _opt(500, "Save the loss CSV every N steps, 0 to disable", minimum=0)
+    dataset_filename_word_regex: str = _opt("", "Filename word regex")
+    dataset_filename_join_string: str = _opt(" ", "Filename join string")
+    training_image_repeats_per_epoch: int = _opt(
+        1, "Repeats per image per epoch (epoch display only)", minimum=1
+    )
+
+    # --- sdtrain's own options
+    embedding_file: str = _opt(
+        "", "Embedding file", help="Train this file instead of looking the name up in the embeddings folder"
+    )
+    save_format: str = _opt("pt", "File format of saved embeddings", choices=("pt", "safetensors"))
+    lr_scheduler: str = _opt(
+        "dsl", "Learning-rate schedule", choices=("dsl", "cosine", "constant_with_warmup")
+    )
+    lr_warmup_steps: int = _opt(0, "Warm-up steps (cosine, constant_with_warmup)", minimum=0)
+    lr_min: float = _opt(0.0, "Final learning rate (cosine)", minimum=0.0)
+    flip_p: float = _opt(0.0, "Random horizontal flip probability", minimum=0.0, maximum=1.0)
+    crop: str = _opt("resize", "Fit images by", choices=("resize", "center", "random"))
+    seed: int = _opt(-1, "Seed (-1: random)")
+    validation_every: int = _opt(
+        0, "Measure fixed-noise validation loss every N steps, 0 to disable", minimum=0
+    )
+    validation_images: int = _opt(4, "Images used for the validation loss", minimum=1)
+    gradient_checkpointing: bool = _opt(False, "Gradient checkpointing (less memory, slower)")
+    attention_optimization: bool = _opt(True, "Use the host's cross-attention optimization while training")
+    mixed_precision: str = _opt("auto", "Mixed precision", choices=("auto", "no", "fp16", "bf16"))
+    nan_guard: bool = _opt(True, "Stop when the loss is not finite (keeps the last good save)")
+
+    def validate(self) -> None:
+        super().validate()
+        _check_name("embedding_name", self.embedding_name)
+        # Imported here to keep config importable on its own; both live in core.
+        from lib_sdtrain.core.lr_schedule import make_schedule
+
+        make_schedule(
+            self.lr_scheduler,
+            self.learn_rate,
+            self.steps,
+            0,
+            warmup_steps=self.lr_warmup_steps,
+            min_lr=self.lr_min,
+            field="learn_rate",
+        )
+        for name in ("batch_size", "gradient_step", "steps"):
+            _require(getattr(self, name) > 0, name, "must be a positive integer")
+        for name in (
+            "create_image_every",
+            "save_embedding_every",
+            "training_write_csv_every",
+            "validation_every",
+        ):
+            _require(getattr(self, name) >= 0, name, "must be 0 (off) or a positive integer")
+        if self.clip_grad_mode != "disabled":
+            make_schedule("dsl", self.clip_grad_value, self.steps, 0, field="clip_grad_value")
+        _require(0.0 <= self.tag_drop_out <= 1.0, "tag_drop_out", "must be between 0 and 1")
+        _require(0.0 <= self.flip_p <= 1.0, "flip_p", "must be between 0 and 1")
+        for name in ("training_width", "training_height", "preview_width", "preview_height"):
+            value = getattr(self, name)
+            _require(
+                value >= 64 and value % 8 == 0, name, f"must be a multiple of 8 and at least 64, got {value}"
+            )
+        _require(self.preview_steps >= 1, "preview_steps", "must be at least 1")
+        _require(bool(self.data_root), "data_root", "Dataset directory is empty")
+        _require(
+            os.path.isdir(self.data_root), "data_root", f"Dataset directory doesn't exist: {self.data_root}"
+        )
+        _require(
+            bool(os.listdir(self.data_root)), "data_root", f"Dataset directory is empty: {self.data_root}"
+        )
+        if self.save_embedding_every or self.create_image_every or self.training_write_csv_every:
+            _require(
+                bool(self.log_directory),
+                "log_directory",
+                "is empty but saves, images or the loss CSV need it",
+            )
+        template = self.template_path()
+        _require(os.path.isfile(template), "template_filename", f"prompt template not found: {template}")
+        with open(template, encoding="utf-8") as fh:
+            text = fh.read()
+        _require(
+            "[name]" in text,
+            "template_filename",
+            f"{self.template_filename} has no [name]: the embedding would never appear in a prompt and learn nothing",
+        )
+        if self.embedding_file:
+            _require(
+                os.path.isfile(self.embedding_file), "embedding_file", f"no such file: {self.embedding_file}"
+            )
+
+    def template_path(self) -> str:
+        return find_template(self.templates_dir, self.template_filename)
+
+
+def find_template(templates_dir: str, filename: str) -> str:
+    """The host keys templates by bare file name anywhere under its templates folder
+    (modules/textual_inversion/textual_inversion.py, list_textual_inversion_templates)."""
+    _require(bool(filename), "template_filename", "Prompt template file not selected")
+    _require(
+        os.path.basename(filename) == filename and filename not in (".", ".."),
+        "template_filename",
+        f"{filename!r} must be a file name inside the templates folder, not a path",
+    )
+    for root, _dirs, files in sorted(os.walk(templates_dir, followlinks=True)):
+        if filename in files:
+            return os.path.join(root, filename)
+    return os.path.join(templates_dir, filename)
+
+
+def job_config_types() -> dict[str, type[ConfigBase]]:
+    return {c.kind: c for c in (CreateEmbeddingConfig, TrainEmbeddingConfig)}

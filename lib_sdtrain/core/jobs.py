@@ -1,0 +1,261 @@
+"""Core: the job service — one worker, a FIFO of validated jobs, events, stop.
+
+Every surface (webui tab, HTTP API, CLI) submits and watches jobs through one `JobService`. A job's
+config is validated in `submit`, in the caller's thread, so a bad field is refused before the job
+exists and before any model work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lib_sdtrain.core.config import ConfigBase
+from lib_sdtrain.core.errors import ConfigError, SdtrainError
+from lib_sdtrain.core.port import TrainingHost
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
+FINISHED_STATES = (DONE, STOPPED, FAILED)
+
+
+@dataclass
+class Event:
+    """Something a job reports. kind: state | step | loss | validation | file | preview | log | error."""
+
+    kind: str
+    data: dict[str, Any]
+    time: float = field(default_factory=time.time)
+    seq: int = 0
+
+
+class JobControl:
+    """What a running job reads (stop requests) and writes (events)."""
+
+    def __init__(self, job: Job):
+        self._job = job
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def emit(self, kind: str, **data: Any) -> None:
+        self._job._record(Event(kind, data))
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    config: ConfigBase
+    state: str = QUEUED
+    step: int = 0
+    total_steps: int = 0
+    loss: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, lr)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    previews: list[str] = field(default_factory=list)
+    error: str | None = None
+    message: str = ""
+    result: Any = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    events: list[Event] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _seq: Any = field(default_factory=lambda: itertools.count(1), repr=False)
+    control: JobControl = field(init=False, repr=False)
+
+    MAX_EVENTS = 2000
+
+    def __post_init__(self) -> None:
+        self.control = JobControl(self)
+
+    def _record(self, event: Event) -> None:
+        with self._lock:
+            event.seq = next(self._seq)
+            d = event.data
+            if event.kind == "step":
+                self.step = int(d["step"])
+                self.total_steps = int(d.get("total", self.total_steps))
+                self.loss.append((self.step, float(d["loss"]), float(d["lr"])))
+            elif event.kind == "validation":
+                self.validation.append((int(d["step"]), float(d["loss"])))
+            elif event.kind == "file":
+                self.files.append(str(d["path"]))
+            elif event.kind == "preview":
+                self.previews.append(str(d["path"]))
+            elif event.kind == "log":
+                self.message = str(d.get("text", ""))
+            self.events.append(event)
+            if (
+                len(self.events) > self.MAX_EVENTS
+            ):  # keep memory bounded on long runs; history lives in loss/files
+                del self.events[: len(self.events) - self.MAX_EVENTS]
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def events_since(self, seq: int) -> list[Event]:
+        with self._lock:
+            return [e for e in self.events if e.seq > seq]
+
+    def to_dict(self, *, history: bool = True) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = {
+                "id": self.id,
+                "kind": self.kind,
+                "state": self.state,
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "last_loss": self.loss[-1][1] if self.loss else None,
+                "last_lr": self.loss[-1][2] if self.loss else None,
+                "files": list(self.files),
+                "previews": list(self.previews),
+                "error": self.error,
+                "message": self.message,
+                "created": self.created,
+                "started": self.started,
+                "finished": self.finished,
+                "config": self.config.to_dict(),
+            }
+            if history:
+                out["loss_history"] = [list(x) for x in self.loss]
+                out["validation_history"] = [list(x) for x in self.validation]
+            return out
+
+
+#: A runner does one kind of job: (host, config, control) -> result. It raises on failure and
+#: returns normally when stopped (after saving), having checked `control.stop_requested`.
+Runner = Callable[[TrainingHost, Any, JobControl], Any]
+
+
+class JobService:
+    """Submit/list/get/stop jobs; one worker thread runs them in order on one host."""
+
+    def __init__(self, host: Callable[[], TrainingHost], runners: dict[str, tuple[type[ConfigBase], Runner]]):
+        self._host = host
+        self._runners = dict(runners)
+        self._jobs: dict[str, Job] = {}
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+
+    # -- surface API -------------------------------------------------------------------------------
+    def kinds(self) -> list[str]:
+        return sorted(self._runners)
+
+    def validate(self, kind: str, config: dict[str, Any] | ConfigBase) -> ConfigBase:
+        if kind not in self._runners:
+            raise ConfigError("kind", f"unknown job kind {kind!r}; one of {', '.join(self.kinds())}")
+        cls, _ = self._runners[kind]
+        if isinstance(config, ConfigBase):
+            config.validate()
+            return config
+        return cls.from_dict(config)
+
+    def submit(self, kind: str, config: dict[str, Any] | ConfigBase) -> Job:
+        cfg = self.validate(kind, config)
+        job = Job(id=uuid.uuid4().hex[:12], kind=kind, config=cfg)
+        with self._lock:
+            if self._closed:
+                raise SdtrainError("the job service is shut down")
+            self._jobs[job.id] = job
+            self._ensure_worker()
+        job._record(Event("state", {"state": QUEUED}))
+        self._queue.put(job)
+        return job
+
+    def run(self, kind: str, config: dict[str, Any] | ConfigBase, timeout: float | None = None) -> Job:
+        """Submit and wait: the blocking form the host's /sdapi routes and the CLI use."""
+        job = self.submit(kind, config)
+        job.wait(timeout)
+        return job
+
+    def list(self) -> list[Job]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.created)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def stop(self, job_id: str) -> Job | None:
+        job = self.get(job_id)
+        if job is None:
+            return None
+        job.control.stop()
+        with job._lock:
+            queued = job.state == QUEUED
+        if queued:  # never started: it ends here, the worker will skip it
+            self._finish(job, STOPPED)
+        return job
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop every job and the worker (webui reload / process exit)."""
+        with self._lock:
+            self._closed = True
+            jobs = list(self._jobs.values())
+            worker = self._worker
+        for job in jobs:
+            self.stop(job.id)
+        self._queue.put(None)
+        if worker is not None:
+            worker.join(timeout)
+
+    # -- worker -----------------------------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="sdtrain-worker", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.state != QUEUED:
+                continue
+            self._run_one(job)
+
+    def _run_one(self, job: Job) -> None:
+        _, runner = self._runners[job.kind]
+        with job._lock:
+            job.state = RUNNING
+            job.started = time.time()
+        job._record(Event("state", {"state": RUNNING}))
+        try:
+            job.result = runner(self._host(), job.config, job.control)
+        except SdtrainError as e:
+            log.error("sdtrain job %s failed: %s", job.id, e)
+            self._finish(job, FAILED, str(e))
+        except Exception as e:  # the job fails; the worker and the host live on
+            log.error("sdtrain job %s failed:\n%s", job.id, traceback.format_exc())
+            self._finish(job, FAILED, f"{type(e).__name__}: {e}")
+        else:
+            self._finish(job, STOPPED if job.control.stop_requested else DONE)
+
+    def _finish(self, job: Job, state: str, error: str | None = None) -> None:
+        with job._lock:
+            if job.state in FINISHED_STATES:
+                return
+            job.state = state
+            job.error = error
+            job.finished = time.time()
+        job._record(Event("error" if error else "state", {"state": state, "error": error}))
+        job._done.set()
