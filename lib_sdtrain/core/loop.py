@@ -1,0 +1,227 @@
+"""Core: the training loop shared by every trainable kind (embedding now, hypernetwork later).
+
+The loop follows the host's in-tree trainer step for step (modules/textual_inversion/
+textual_inversion.py, train_embedding): one optimizer step per `gradient_step` micro-batches,
+learning rate and clip value looked up for the current step before it, drop-last for
+accumulation, a loss CSV in the host's columns. What differs is said where it differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lib_sdtrain.core.errors import SdtrainError
+from lib_sdtrain.core.port import NoiseSchedule, Session, TrainingHost
+
+log = logging.getLogger(__name__)
+
+
+# 1. the diffusion objective -----------------------------------------------------------------------
+def diffusion_loss(
+    host: TrainingHost,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    cond: Any,
+    *,
+    weight: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ldm's `p_losses` with l2 loss (what `LatentDiffusion.forward` returns for SD1/SD2 configs):
+    t ~ U[0, T), x_t = sqrt(ā)·x0 + sqrt(1-ā)·ε, MSE against ε (eps) or sqrt(ā)·ε - sqrt(1-ā)·x0 (v).
+    `weight` (`[B, h, w]` or `[B, C, h, w]`) scales the per-element loss before the mean, like the
+    host's `weighted_forward` (modules/sd_hijack.py)."""
+    b = x0.shape[0]
+    if t is None:
+        t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(x0.device, x0.dtype)
+    a = schedule.alphas_cumprod.to(x0.device)[t.to(x0.device)].to(x0.dtype).view(b, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    out = host.predict(x_t, t.to(x0.device), cond)
+    target = noise if schedule.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    err = (out.float() - target.float()) ** 2
+    if weight is not None:
+        w = weight.to(err.device, err.dtype)
+        err = err * (w.unsqueeze(1) if w.dim() == 3 else w)
+    return err.mean()
+
+
+# 2. the loop ---------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [B, C, h, w] on the host device
+    prompts: list[str]
+    weight: torch.Tensor | None = None
+
+
+@dataclass
+class LoopState:
+    step: int  # optimizer steps done (the file's `step`)
+    total: int  # max steps
+    steps_per_epoch: int
+    last_loss: float = float("nan")
+    last_lr: float = 0.0
+    last_prompt: str = ""
+    last_save: str = ""
+    last_preview: str = ""
+    started: float = field(default_factory=time.time)
+    start_step: int = 0
+    stopped: bool = False
+    finished_schedule: bool = False
+
+
+@dataclass
+class LoopHooks:
+    """What the trainable kind supplies. `after_step` runs after every optimizer step (cadences)."""
+
+    batches: Callable[[], Iterator[Batch]]  # one epoch of micro-batches
+    encode: Callable[[list[str]], Any]  # prompts → conditioning (through the host)
+    lr_at: Callable[[int], float]
+    finished: Callable[[int], bool]
+    clip: Callable[[int], None] | None  # clip gradients for this step, or None
+    after_step: Callable[[LoopState], None]
+    should_stop: Callable[[], bool]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def run_loop(
+    host: TrainingHost,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    state: LoopState,
+    hooks: LoopHooks,
+    *,
+    gradient_step: int,
+    schedule: NoiseSchedule,
+    generator: torch.Generator,
+    autocast_dtype: torch.dtype | None = None,
+    nan_guard: bool = True,
+) -> LoopState:
+    """Train until `state.total` steps, the schedule's end, or a stop request."""
+    info = host.describe()
+    scaler = torch.amp.GradScaler(info.device.type) if autocast_dtype == torch.float16 else None
+    micro_per_epoch = max(1, state.steps_per_epoch) * gradient_step
+    accumulated = 0.0
+    while state.step < state.total:
+        for j, batch in enumerate(hooks.batches()):
+            if j >= micro_per_epoch:  # drop-last for accumulation, as the host does
+                break
+            if hooks.finished(state.step):
+                state.finished_schedule = True
+                return state
+            if hooks.should_stop():
+                state.stopped = True
+                return state
+            lr = hooks.lr_at(state.step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # forward: the conditioning goes through the host's text encoder so the live
+            # vectors are spliced in and receive gradients
+            with autocast_context(info.device, autocast_dtype):
+                cond = hooks.encode(batch.prompts)
+                loss = (
+                    diffusion_loss(
+                        host, schedule, batch.latents, cond, weight=batch.weight, generator=generator
+                    )
+                    / gradient_step
+                )
+            value = float(loss.detach())
+            (scaler.scale(loss) if scaler else loss).backward()
+            accumulated += value
+            state.last_prompt = batch.prompts[0]
+            if (j + 1) % gradient_step:
+                continue
+
+            # optimizer step
+            if nan_guard and not math.isfinite(accumulated):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(state.step + 1, accumulated)
+            if scaler:
+                scaler.unscale_(optimizer)  # clip real gradients (the host clips scaled ones)
+            if hooks.clip:
+                hooks.clip(state.step)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.last_loss, state.last_lr = accumulated, lr
+            accumulated = 0.0
+            hooks.after_step(state)
+            if state.step >= state.total:
+                return state
+    return state
+
+
+class NonFiniteLoss(SdtrainError):
+    def __init__(self, step: int, value: float):
+        super().__init__(
+            f"the loss became {value} at step {step}; training stopped before applying it, so the "
+            "trained vectors are still the last finite ones. Lower the learning rate, or check the "
+            "images (a fully transparent PNG with 'Use PNG alpha channel as loss weight' has no weight)."
+        )
+        self.step = step
+
+
+# 3. outputs the host writes for a run ------------------------------------------------------------
+def write_loss_row(log_dir: str, filename: str, step: int, epoch_len: int, loss: float, lr: float) -> str:
+    """Append one row in the host's CSV layout: step, epoch, epoch_step, loss, learn_rate
+    (modules/textual_inversion/textual_inversion.py, write_loss)."""
+    path = os.path.join(log_dir, filename)
+    new = not os.path.exists(path)
+    os.makedirs(log_dir, exist_ok=True)
+    epoch_len = max(1, epoch_len)
+    with open(path, "a+", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        if new:
+            w.writerow(["step", "epoch", "epoch_step", "loss", "learn_rate"])
+        w.writerow([step, (step - 1) // epoch_len, (step - 1) % epoch_len, f"{loss:.7f}", lr])
+    return path
+
+
+def read_loss_csv(path: str) -> list[tuple[int, float]]:
+    rows = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            rows.append((int(row["step"]), float(row["loss"])))
+    return rows
+
+
+def eta_text(state: LoopState) -> str:
+    done = state.step - state.start_step
+    elapsed = time.time() - state.started
+    if done <= 0 or elapsed <= 0:
+        return f"step {state.step}/{state.total}"
+    rate = done / elapsed
+    left = (state.total - state.step) / rate
+    return f"step {state.step}/{state.total}, {rate:.2f} it/s, ETA {int(left // 60)}:{int(left % 60):02d}"
+
+
+def report(session: Session | None, state: LoopState, what: str) -> None:
+    if session is not None:
+        session.report(
+            state.step,
+            state.total,
+            f"{what}: loss {state.last_loss:.5f}, lr {state.last_lr:.3g}, {eta_text(state)}",
+        )

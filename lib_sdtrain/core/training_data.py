@@ -1,0 +1,106 @@
+"""Core: the dataset as the training loop sees it — cached latents, batches on the device, validation set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lib_sdtrain.core.dataset import DatasetOptions, TrainDataset
+from lib_sdtrain.core.loop import Batch, autocast_context, diffusion_loss
+from lib_sdtrain.core.port import NoiseSchedule, TrainingHost
+
+
+@dataclass
+class TrainingData:
+    dataset: TrainDataset
+    validation_count: int
+    #: fixed (latent, prompt, weight) triples for the validation loss, filled by `encode`
+    validation_set: list[tuple[torch.Tensor, str, torch.Tensor | None]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return [(str(p), r) for p, r in self.dataset.skipped]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.dataset.steps_per_epoch
+
+    @property
+    def gradient_step(self) -> int:
+        return self.dataset.gradient_step
+
+    def encode(self, host: TrainingHost) -> None:
+        """Encode every image once through the host's VAE (the latent sampling method decides
+        what is kept), then freeze the validation set: the same latents and prompts every time."""
+        device = host.describe().device
+        self.dataset.cache_latents(lambda px: host.encode_images(px.to(device)))
+        ds = self.dataset
+        for item in range(min(self.validation_count, len(ds.images))):
+            latent = ds.latent(item)
+            weight = ds.weight_map(item, tuple(latent.shape[-2:])) if ds.opts.use_weight else None
+            self.validation_set.append((latent.clone(), ds.text(item), weight))
+
+    def batches(self, device: torch.device) -> Iterator[Batch]:
+        """One epoch of micro-batches, exactly those the host's loop would train on."""
+        for items in self.dataset.epoch():
+            b = self.dataset.batch(items)
+            weight = b.weights.to(device) if b.weights is not None else None
+            yield Batch(latents=b.latents.to(device), prompts=b.texts, weight=weight)
+
+
+def prepare_training_data(cfg, *, placeholder: str, seed: int, validation_count: int = 4) -> TrainingData:
+    """Read and check the images and the template (no model work): errors name the file."""
+    opts = DatasetOptions(
+        data_root=cfg.data_root,
+        width=cfg.training_width,
+        height=cfg.training_height,
+        placeholder_token=placeholder,
+        template_file=cfg.template_path(),
+        batch_size=cfg.batch_size,
+        gradient_step=cfg.gradient_step,
+        shuffle_tags=cfg.shuffle_tags,
+        tag_drop_out=cfg.tag_drop_out,
+        varsize=cfg.varsize,
+        use_weight=cfg.use_weight,
+        flip_p=cfg.flip_p,
+        crop=cfg.crop,
+        filename_word_regex=cfg.dataset_filename_word_regex,
+        filename_join_string=cfg.dataset_filename_join_string,
+        require_name_in_template=True,
+        latent_sampling_method=cfg.latent_sampling_method,
+        seed=seed,
+    )
+    return TrainingData(TrainDataset.from_options(opts), validation_count)
+
+
+@torch.no_grad()
+def validation_loss(
+    host: TrainingHost,
+    schedule: NoiseSchedule,
+    data: TrainingData,
+    seed: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
+    """Loss on fixed latents, prompts, timesteps and noise: a far steadier progress signal than the
+    training loss, whose timestep and noise are drawn anew each step. Timesteps are spread evenly
+    over the schedule so every noise level counts."""
+    info = host.describe()
+    g = torch.Generator().manual_seed(seed + 7919)
+    total, n = 0.0, 0
+    repeats = 4
+    for latent, prompt, weight in data.validation_set:
+        x0 = latent.unsqueeze(0).expand(repeats, *latent.shape).to(info.device)
+        t = torch.linspace(0, schedule.num_timesteps - 1, repeats + 2)[1:-1].round().long()
+        noise = torch.randn(x0.shape, generator=g)
+        w = weight.unsqueeze(0).expand(repeats, *weight.shape) if weight is not None else None
+        with autocast_context(info.device, autocast_dtype):
+            cond = host.encode_text([prompt] * repeats)
+            loss = diffusion_loss(host, schedule, x0, cond, weight=w, t=t, noise=noise)
+        total += float(loss)
+        n += 1
+    return total / max(1, n)
