@@ -1,0 +1,24 @@
+"""Composition root for the command line: wires the CLI surface to the standalone host."""
+
+from __future__ import annotations
+
+import sys
+
+from lib_sdtrain.cli import HostFactories, main
+
+
+def _checkpoint(ckpt: str, yaml: str | None, clip_dir: str | None):
+    from lib_sdtrain.hosts.standalone.host import StandaloneHost
+
+    return StandaloneHost.load_checkpoint(ckpt, yaml, clip_dir)
+
+
+def _tiny(workdir: str):
+    from lib_sdtrain.hosts.standalone.host import StandaloneHost
+    from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1
+
+    return StandaloneHost(build_tiny_sd1(workdir))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], HostFactories(checkpoint=_checkpoint, tiny=_tiny)))

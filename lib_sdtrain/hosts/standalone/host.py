@@ -1,0 +1,417 @@
+"""Host(standalone): the TrainingHost port over a bare ldm LatentDiffusion (SD1 or SD2), no webui involved.
+
+Embeddings are spliced in by this module, not by A1111's hijack: prompts are tokenized, every occurrence of an
+active embedding's name tokens becomes `n_vectors` placeholder positions, and a forward hook on the text
+encoder's token-embedding layer swaps those rows for the live vectors while the encoder runs. The hook only
+exists for the duration of `encode_text`, so the model's module tree and state dict never change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from lib_sdtrain.core.embedding import SINGLE
+from lib_sdtrain.core.port import (
+    LatentDist,
+    ModelInfo,
+    NoiseSchedule,
+    PreviewRequest,
+    SessionOptions,
+    TextEncoderInfo,
+)
+
+log = logging.getLogger(__name__)
+MAX_LENGTH = 77
+
+#: progress(label, step, total, text), called on every `Session.report`.
+ProgressFn = Callable[[str, int, int, str], None]
+
+
+@dataclass
+class _TextEncoder:
+    """What the splice needs from one ldm text encoder."""
+
+    family: str
+    tokenize: Callable[[str], list[int]]  # text -> ids, no start/end tokens, no truncation
+    bos: int
+    eos: int
+    pad: int
+    token_embedding: torch.nn.Embedding
+    run: Callable[[torch.Tensor], torch.Tensor]  # [B, 77] ids -> [B, 77, width], what the UNet gets
+
+
+def _text_encoder(cond_stage: torch.nn.Module) -> _TextEncoder:
+    kind = type(cond_stage).__name__
+    if kind == "FrozenCLIPEmbedder":
+        tok = cond_stage.tokenizer
+
+        def run_clip(ids: torch.Tensor) -> torch.Tensor:
+            hidden = cond_stage.layer == "hidden"
+            out = cond_stage.transformer(input_ids=ids, output_hidden_states=hidden)
+            return out.hidden_states[cond_stage.layer_idx] if hidden else out.last_hidden_state
+
+        return _TextEncoder(
+            family="sd1",
+            tokenize=lambda text: tok(text, add_special_tokens=False, truncation=False, verbose=False)[
+                "input_ids"
+            ],
+            bos=tok.bos_token_id,
+            eos=tok.eos_token_id,
+            pad=tok.pad_token_id,  # <|endoftext|>, as A1111 pads SD1 prompts
+            token_embedding=cond_stage.transformer.text_model.embeddings.token_embedding,
+            run=run_clip,
+        )
+    if kind == "FrozenOpenCLIPEmbedder":
+        from open_clip.tokenizer import _tokenizer  # the tokenizer ldm's own forward uses
+
+        return _TextEncoder(
+            family="sd2",
+            tokenize=_tokenizer.encode,
+            bos=_tokenizer.encoder["<start_of_text>"],
+            eos=_tokenizer.encoder["<end_of_text>"],
+            pad=0,  # open_clip pads with zeros
+            token_embedding=cond_stage.model.token_embedding,
+            run=cond_stage.encode_with_transformer,
+        )
+    raise ValueError(f"unsupported text encoder {kind}: the standalone host handles SD1 and SD2 models")
+
+
+class StandaloneSession:
+    """The `Session` handed out by `gpu_session`: keeps the last report and answers interrupts."""
+
+    def __init__(self, label: str, stop: threading.Event, progress: ProgressFn | None):
+        self.label = label
+        self.last: tuple[int, int, str] | None = None
+        self._stop = stop
+        self._progress = progress
+
+    def report(self, step: int, total: int, text: str) -> None:
+        self.last = (step, total, text)
+        log.debug("%s: %d/%d %s", self.label, step, total, text)
+        if self._progress is not None:
+            self._progress(self.label, step, total, text)
+
+    def interrupted(self) -> bool:
+        return self._stop.is_set()
+
+
+class StandaloneHost:
+    """Implements `lib_sdtrain.core.port.TrainingHost` over an ldm `LatentDiffusion`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        checkpoint_name: str = "",
+        checkpoint_hash: str | Callable[[], str] = "",
+        progress: ProgressFn | None = None,
+    ):
+        self.model = model
+        self.text = _text_encoder(model.cond_stage_model)
+        self.checkpoint_name = checkpoint_name
+        self._hash = checkpoint_hash  # a callable is evaluated once, on first describe()
+        self.progress = progress
+        # Captured now, in float64, so a later half-precision cast cannot coarsen the schedule.
+        self._alphas = model.alphas_cumprod.detach().to("cpu", torch.float64).clone()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._embeddings: dict[str, torch.Tensor] = {}
+        self._name_ids: dict[str, list[int]] = {}
+        self._inpaint_cache: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def load_checkpoint(
+        cls,
+        ckpt_path: str | Path,
+        yaml_path: str | Path,
+        clip_dir: str | Path | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        progress: ProgressFn | None = None,
+    ) -> StandaloneHost:
+        """A host over a real (or tiny) SD1/SD2 checkpoint; see `loader.load_ldm_model` for the rules."""
+        from lib_sdtrain.hosts.standalone.loader import file_shorthash, load_ldm_model
+
+        model = load_ldm_model(ckpt_path, yaml_path, clip_dir, device=device, dtype=dtype)
+        return cls(
+            model,
+            checkpoint_name=Path(ckpt_path).stem,
+            checkpoint_hash=partial(file_shorthash, ckpt_path),
+            progress=progress,
+        )
+
+    # -- model facts -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.model.parameters()).device
+
+    def _unet_dtype(self) -> torch.dtype:
+        return next(self.model.model.parameters()).dtype
+
+    def describe(self) -> ModelInfo:
+        if callable(self._hash):
+            self._hash = self._hash()
+        dtype = self._unet_dtype()
+        return ModelInfo(
+            family=self.text.family,  # type: ignore[arg-type]
+            checkpoint_name=self.checkpoint_name,
+            checkpoint_hash=self._hash,
+            text_encoders=(TextEncoderInfo(SINGLE, int(self.text.token_embedding.weight.shape[1])),),
+            device=self.device,
+            # Half-precision weights need autocast around the trainer's float32 vectors.
+            autocast_dtype=dtype if dtype != torch.float32 and self.device.type != "cpu" else None,
+            latent_downscale=self._downscale(),
+        )
+
+    def _downscale(self) -> int:
+        return 2 ** int(getattr(self.model, "num_downs", 3))  # VAE levels - 1, set by LatentDiffusion
+
+    def noise_schedule(self) -> NoiseSchedule:
+        prediction = "v" if self.model.parameterization == "v" else "eps"
+        return NoiseSchedule(alphas_cumprod=self._alphas.to(torch.float32), prediction=prediction)
+
+    # -- images ----------------------------------------------------------------------------------
+    def _vae_device(self) -> torch.device:
+        return next(self.model.first_stage_model.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> LatentDist:
+        vae = self.model.first_stage_model
+        x = pixels.to(self._vae_device(), next(vae.parameters()).dtype)
+        dist = self.model.encode_first_stage(x)
+        scale = float(self.model.scale_factor)
+        mean = (dist.mean * scale).to(self.device, torch.float32)
+        return LatentDist(mean=mean, std=(dist.std * scale).to(self.device, torch.float32))
+
+    # -- text --------------------------------------------------------------------------------------
+    def _ids_of(self, name: str) -> list[int]:
+        if name not in self._name_ids:
+            self._name_ids[name] = list(self.text.tokenize(name))
+        return self._name_ids[name]
+
+    def _splice(self, prompt: str) -> tuple[list[int], list[tuple[int, str, int]]]:
+        """Token ids (77) and the fixes (position, embedding name, vector index) for one prompt.
+
+        Names are matched on token ids, longest name first, as A1111's embedding database does. Content
+        beyond 75 tokens is cut (A1111 would open a second 77-token chunk instead), which can cut an
+        embedding's tail too.
+        """
+        names = sorted(
+            (n for n in self._embeddings if self._ids_of(n)), key=lambda n: len(self._ids_of(n)), reverse=True
+        )
+        ids = self.text.tokenize(prompt)
+        content: list[int] = []
+        fixes: list[tuple[int, str, int]] = []
+        i = 0
+        while i < len(ids):
+            for name in names:
+                seq = self._ids_of(name)
+                if ids[i : i + len(seq)] == seq:
+                    for k in range(self._embeddings[name].shape[0]):
+                        fixes.append((1 + len(content), name, k))
+                        content.append(0)  # placeholder id; the hook overwrites its row
+                    i += len(seq)
+                    break
+            else:
+                content.append(ids[i])
+                i += 1
+        content = content[: MAX_LENGTH - 2]
+        fixes = [f for f in fixes if f[0] <= MAX_LENGTH - 2]
+        tokens = [self.text.bos, *content, self.text.eos]
+        return tokens + [self.text.pad] * (MAX_LENGTH - len(tokens)), fixes
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """`[B, 77, width]` conditioning (the encoder's output, in its dtype, on the model device)."""
+        spliced = [self._splice(p) for p in prompts]
+        ids = torch.tensor(
+            [s[0] for s in spliced], dtype=torch.long, device=self.text.token_embedding.weight.device
+        )
+        fixes = [(b, pos, name, k) for b, (_, fx) in enumerate(spliced) for pos, name, k in fx]
+        if not fixes:
+            return self.text.run(ids)
+
+        def swap_rows(_module: torch.nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+            rows = torch.stack([self._embeddings[name][k] for _, _, name, k in fixes]).to(
+                out.device, out.dtype
+            )
+            b_idx = torch.tensor([f[0] for f in fixes], device=out.device)
+            p_idx = torch.tensor([f[1] for f in fixes], device=out.device)
+            # index_put on a fresh tensor + where: differentiable w.r.t. `rows`, leaves `out` untouched.
+            filled = torch.zeros_like(out).index_put((b_idx, p_idx), rows)
+            mask = torch.zeros(out.shape[:2], dtype=torch.bool, device=out.device)
+            mask[b_idx, p_idx] = True
+            return torch.where(mask.unsqueeze(-1), filled, out)
+
+        handle = self.text.token_embedding.register_forward_hook(swap_rows)
+        try:
+            return self.text.run(ids)
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def initial_vectors(self, init_text: str, n_vectors: int) -> dict[str, torch.Tensor]:
+        weight = self.text.token_embedding.weight
+        vec = torch.zeros((n_vectors, weight.shape[1]), dtype=torch.float32)
+        ids = self.text.tokenize(init_text) if init_text else []
+        if self.text.family == "sd1":
+            ids = ids[:n_vectors]  # A1111's SD1 init tokenizes with max_length=n_vectors (truncating)
+        if ids:
+            rows = weight[torch.tensor(ids, device=weight.device)].detach().to("cpu", torch.float32)
+            for i in range(n_vectors):
+                vec[i] = rows[i * rows.shape[0] // n_vectors]
+        return {SINGLE: vec}
+
+    @contextlib.contextmanager
+    def use_embedding(self, name: str, vectors: dict[str, torch.Tensor]) -> Iterator[None]:
+        vec = vectors.get(SINGLE)
+        width = int(self.text.token_embedding.weight.shape[1])
+        if vec is None or vec.ndim != 2 or vec.shape[1] != width:
+            got = {k: tuple(v.shape) for k, v in vectors.items()}
+            raise ValueError(f"embedding {name!r} has vectors {got}, this model needs {{'*': [n, {width}]}}")
+        previous = self._embeddings.get(name)
+        self._embeddings[name] = vec
+        try:
+            yield
+        finally:
+            if previous is None:
+                self._embeddings.pop(name, None)
+            else:
+                self._embeddings[name] = previous
+
+    # -- denoiser ---------------------------------------------------------------------------------
+    def _inpaint_conditioning(self, x: torch.Tensor) -> torch.Tensor:
+        """Inpainting UNets also take a mask and a masked image: give them "all masked" (mask 1, a
+        mid-grey image, as A1111 does for txt2img), encoded once per latent size via the VAE mean."""
+        key = (tuple(x.shape[2:]), x.device, x.dtype)
+        if key not in self._inpaint_cache:
+            f = self._downscale()
+            grey = torch.zeros((1, 3, x.shape[2] * f, x.shape[3] * f))
+            z = self.encode_images(grey).mean.to(x.device, x.dtype)
+            self._inpaint_cache[key] = torch.nn.functional.pad(z, (0, 0, 0, 0, 1, 0), value=1.0)
+        return self._inpaint_cache[key].expand(x.shape[0], -1, -1, -1)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """UNet output (float32) for `x_t` at integer `t`; `cond` is what `encode_text` returned."""
+        dtype = self._unet_dtype()
+        x = x_t.to(self.device, dtype)
+        c = cond.to(self.device, dtype)
+        key = self.model.model.conditioning_key
+        full: Any = c
+        if key == "hybrid":
+            full = {"c_concat": [self._inpaint_conditioning(x)], "c_crossattn": [c]}
+        out = self.model.apply_model(x, t.to(self.device).long(), full)
+        return out.float()
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """Ask the running job to stop (its `Session.interrupted()` turns True)."""
+        self._stop.set()
+
+    @contextlib.contextmanager
+    def _modes_kept(self) -> Iterator[None]:
+        """eval() for the duration; then every module's own training flag back (ldm pins some to eval)."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            self.model.eval()
+            yield
+        finally:
+            for m, flag in modes:
+                m.training = flag
+
+    def _checkpointing(self, enable: bool) -> Callable[[], None]:
+        """Turn ldm's own checkpoint flags off (its CheckpointFunction asks autograd for gradients of
+        frozen weights and fails) and, if `enable`, run each UNet block under torch's non-reentrant
+        checkpoint instead. Returns the undo."""
+        unet = self.model.model.diffusion_model
+        undo: list[Callable[[], None]] = []
+        for m in unet.modules():
+            for attr in ("use_checkpoint", "checkpoint"):
+                if isinstance(getattr(m, attr, None), bool):
+                    undo.append(partial(setattr, m, attr, getattr(m, attr)))
+                    setattr(m, attr, False)
+        if enable:
+            for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+                bound = type(block).forward.__get__(block)
+                block.forward = partial(torch_checkpoint, bound, use_reentrant=False)
+                undo.append(partial(block.__dict__.pop, "forward", None))
+
+        def restore() -> None:
+            for u in reversed(undo):
+                u()
+
+        return restore
+
+    @contextlib.contextmanager
+    def gpu_session(self, label: str, options: SessionOptions) -> Iterator[StandaloneSession]:
+        """Exclusive use of the model. Not re-entrant: a nested session on this host would deadlock.
+
+        `gradient_checkpointing` maps to torch checkpointing of every UNet block; `unload_vae` moves the
+        VAE to the CPU while the model is on a GPU (encode/preview still work, on the CPU side);
+        `attention_optimization` has nothing to switch here (ldm's plain attention is used).
+        """
+        with self._lock:
+            flags = [(p, p.requires_grad) for p in self.model.parameters()]
+            vae = self.model.first_stage_model
+            vae_device = self._vae_device()
+            self._stop.clear()
+            undo_ckpt = None
+            try:
+                for p, _ in flags:
+                    p.requires_grad_(False)
+                undo_ckpt = self._checkpointing(options.gradient_checkpointing)
+                if options.unload_vae and vae_device.type != "cpu":
+                    vae.to("cpu")
+                with self._modes_kept():
+                    yield StandaloneSession(label, self._stop, self.progress)
+            finally:
+                vae.to(vae_device)
+                if undo_ckpt is not None:
+                    undo_ckpt()
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+                self._stop.clear()
+
+    @torch.no_grad()
+    def render_preview(self, request: PreviewRequest) -> Image.Image:
+        """DDIM (eta 0) with classifier-free guidance; `sampler_name` is ignored. Sides are rounded down to
+        multiples of 8. A seed of -1 draws one from the OS, leaving torch's and Python's RNGs alone."""
+        f = self._downscale()
+        width, height = max(f, request.width // f * f), max(f, request.height // f * f)
+        seed = request.seed if request.seed >= 0 else secrets.randbits(32)
+        gen = torch.Generator().manual_seed(int(seed))
+        x = torch.randn((1, int(self.model.channels), height // f, width // f), generator=gen).to(self.device)
+        steps = max(1, min(int(request.steps), len(self._alphas)))
+        ts = torch.linspace(len(self._alphas) - 1, 0, steps).round().long().unique_consecutive()
+        v_pred = self.noise_schedule().prediction == "v"
+        with self._modes_kept():
+            cond = self.encode_text([request.negative_prompt, request.prompt])
+            for i, t in enumerate(ts.tolist()):
+                a = float(self._alphas[t])
+                a_prev = float(self._alphas[int(ts[i + 1])]) if i + 1 < len(ts) else 1.0
+                out_u, out_c = self.predict(torch.cat([x, x]), torch.tensor([t, t]), cond).chunk(2)
+                out = out_u + request.cfg_scale * (out_c - out_u)
+                if v_pred:
+                    eps = math.sqrt(a) * out + math.sqrt(1 - a) * x
+                    x0 = math.sqrt(a) * x - math.sqrt(1 - a) * out
+                else:
+                    eps = out
+                    x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+                x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+            vae_dtype = next(self.model.first_stage_model.parameters()).dtype
+            pixels = self.model.decode_first_stage(x.to(self._vae_device(), vae_dtype)).float()
+        arr = ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(arr)  # uint8 [H, W, 3]: RGB

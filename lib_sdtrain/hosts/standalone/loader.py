@@ -1,0 +1,195 @@
+"""Host(standalone): builds an ldm LatentDiffusion from a real SD1/SD2 checkpoint and its yaml, offline.
+
+Follows what A1111 does when it loads a checkpoint (config through `instantiate_from_config`, no EMA copy, no
+ldm gradient checkpointing, old CLIP keys renamed, non-strict load), minus everything that would reach the
+network: FrozenCLIPEmbedder's `version` is pointed at a local folder and its text model is built from a config
+(the weights come from the checkpoint); FrozenOpenCLIPEmbedder gets `version=None` (no pretrained download).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from lib_sdtrain.core.errors import FormatError
+from lib_sdtrain.hosts.standalone.tiny import _instantiate
+from lib_sdtrain.hosts.standalone.tokenizer import MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+#: Checkpoints saved with transformers < 4.22 lack the `text_model.` level (A1111 renames them the same way).
+_OLD_CLIP_KEYS = {
+    "cond_stage_model.transformer.embeddings.": CLIP_PREFIX + "embeddings.",
+    "cond_stage_model.transformer.encoder.": CLIP_PREFIX + "encoder.",
+    "cond_stage_model.transformer.final_layer_norm.": CLIP_PREFIX + "final_layer_norm.",
+}
+_REQUIRED = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+_INIT_FUNCS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+               "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")  # fmt: skip
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` or `.ckpt` file on the CPU, `state_dict` nesting removed, old CLIP keys
+    renamed. `.ckpt` goes through `torch.load(weights_only=True)`: no arbitrary unpickling."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(path), device="cpu")
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any reader failure means "not a checkpoint we can read"
+        raise FormatError(str(path), f"cannot read checkpoint: {e}") from e
+    while isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict):
+        raise FormatError(str(path), "not a state dict")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # global_step and other bookkeeping in .ckpt files
+        for old, new in _OLD_CLIP_KEYS.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+        out[key] = value
+    return out
+
+
+def file_shorthash(path: str | Path) -> str:
+    """A1111's checkpoint short hash: the first 10 hex digits of the file's sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+def clip_config_from_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """CLIPTextConfig fields read off the weights. Heads are width/64, true of every released SD1
+    text encoder (ViT-L/14: 768/12); a toy encoder needs a clip_dir with its own config.json."""
+    width = int(state[CLIP_PREFIX + "embeddings.token_embedding.weight"].shape[1])
+    layer_keys = [k for k in state if k.startswith(CLIP_PREFIX + "encoder.layers.")]
+    layers = 1 + max(int(k[len(CLIP_PREFIX + "encoder.layers.") :].split(".")[0]) for k in layer_keys)
+    inner = int(state[CLIP_PREFIX + "encoder.layers.0.mlp.fc1.weight"].shape[0])
+    return {
+        "vocab_size": VOCAB_SIZE, "hidden_size": width, "intermediate_size": inner, "projection_dim": width,
+        "num_hidden_layers": layers, "num_attention_heads": max(1, width // 64),
+        "max_position_embeddings": MAX_LENGTH, "hidden_act": "quick_gelu",
+        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Skip random initialisation while building (about 17 s of CPU for SD1, all overwritten by the
+    checkpoint). Every parameter that stays uninitialised is caught by the missing-keys check."""
+    from transformers.modeling_utils import no_init_weights
+
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCS}
+    try:
+        for name in _INIT_FUNCS:
+            setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
+        with no_init_weights():
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+@contextlib.contextmanager
+def _clip_text_model_from_config(state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Make FrozenCLIPEmbedder build its CLIPTextModel from a config instead of loading hub weights."""
+    import ldm.modules.encoders.modules as encoders
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    class _FromConfig:
+        @staticmethod
+        def from_pretrained(version: str, **_: Any) -> CLIPTextModel:
+            cfg_file = Path(version) / "config.json"
+            if cfg_file.is_file():
+                return CLIPTextModel(CLIPTextConfig.from_pretrained(version))
+            return CLIPTextModel(CLIPTextConfig(**clip_config_from_state(state)))
+
+    original = encoders.CLIPTextModel
+    encoders.CLIPTextModel = _FromConfig  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        encoders.CLIPTextModel = original  # type: ignore[misc]
+
+
+def _local_dir(value: Any) -> Path | None:
+    return Path(str(value)) if value and Path(str(value)).is_dir() else None
+
+
+def load_ldm_model(
+    ckpt_path: str | Path,
+    yaml_path: str | Path,
+    clip_dir: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """A LatentDiffusion in eval mode with the checkpoint's weights, on `device`.
+
+    `dtype` applies to the UNet, VAE and text encoder; the schedule buffers stay float32. The CLIP
+    tokenizer folder is, in order: `clip_dir`, the yaml's `version` if it is a local folder, or one
+    generated from open_clip's vocabulary (the text-model shape is then read off the weights).
+    """
+    state = read_state_dict(ckpt_path)
+    try:
+        config = OmegaConf.load(yaml_path)
+        params = config.model.params
+        cond = params.cond_stage_config
+        target = str(cond.target)
+    except Exception as e:
+        raise FormatError(str(yaml_path), f"not an ldm model config: {e}") from e
+    params.use_ema = False  # EMA copies in the file are ignored, as A1111 does for inference
+    params.pop("ckpt_path", None)
+    if "unet_config" in params:
+        # ldm's own checkpointing cannot differentiate through frozen weights; A1111 turns it off too.
+        params.unet_config.params.use_checkpoint = False
+        params.unet_config.params.use_fp16 = dtype == torch.float16
+    if "params" not in cond or cond.params is None:
+        cond.params = {}
+    cond.params.device = str(device)
+    with tempfile.TemporaryDirectory(prefix="sdtrain-clip-") as tmp, _skip_weight_init():
+        if target.endswith(".FrozenCLIPEmbedder"):
+            version = _local_dir(clip_dir) or _local_dir(cond.params.get("version"))
+            if version is None:
+                version = write_clip_tokenizer(tmp)
+                (version / "config.json").write_text(json.dumps(clip_config_from_state(state)))
+            cond.params.version = str(version)
+            with _clip_text_model_from_config(state):
+                model = _instantiate(config)
+        elif target.endswith(".FrozenOpenCLIPEmbedder"):
+            cond.params.version = None  # open_clip would otherwise download the pretrained weights
+            model = _instantiate(config)
+        else:
+            raise FormatError(str(yaml_path), f"unsupported text encoder {target} (SD1/SD2 only)")
+    # The schedule buffers (betas, alphas_cumprod, ...: the only top-level keys) are recomputed from the
+    # yaml, in float32, rather than taken from the file, where fp16-pruned checkpoints store them rounded.
+    state = {k: v for k, v in state.items() if "." in k}
+    try:
+        missing, _unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: the yaml does not describe this checkpoint
+        raise FormatError(str(ckpt_path), f"does not fit {Path(yaml_path).name}: {e}") from e
+    missing = [k for k in missing if k.startswith(_REQUIRED) and not k.endswith("position_ids")]
+    if missing:
+        raise FormatError(
+            str(ckpt_path), f"{len(missing)} weights missing for this config, e.g. {missing[:3]}"
+        )
+    del state
+    model = model.to(device).eval()
+    if dtype != torch.float32:
+        for part in (model.model, model.first_stage_model, model.cond_stage_model):
+            part.to(dtype)
+    return model
