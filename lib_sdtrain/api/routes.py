@@ -1,0 +1,223 @@
+"""API: HTTP routes over the job service — the host's /sdapi training routes and sdtrain's job routes.
+
+Request bodies are validated by the core config dataclasses (not pydantic), so the same rules and
+messages apply to the UI, the CLI and HTTP, and the code runs on pydantic 1 (A1111) and 2 (Forge).
+Schemas for /docs are generated from the same dataclasses.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from lib_sdtrain.core.config import ConfigBase, job_config_types
+from lib_sdtrain.core.errors import ConfigError, SdtrainError
+from lib_sdtrain.core.jobs import DONE, FINISHED_STATES, Job, JobService
+
+_JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array"}
+
+#: Fields of the host's request bodies that sdtrain accepts and ignores.
+HOST_ONLY_FIELDS = ("id_task",)
+
+
+def config_schema(cls: type[ConfigBase]) -> dict[str, Any]:
+    """JSON schema of a job config: every field optional, with its default and label."""
+    props = {}
+    for f in cls.describe():
+        prop: dict[str, Any] = {"title": f["label"], "type": _JSON_TYPES.get(f["type"], "string")}
+        if f["type"] == "str":
+            prop["type"] = ["string", "number"] if f["name"] in ("learn_rate", "clip_grad_value") else "string"
+        if f["default"] is not None and not callable(f["default"]):
+            prop["default"] = f["default"]
+        if f.get("help"):
+            prop["description"] = f["help"]
+        if f.get("choices"):
+            prop["enum"] = list(f["choices"])
+        props[f["name"]] = prop
+    return {"title": cls.__name__, "type": "object", "properties": props, "additionalProperties": False}
+
+
+def _body_doc(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
+
+
+def config_error_response(e: ConfigError) -> JSONResponse:
+    """422 in FastAPI's own validation-error shape, naming the field."""
+    return JSONResponse(status_code=422, content={"detail": [
+        {"loc": ["body", e.field], "msg": e.message, "type": "value_error"}]})
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError("body", f"not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("body", "must be a JSON object")
+    return data
+
+
+def basic_auth(credentials: dict[str, str]) -> Callable[..., bool]:
+    """The host's --api-auth check (HTTP Basic against user:password pairs)."""
+
+    def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:  # noqa: B008 — FastAPI idiom
+        expected = credentials.get(given.username)
+        if expected is not None and secrets.compare_digest(given.password, expected):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+@dataclass
+class ApiOptions:
+    #: host folder/setting values merged under each request (e.g. embeddings_dir), per job kind
+    defaults: Callable[[str], dict[str, Any]] = lambda kind: {}
+    #: HTTP Basic users, as the host's --api-auth; None = open
+    credentials: dict[str, str] | None = None
+    #: serve the host's /sdapi/v1/{create,train}/embedding routes
+    host_routes: bool = True
+
+
+def replace_routes(app: FastAPI, routes: list[tuple[str, str]]) -> int:
+    """Drop the app's existing routes for these (path, method) pairs. Starlette tries routes in
+    registration order and the first full match wins, so a later route with the same path and
+    method would never be reached."""
+    wanted = {(p, m.upper()) for p, m in routes}
+    keep, dropped = [], 0
+    for r in app.router.routes:
+        methods = getattr(r, "methods", None) or set()
+        if any((getattr(r, "path", None), m) in wanted for m in methods):
+            dropped += 1
+            continue
+        keep.append(r)
+    app.router.routes[:] = keep
+    return dropped
+
+
+def _config(kind: str, body: dict[str, Any], options: ApiOptions) -> ConfigBase:
+    cls = job_config_types()[kind]
+    merged = {**options.defaults(kind), **{k: v for k, v in body.items() if k not in HOST_ONLY_FIELDS}}
+    return cls.from_dict(merged)
+
+
+def make_router(service: JobService, options: ApiOptions | None = None) -> APIRouter:
+    options = options or ApiOptions()
+    deps = [Depends(basic_auth(options.credentials))] if options.credentials else []
+    router = APIRouter(dependencies=deps)
+    types = job_config_types()
+
+    def handle(fn):
+        async def endpoint(request: Request):
+            try:
+                return await fn(request)
+            except ConfigError as e:
+                return config_error_response(e)
+
+        endpoint.__name__ = fn.__name__
+        endpoint.__doc__ = fn.__doc__
+        return endpoint
+
+    if options.host_routes:
+        async def create_embedding(request: Request):
+            """Create an embedding (the host's fields: name, num_vectors_per_token, overwrite_old, init_text)."""
+            cfg = _config("create_embedding", await _json_body(request), options)
+            job = await _run_blocking(service, "create_embedding", cfg)
+            if job.state != DONE:
+                return {"info": f"create embedding error: {job.error}"}
+            return {"info": f"create embedding filename: {job.result}"}
+
+        async def train_embedding(request: Request):
+            """Train an embedding; blocks until done, like the host. Every field optional (host UI defaults)."""
+            cfg = _config("train_embedding", await _json_body(request), options)
+            job = await _run_blocking(service, "train_embedding", cfg)
+            filename = getattr(job.result, "embedding_file", "") if job.result is not None else ""
+            return {"info": f"train embedding complete: filename: {filename} error: {job.error}"}
+
+        router.add_api_route("/sdapi/v1/create/embedding", handle(create_embedding), methods=["POST"],
+                             openapi_extra=_body_doc(config_schema(types["create_embedding"])))
+        router.add_api_route("/sdapi/v1/train/embedding", handle(train_embedding), methods=["POST"],
+                             openapi_extra=_body_doc(config_schema(types["train_embedding"])))
+
+    async def submit_job(request: Request):
+        """Queue a job: {"kind": one of the job kinds, "config": {...}}. Answers 202 with the job id at once."""
+        body = await _json_body(request)
+        kind = body.get("kind")
+        if kind not in types:
+            raise ConfigError("kind", f"must be one of {', '.join(sorted(types))}")
+        extra = set(body) - {"kind", "config"}
+        if extra:
+            raise ConfigError(sorted(extra)[0], "unknown field (a job is {\"kind\", \"config\"})")
+        config = body.get("config") or {}
+        if not isinstance(config, dict):
+            raise ConfigError("config", "must be a JSON object")
+        job = service.submit(kind, _config(kind, config, options))
+        return JSONResponse(status_code=202, content={"id": job.id, "state": job.state})
+
+    def list_jobs():
+        """Every job of this session, oldest first, without loss history."""
+        return [j.to_dict(history=False) for j in service.list()]
+
+    def get_job(job_id: str):
+        """One job: state, step, loss history, validation losses, previews, files, error."""
+        return _job_or_404(service, job_id).to_dict()
+
+    def stop_job(job_id: str):
+        """Ask a job to stop: a running one saves and ends within one step; a queued one never starts."""
+        _job_or_404(service, job_id)
+        return service.stop(job_id).to_dict(history=False)
+
+    def schema():
+        """JSON schemas of every job kind's config."""
+        return {kind: config_schema(cls) for kind, cls in types.items()}
+
+    job_schema = {"type": "object", "required": ["kind"], "properties": {
+        "kind": {"type": "string", "enum": sorted(types)}, "config": {"type": "object"}}}
+    router.add_api_route("/sdtrain/v1/jobs", handle(submit_job), methods=["POST"], status_code=202,
+                         openapi_extra=_body_doc(job_schema))
+    router.add_api_route("/sdtrain/v1/jobs", list_jobs, methods=["GET"])
+    router.add_api_route("/sdtrain/v1/jobs/{job_id}", get_job, methods=["GET"])
+    router.add_api_route("/sdtrain/v1/jobs/{job_id}/stop", stop_job, methods=["POST"])
+    router.add_api_route("/sdtrain/v1/schema", schema, methods=["GET"])
+    return router
+
+
+def _job_or_404(service: JobService, job_id: str) -> Job:
+    job = service.get(job_id)
+    if job is None:
+        raise HTTPException(status_code=404, detail=f"no job {job_id}")
+    return job
+
+
+async def _run_blocking(service: JobService, kind: str, cfg: ConfigBase) -> Job:
+    """Submit and wait without holding the event loop (the host's routes are sync and block a
+    threadpool worker; ours await in one)."""
+    import anyio
+
+    job = service.submit(kind, cfg)
+    while not job.wait(0):
+        await anyio.to_thread.run_sync(job.wait, 1.0)
+    assert job.state in FINISHED_STATES
+    return job
+
+
+def mount(app: FastAPI, service: JobService, options: ApiOptions | None = None) -> None:
+    """Add sdtrain's routes to a running app, replacing the host's training routes where it has them."""
+    options = options or ApiOptions()
+    if options.host_routes:
+        replace_routes(app, [("/sdapi/v1/create/embedding", "POST"), ("/sdapi/v1/train/embedding", "POST")])
+    app.include_router(make_router(service, options))
+
+
+__all__ = ["ApiOptions", "SdtrainError", "config_schema", "make_router", "mount", "replace_routes"]

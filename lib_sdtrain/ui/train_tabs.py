@@ -1,0 +1,214 @@
+"""UI: sdtrain's sub-tabs in the webui's Train tab (gradio), a thin surface over the job service.
+
+Every widget maps to a config field by name, with the label and default the config declares (the
+host's own labels and defaults for in-tree options). The tab never touches the model: it submits
+jobs and watches their events. Host facts (folders, lists, the txt2img preview fields) come in
+through `UiContext`, filled by the composition root.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from lib_sdtrain.core.config import CreateEmbeddingConfig, TrainEmbeddingConfig
+from lib_sdtrain.core.errors import SdtrainError
+from lib_sdtrain.core.jobs import FINISHED_STATES, Job, JobService
+from lib_sdtrain.core.plot import draw_loss_curve
+
+#: In-tree options, in the host's order (modules/ui.py, Train tab).
+TRAIN_MAIN = (
+    "embedding_name", "learn_rate", "clip_grad_mode", "clip_grad_value", "batch_size", "gradient_step",
+    "data_root", "log_directory", "template_filename", "training_width", "training_height", "varsize", "steps",
+    "create_image_every", "save_embedding_every", "use_weight", "save_image_with_stored_embedding",
+    "preview_from_txt2img", "shuffle_tags", "tag_drop_out", "latent_sampling_method",
+)
+#: sdtrain's own options, shown in an accordion.
+TRAIN_EXTRA = (
+    "save_format", "save_optimizer_state", "lr_scheduler", "lr_warmup_steps", "lr_min", "seed", "flip_p", "crop",
+    "validation_every", "validation_images", "gradient_checkpointing", "attention_optimization",
+    "mixed_precision", "nan_guard",
+)
+CREATE_FIELDS = ("name", "init_text", "num_vectors_per_token", "overwrite_old", "save_format")
+#: The txt2img components the host hands to train-tab callbacks, in its order (UiTrainTabParams).
+PREVIEW_FIELDS = ("preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler_name",
+                  "preview_cfg_scale", "preview_seed", "preview_width", "preview_height")
+
+
+@dataclass
+class UiContext:
+    service: JobService
+    defaults: Callable[[str], dict[str, Any]] = lambda kind: {}
+    embedding_names: Callable[[], list[str]] = list
+    refresh_embeddings: Callable[[], list[str]] = list
+    template_names: Callable[[], list[str]] = list
+    model_note: Callable[[], str] = lambda: ""
+    txt2img_preview_params: list[Any] = field(default_factory=list)
+    poll_seconds: float = 1.0
+
+
+def _widget(spec: dict[str, Any], eid: str, choices: list[str] | None = None):
+    label, default, kind = spec["label"], spec["default"], spec["type"]
+    if choices is not None:  # host lists (embeddings, templates): a typed name is accepted too
+        extra = {"allow_custom_value": True} if _has_custom_values() else {}
+        return gr.Dropdown(label=label, value=default if default in choices else None, choices=choices,
+                           elem_id=eid, **extra)
+    if spec.get("choices"):
+        if spec["name"] == "latent_sampling_method":
+            return gr.Radio(label=label, value=default, choices=list(spec["choices"]), elem_id=eid)
+        return gr.Dropdown(label=label, value=default, choices=list(spec["choices"]), elem_id=eid)
+    if kind == "bool":
+        return gr.Checkbox(label=label, value=default, elem_id=eid)
+    if kind in ("int", "float") and "minimum" in spec and "maximum" in spec:
+        step = spec.get("step", 1 if kind == "int" else 0.1)
+        return gr.Slider(label=label, value=default, minimum=spec["minimum"], maximum=spec["maximum"], step=step,
+                         elem_id=eid)
+    if kind in ("int", "float"):
+        return gr.Number(label=label, value=default, precision=0 if kind == "int" else None, elem_id=eid)
+    return gr.Textbox(label=label, value=default, elem_id=eid)
+
+
+def _has_custom_values() -> bool:
+    import inspect
+
+    return "allow_custom_value" in inspect.signature(gr.Dropdown.__init__).parameters
+
+
+def _specs(cls) -> dict[str, dict[str, Any]]:
+    return {f["name"]: f for f in cls.describe()}
+
+
+# -- what a watched job looks like ---------------------------------------------------------------------
+def job_view(job: Job | None) -> tuple[str, Any, list[str], str, str]:
+    """(status html, loss chart, preview paths, files text, error html) for one job."""
+    if job is None:
+        return "", None, [], "", ""
+    d = job.to_dict()
+    state = d["state"]
+    last = job.events_since(0)
+    text = next((e.data.get("text", "") for e in reversed(last) if e.kind == "step"), "")
+    status = f"<b>{html.escape(job.kind)}</b> {html.escape(state)}"
+    if d["total_steps"]:
+        status += f" — step {d['step']}/{d['total_steps']}"
+    if text:
+        status += f" — {html.escape(text)}"
+    if job.message:
+        status += f"<br>{html.escape(job.message)}"
+    chart = None
+    if d["loss_history"]:
+        steps = [s for s, _, _ in d["loss_history"]]
+        losses = [v for _, v, _ in d["loss_history"]]
+        chart = draw_loss_curve(steps, losses, validation=[tuple(v) for v in d["validation_history"]],
+                                title=f"{d['config'].get('embedding_name', '')} loss")
+    error = f"<div class='error'>{html.escape(d['error'])}</div>" if d["error"] else ""
+    return status, chart, list(d["previews"]), "\n".join(d["files"]), error
+
+
+def watch(service: JobService, job: Job | None, poll: float = 1.0) -> Iterator[tuple]:
+    """Yield the job's view until it finishes (a generator event: gradio streams each yield)."""
+    if job is None:
+        yield ("No sdtrain job yet.", None, [], "", "", "")
+        return
+    while True:
+        finished = job.wait(poll)
+        yield (*job_view(job), job.id)
+        if finished or job.state in FINISHED_STATES:
+            return
+
+
+def _error(e: Exception) -> str:
+    return f"<div class='error'>{html.escape(str(e))}</div>"
+
+
+# -- the tabs -----------------------------------------------------------------------------------------
+def build_embedding_tabs(ctx: UiContext) -> None:
+    """Add "Create embedding (sdtrain)" and "Train embedding (sdtrain)" tabs to the enclosing gr.Tabs."""
+    _create_tab(ctx)
+    _train_tab(ctx)
+
+
+def _create_tab(ctx: UiContext) -> None:
+    specs = _specs(CreateEmbeddingConfig)
+    with gr.Tab(label="Create embedding (sdtrain)", id="sdtrain_create_embedding", elem_id="sdtrain_create_embedding"):
+        inputs = [_widget(specs[n], f"sdtrain_create_{n}") for n in CREATE_FIELDS]
+        button = gr.Button(value="Create embedding", variant="primary", elem_id="sdtrain_create_button")
+        out = gr.Textbox(show_label=False, elem_id="sdtrain_create_output", interactive=False)
+        err = gr.HTML(elem_id="sdtrain_create_error")
+
+    def create(*values):
+        data = {**ctx.defaults("create_embedding"), **dict(zip(CREATE_FIELDS, values))}
+        try:
+            job = ctx.service.run("create_embedding", data)
+        except SdtrainError as e:
+            return "", _error(e)
+        if job.error:
+            return "", _error(Exception(job.error))
+        return f"Created: {job.result}", ""
+
+    button.click(create, inputs=inputs, outputs=[out, err])
+
+
+def _train_tab(ctx: UiContext) -> None:
+    specs = _specs(TrainEmbeddingConfig)
+    kind = "train_embedding"
+    widgets: dict[str, Any] = {}
+    with gr.Tab(label="Train embedding (sdtrain)", id="sdtrain_train_embedding", elem_id="sdtrain_train_embedding"):
+        gr.HTML(value=ctx.model_note, elem_id="sdtrain_train_model_note")
+        with gr.Row():
+            widgets["embedding_name"] = _widget(specs["embedding_name"], "sdtrain_train_embedding_name",
+                                                choices=ctx.embedding_names())
+            refresh = gr.Button(value="\U0001f504", elem_id="sdtrain_train_refresh_embeddings", elem_classes=["tool"])
+            refresh.click(lambda: gr.update(choices=ctx.refresh_embeddings()), outputs=[widgets["embedding_name"]])
+        for n in TRAIN_MAIN[1:]:
+            if n == "template_filename":
+                widgets[n] = _widget(specs[n], "sdtrain_train_template_filename", choices=ctx.template_names())
+            else:
+                widgets[n] = _widget(specs[n], f"sdtrain_train_{n}")
+        with gr.Accordion("sdtrain options", open=False, elem_id="sdtrain_train_extra"):
+            for n in TRAIN_EXTRA:
+                widgets[n] = _widget(specs[n], f"sdtrain_train_{n}")
+        with gr.Row():
+            train = gr.Button(value="Train Embedding", variant="primary", elem_id="sdtrain_train_button")
+            stop = gr.Button(value="Stop", elem_id="sdtrain_stop_button")
+            show = gr.Button(value="Show latest job", elem_id="sdtrain_watch_button")
+        status = gr.HTML(elem_id="sdtrain_status")
+        error = gr.HTML(elem_id="sdtrain_error")
+        chart = gr.Image(label="Loss", type="pil", interactive=False, elem_id="sdtrain_loss_chart")
+        gallery = gr.Gallery(label="Previews", elem_id="sdtrain_previews")
+        files = gr.Textbox(label="Files written", lines=4, interactive=False, elem_id="sdtrain_files")
+        job_id = gr.Textbox(visible=False, elem_id="sdtrain_job_id")
+
+    names = list(widgets)
+    preview_inputs = list(ctx.txt2img_preview_params)
+    outputs = [status, chart, gallery, files, error, job_id]
+
+    def start(*values):
+        form = dict(zip(names, values[: len(names)]))
+        if form.get("preview_from_txt2img") and preview_inputs:
+            form.update(zip(PREVIEW_FIELDS, values[len(names):]))
+        data = {**ctx.defaults(kind), **{k: v for k, v in form.items() if v is not None}}
+        try:
+            job = ctx.service.submit(kind, data)
+        except SdtrainError as e:
+            yield ("", None, [], "", _error(e), "")
+            return
+        yield from watch(ctx.service, job, ctx.poll_seconds)
+
+    def latest():
+        jobs = [j for j in ctx.service.list() if j.kind == kind]
+        running = [j for j in jobs if j.state not in FINISHED_STATES]
+        yield from watch(ctx.service, (running or jobs or [None])[-1], ctx.poll_seconds)
+
+    def stop_job(current: str):
+        jobs = [j for j in ctx.service.list() if j.kind == kind and j.state not in FINISHED_STATES]
+        target = ctx.service.get(current) if current else None
+        for j in [target] if target is not None else jobs:
+            ctx.service.stop(j.id)
+
+    train.click(start, inputs=[widgets[n] for n in names] + preview_inputs, outputs=outputs, show_progress=False)
+    show.click(latest, outputs=outputs, show_progress=False)
+    stop.click(stop_job, inputs=[job_id], outputs=[])

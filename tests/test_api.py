@@ -1,0 +1,138 @@
+"""HTTP API over the job service and the standalone host (FastAPI TestClient, no webui)."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from lib_sdtrain.api.routes import ApiOptions, mount
+from lib_sdtrain.core.embedding_io import load_embedding
+from lib_sdtrain.core.jobs import JobService
+from lib_sdtrain.core.samples import write_sample_dataset
+from lib_sdtrain.core.textual_inversion import job_runners
+from lib_sdtrain.hosts.standalone.host import StandaloneHost
+
+
+@pytest.fixture
+def env(tiny_sd1, tmp_path):
+    host = StandaloneHost(tiny_sd1)
+    service = JobService(lambda: host, job_runners())
+    data = write_sample_dataset(tmp_path / "data", count=4, size=64)
+    dirs = {"embeddings_dir": str(tmp_path / "embeddings")}
+
+    def defaults(kind):
+        return dict(dirs) if kind.startswith("create_") else {**dirs, "log_directory": str(tmp_path / "log")}
+
+    app = FastAPI()
+    hits = []
+
+    @app.post("/sdapi/v1/train/embedding")
+    def host_train(body: dict):  # the host's route, registered first as in the webui
+        hits.append(body)
+        return {"info": "host"}
+
+    mount(app, service, ApiOptions(defaults=defaults))
+    yield TestClient(app), str(data), tmp_path, hits
+    service.shutdown()
+
+
+def small_train(data, **kw):
+    return {"embedding_name": "apiemb", "data_root": data, "steps": 6, "training_width": 64, "training_height": 64,
+            "template_filename": "subject_filewords.txt", "create_image_every": 0, "save_embedding_every": 0,
+            "learn_rate": 0.01, **kw}
+
+
+def test_host_routes_create_and_train_like_the_host(env):
+    client, data, _, hits = env
+    r = client.post("/sdapi/v1/create/embedding", json={"name": "apiemb", "num_vectors_per_token": 2})
+    assert r.status_code == 200
+    info = r.json()["info"]
+    assert info.startswith("create embedding filename: ") and info.endswith("apiemb.pt")
+    path = info.split(": ", 1)[1]
+    assert load_embedding(path).n_vectors == 2
+    # only the host's request fields, id_task included, every other field defaulted
+    r = client.post("/sdapi/v1/train/embedding", json={"id_task": "task(1)", **small_train(data)})
+    assert r.status_code == 200 and hits == []  # sdtrain's handler answered, not the host's
+    info = r.json()["info"]
+    assert info == f"train embedding complete: filename: {path} error: None"
+    assert load_embedding(path).step == 6
+
+
+def test_bad_fields_get_422_naming_them(env):
+    client, data, _, _ = env
+    for body, field in (({"name": "e", "num_vectors_per_token": 0}, "num_vectors_per_token"),
+                        ({"name": "e", "nope": 1}, "nope")):
+        r = client.post("/sdapi/v1/create/embedding", json=body)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field]
+    r = client.post("/sdapi/v1/train/embedding", json=small_train(data, batch_size="two"))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "batch_size"]
+    r = client.post("/sdtrain/v1/jobs", json={"kind": "bake_cake", "config": {}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "kind"]
+    r = client.post("/sdtrain/v1/jobs", content=b"[1,2]", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_job_routes_answer_at_once_and_report_progress(env):
+    client, data, _, _ = env
+    client.post("/sdapi/v1/create/embedding", json={"name": "apiemb"})
+    t0 = time.time()
+    r = client.post("/sdtrain/v1/jobs", json={"kind": "train_embedding", "config": small_train(data, steps=40)})
+    assert r.status_code == 202 and time.time() - t0 < 2.0
+    job_id = r.json()["id"]
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        job = client.get(f"/sdtrain/v1/jobs/{job_id}").json()
+        if job["state"] in ("done", "failed", "stopped"):
+            break
+        time.sleep(0.1)
+    assert job["state"] == "done", job
+    assert job["step"] == 40 and len(job["loss_history"]) == 40
+    assert any(f.endswith("apiemb.pt") for f in job["files"])
+    listed = client.get("/sdtrain/v1/jobs").json()
+    assert job_id in [j["id"] for j in listed] and all("loss_history" not in j for j in listed)
+    assert client.get("/sdtrain/v1/jobs/nope").status_code == 404
+
+
+def test_stop_a_running_job(env):
+    client, data, _, _ = env
+    client.post("/sdapi/v1/create/embedding", json={"name": "apiemb"})
+    job_id = client.post("/sdtrain/v1/jobs", json={"kind": "train_embedding",
+                                                   "config": small_train(data, steps=100000)}).json()["id"]
+    deadline = time.time() + 60
+    while client.get(f"/sdtrain/v1/jobs/{job_id}").json()["step"] < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert client.post(f"/sdtrain/v1/jobs/{job_id}/stop").status_code == 200
+    while client.get(f"/sdtrain/v1/jobs/{job_id}").json()["state"] == "running" and time.time() < deadline:
+        time.sleep(0.05)
+    job = client.get(f"/sdtrain/v1/jobs/{job_id}").json()
+    assert job["state"] == "stopped" and 2 <= job["step"] < 100000
+    saved = load_embedding([f for f in job["files"] if f.endswith("apiemb.pt")][-1])
+    assert saved.step == job["step"]
+
+
+def test_schemas_are_in_openapi(env):
+    client, *_ = env
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/sdapi/v1/train/embedding"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["learn_rate"]["default"] == "0.005"
+    assert body["properties"]["clip_grad_mode"]["enum"] == ["disabled", "value", "norm"]
+    assert "/sdtrain/v1/jobs/{job_id}/stop" in spec["paths"]
+    assert set(client.get("/sdtrain/v1/schema").json()) >= {"create_embedding", "train_embedding"}
+
+
+def test_api_auth_like_the_host(tiny_sd1):
+    service = JobService(lambda: StandaloneHost(tiny_sd1), job_runners())
+    app = FastAPI()
+    mount(app, service, ApiOptions(credentials={"alice": "s3cret"}))
+    client = TestClient(app)
+    assert client.get("/sdtrain/v1/jobs").status_code == 401
+    bad = base64.b64encode(b"alice:wrong").decode()
+    assert client.get("/sdtrain/v1/jobs", headers={"Authorization": f"Basic {bad}"}).status_code == 401
+    good = base64.b64encode(b"alice:s3cret").decode()
+    assert client.get("/sdtrain/v1/jobs", headers={"Authorization": f"Basic {good}"}).status_code == 200
+    assert client.post("/sdapi/v1/create/embedding", json={"name": "x"}).status_code == 401
+    service.shutdown()

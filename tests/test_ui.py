@@ -1,0 +1,87 @@
+"""The Train sub-tabs (gradio 3.41, as in A1111): structure, ids, and the handlers over a real job."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pytest
+
+from lib_sdtrain.core.embedding_io import load_embedding
+from lib_sdtrain.core.jobs import JobService
+from lib_sdtrain.core.samples import write_sample_dataset
+from lib_sdtrain.core.textual_inversion import job_runners
+from lib_sdtrain.hosts.standalone.host import StandaloneHost
+from lib_sdtrain.ui.train_tabs import UiContext, build_embedding_tabs
+
+
+@pytest.fixture
+def ui(tiny_sd1, tmp_path):
+    service = JobService(lambda: StandaloneHost(tiny_sd1), job_runners())
+    emb_dir = str(tmp_path / "embeddings")
+    ctx = UiContext(
+        service=service,
+        defaults=lambda kind: {"embeddings_dir": emb_dir} if kind.startswith("create") else {
+            "embeddings_dir": emb_dir, "log_directory": str(tmp_path / "log")},
+        embedding_names=lambda: ["uiemb"],
+        template_names=lambda: ["subject_filewords.txt", "style_filewords.txt"],
+        poll_seconds=0.05,
+    )
+    with gr.Blocks() as demo, gr.Tabs():
+        build_embedding_tabs(ctx)
+    yield demo, service, tmp_path
+    service.shutdown()
+
+
+def handler(demo, elem_id):
+    comp = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+    for dep, fn in zip(demo.dependencies, demo.fns):
+        if comp._id in dep["targets"]:
+            inputs = [demo.blocks[i] for i in dep["inputs"]]
+            return fn.fn, inputs
+    raise AssertionError(f"no handler on {elem_id}")
+
+
+def test_ids_are_prefixed_and_host_labels_kept(ui):
+    demo, _, _ = ui
+    ids = [b.elem_id for b in demo.blocks.values() if getattr(b, "elem_id", None)]
+    assert ids and all(i.startswith("sdtrain_") for i in ids)
+    labels = {b.elem_id: getattr(b, "label", None) for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert labels["sdtrain_train_learn_rate"] == "Embedding Learning rate"
+    assert labels["sdtrain_train_latent_sampling_method"] == "Choose latent sampling method"
+    assert labels["sdtrain_create_num_vectors_per_token"] == "Number of vectors per token"
+    values = {b.elem_id: getattr(b, "value", None) for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert values["sdtrain_train_learn_rate"] == "0.005" and values["sdtrain_train_steps"] == 100000
+    assert values["sdtrain_train_template_filename"] == "style_filewords.txt"
+
+
+def test_create_then_train_through_the_handlers(ui):
+    demo, service, tmp = ui
+    create, inputs = handler(demo, "sdtrain_create_button")
+    values = {c.elem_id: c.value for c in inputs}
+    values["sdtrain_create_name"] = "uiemb"
+    out, err = create(*[values[c.elem_id] for c in inputs])
+    assert err == "" and out.startswith("Created: ") and out.endswith("uiemb.pt")
+
+    data = write_sample_dataset(tmp / "data", count=4, size=64)
+    train, inputs = handler(demo, "sdtrain_train_button")
+    values = {c.elem_id: c.value for c in inputs}
+    values.update({"sdtrain_train_embedding_name": "uiemb", "sdtrain_train_data_root": str(data),
+                   "sdtrain_train_steps": 5.0, "sdtrain_train_training_width": 64, "sdtrain_train_training_height": 64,
+                   "sdtrain_train_template_filename": "subject_filewords.txt", "sdtrain_train_create_image_every": 5.0,
+                   "sdtrain_train_save_embedding_every": 0.0})
+    updates = list(train(*[values[c.elem_id] for c in inputs]))
+    status, chart, previews, files, error, job_id = updates[-1]
+    assert error == "" and "done" in status and "step 5/5" in status
+    assert chart is not None and chart.size[0] > 100
+    assert len(previews) == 1 and previews[0].endswith("uiemb-5.png")
+    assert load_embedding(next(f for f in files.splitlines() if f.endswith("uiemb.pt"))).step == 5
+    assert service.get(job_id).state == "done"
+
+
+def test_bad_input_shows_in_the_tab(ui):
+    demo, _, _ = ui
+    train, inputs = handler(demo, "sdtrain_train_button")
+    values = {c.elem_id: c.value for c in inputs}
+    values["sdtrain_train_embedding_name"] = "uiemb"  # no dataset directory given
+    (status, chart, previews, files, error, job_id), = list(train(*[values[c.elem_id] for c in inputs]))
+    assert "data_root" in error and "Dataset directory" in error
+    assert (status, chart, previews, files, job_id) == ("", None, [], "", "")
