@@ -67,7 +67,7 @@ def test_create_then_train_through_the_handlers(ui):
     values.update({"sdtrain_train_embedding_name": "uiemb", "sdtrain_train_data_root": str(data),
                    "sdtrain_train_steps": 5.0, "sdtrain_train_training_width": 64, "sdtrain_train_training_height": 64,
                    "sdtrain_train_template_filename": "subject_filewords.txt", "sdtrain_train_create_image_every": 5.0,
-                   "sdtrain_train_save_embedding_every": 0.0})
+                   "sdtrain_train_save_embedding_every": 0.0, "sdtrain_train_log_directory": str(tmp / "log")})
     updates = list(train(*[values[c.elem_id] for c in inputs]))
     status, chart, previews, files, error, job_id = updates[-1]
     assert error == "" and "done" in status and "step 5/5" in status
