@@ -601,3 +601,24 @@ def test_resolve_inside_refuses_symlink_escapes(tmp_path):
         pytest.skip("symlinks not available here")
     with pytest.raises(SdtrainError, match="leaves"):
         resolve_inside(root, "link/cat.pt")
+
+
+def test_files_save_and_load_under_a_host_that_wraps_torch_load(tmp_path, monkeypatch):
+    """A1111 replaces torch.load with a checking wrapper that consumes file objects
+    (modules/safe.py); sdtrain must neither depend on nor be broken by it."""
+    import torch
+
+    from lib_sdtrain.core.embedding import Embedding
+    from lib_sdtrain.core.embedding_io import load_embedding, save_embedding_pt
+
+    def consuming_wrapper(f, *args, **kwargs):
+        if hasattr(f, "read"):
+            f.read()  # what the host's zip check does to a stream before calling the real loader
+        raise RuntimeError("host wrapper used")
+
+    monkeypatch.setattr(torch, "load", consuming_wrapper)
+    emb = Embedding("wrapped", {"*": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, step=3)
+    path = tmp_path / "wrapped.pt"
+    save_embedding_pt(emb, path)
+    back = load_embedding(path)
+    assert back.step == 3 and torch.equal(back.vectors["*"], emb.vectors["*"])

@@ -74,13 +74,19 @@ def host_safe_zip(raw: bytes) -> bytes:
     return out.getvalue()
 
 
+#: torch's own loader. Inside A1111, `torch.load` is the webui's wrapper (modules/safe.py), which
+#: runs its own pickle check on the stream first and leaves a file object at its end; our safety is
+#: `weights_only=True`, so we call torch's loader directly.
+_torch_load = torch.serialization.load
+
+
 def torch_bytes(obj: Any) -> bytes:
     """Core: `torch.save(obj)` as bytes, filtered by `host_safe_zip` and checked to load back."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = host_safe_zip(buf.getvalue())
     try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        _torch_load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # a future torch needing the dropped entries must fail loudly here
         raise SdtrainError(
             f"torch {torch.__version__} cannot read its own filtered file back: {exc}"
@@ -98,9 +104,9 @@ def _weights_only_load(path: str) -> Any:
     # it too where this torch has the context manager (2.5+). Its __setstate__ only fills __dict__.
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     if safe_globals is None:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path, map_location="cpu", weights_only=True)
     with safe_globals([torch.nn.ParameterDict]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path, map_location="cpu", weights_only=True)
 
 
 def load_torch_file(path: str | os.PathLike[str]) -> Any:
