@@ -258,52 +258,8 @@ class TrainEmbeddingConfig(ConfigBase):
     def validate(self) -> None:
         super().validate()
         _check_name("embedding_name", self.embedding_name)
-        # Imported here to keep config importable on its own; both live in core.
-        from lib_sdtrain.core.lr_schedule import make_schedule
-
-        make_schedule(
-            self.lr_scheduler,
-            self.learn_rate,
-            self.steps,
-            0,
-            warmup_steps=self.lr_warmup_steps,
-            min_lr=self.lr_min,
-            field="learn_rate",
-        )
-        for name in ("batch_size", "gradient_step", "steps"):
-            _require(getattr(self, name) > 0, name, "must be a positive integer")
-        for name in (
-            "create_image_every",
-            "save_embedding_every",
-            "training_write_csv_every",
-            "validation_every",
-        ):
-            _require(getattr(self, name) >= 0, name, "must be 0 (off) or a positive integer")
-        if self.clip_grad_mode != "disabled":
-            make_schedule("dsl", self.clip_grad_value, self.steps, 0, field="clip_grad_value")
-        _require(0.0 <= self.tag_drop_out <= 1.0, "tag_drop_out", "must be between 0 and 1")
-        _require(0.0 <= self.flip_p <= 1.0, "flip_p", "must be between 0 and 1")
-        for name in ("training_width", "training_height", "preview_width", "preview_height"):
-            value = getattr(self, name)
-            _require(
-                value >= 64 and value % 8 == 0, name, f"must be a multiple of 8 and at least 64, got {value}"
-            )
-        _require(self.preview_steps >= 1, "preview_steps", "must be at least 1")
-        _require(bool(self.data_root), "data_root", "Dataset directory is empty")
-        _require(
-            os.path.isdir(self.data_root), "data_root", f"Dataset directory doesn't exist: {self.data_root}"
-        )
-        _require(
-            bool(os.listdir(self.data_root)), "data_root", f"Dataset directory is empty: {self.data_root}"
-        )
-        if self.save_embedding_every or self.create_image_every or self.training_write_csv_every:
-            _require(
-                bool(self.log_directory),
-                "log_directory",
-                "is empty but saves, images or the loss CSV need it",
-            )
+        _validate_training(self, "save_embedding_every")
         template = self.template_path()
-        _require(os.path.isfile(template), "template_filename", f"prompt template not found: {template}")
         with open(template, encoding="utf-8") as fh:
             text = fh.read()
         _require(
@@ -318,6 +274,310 @@ class TrainEmbeddingConfig(ConfigBase):
 
     def template_path(self) -> str:
         return find_template(self.templates_dir, self.template_filename)
+
+
+#: The host UI's hypernetwork activation list (modules/hypernetworks/ui.py: every activation name but
+#: "hardswish" and "multiheadattention"), less "threshold", which neither the host nor we can build
+#: without arguments. tests/test_hypernetwork.py checks it against the installed torch.
+HN_ACTIVATIONS = (
+    "linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "celu", "gelu", "glu", "hardshrink",
+    "hardsigmoid", "hardtanh", "logsigmoid", "logsoftmax", "mish", "prelu", "rrelu", "relu6", "selu", "silu",
+    "softmax", "softmax2d", "softmin", "softplus", "softshrink", "softsign", "tanhshrink",
+)  # fmt: skip
+HN_WEIGHT_INITS = ("Normal", "KaimingUniform", "KaimingNormal", "XavierUniform", "XavierNormal")
+#: The sizes the host's "Modules" checkboxes offer (320/640/1280: self-attention; 768/1024: text).
+HN_MODULE_SIZES = (768, 1024, 320, 640, 1280)
+
+
+def parse_float_list(value: Any, field: str) -> list[float]:
+    """ "1, 2, 1" or [1, 2, 1] → [1.0, 2.0, 1.0] (the host parses its text boxes with float())."""
+    if isinstance(value, str):
+        try:
+            return [float(p.strip()) for p in value.split(",")]
+        except ValueError:
+            raise ConfigError(field, f"expected comma-separated numbers, got {value!r}") from None
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+            raise ConfigError(field, f"expected numbers, got {value!r}")
+        return [float(v) for v in value]
+    raise ConfigError(field, f"expected numbers like '1, 2, 1', got {value!r}")
+
+
+def _as_text_list(value: Any) -> Any:
+    """A JSON list for a comma-separated text field becomes that text ([1, 2, 1] → "1, 2, 1")."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return value
+
+
+def _as_sizes(value: Any) -> Any:
+    """Module sizes from JSON (ints), the UI (strings) or the CLI ("768, 320") → a tuple of ints."""
+    if isinstance(value, str):
+        value = [v for v in (p.strip() for p in value.split(",")) if v]
+    if isinstance(value, (list, tuple)):
+        out = []
+        for v in value:
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            try:
+                if isinstance(v, (bool, float)):
+                    raise ValueError
+                out.append(int(v))
+            except (TypeError, ValueError):
+                raise ConfigError("enable_sizes", f"expected whole numbers, got {value!r}") from None
+        return tuple(out)
+    return value
+
+
+@dataclass
+class CreateHypernetworkConfig(ConfigBase):
+    """A1111 `/sdapi/v1/create/hypernetwork`: create_hypernetwork(name, enable_sizes, overwrite_old,
+    layer_structure, activation_func, weight_init, add_layer_norm, use_dropout, dropout_structure)."""
+
+    kind: ClassVar[str] = "create_hypernetwork"
+
+    name: str = _opt("", "Name")
+    enable_sizes: tuple[int, ...] = _opt(
+        (768, 320, 640, 1280),
+        "Modules",
+        help="Context widths to train: 768 (SD1 text) or 1024 (SD2 text), 320/640/1280 (self-attention)",
+        options=HN_MODULE_SIZES,
+    )
+    overwrite_old: bool = _opt(False, "Overwrite Old Hypernetwork")
+    layer_structure: str = _opt(
+        "1, 2, 1", "Enter hypernetwork layer structure", help="1st and last digit must be 1. ex:'1, 2, 1'"
+    )
+    activation_func: str = _opt(
+        "linear",
+        "Select activation function of hypernetwork. Recommended : Swish / Linear(none)",
+        choices=HN_ACTIVATIONS,
+    )
+    weight_init: str = _opt(
+        "Normal",
+        "Select Layer weights initialization. Recommended: Kaiming for relu-like, Xavier for sigmoid-like, "
+        "Normal otherwise",
+        choices=HN_WEIGHT_INITS,
+    )
+    add_layer_norm: bool = _opt(False, "Add layer normalization")
+    use_dropout: bool = _opt(False, "Use dropout")
+    dropout_structure: str = _opt(
+        "0, 0, 0",
+        "Enter hypernetwork Dropout structure (or empty). Recommended : 0~0.35 incrementing sequence: "
+        "0, 0.05, 0.15",
+        help="One probability per layer-structure entry, each in [0, 1); used only with 'Use dropout'",
+    )
+    hypernetwork_dir: str = _opt("models/hypernetworks", "Hypernetworks folder")
+    seed: int = _opt(-1, "Seed for the initial weights (-1: random)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, ignore: tuple[str, ...] = ()) -> Any:
+        data = dict(data or {})
+        if data.get("enable_sizes") is not None:
+            data["enable_sizes"] = _as_sizes(data["enable_sizes"])
+        for key in ("layer_structure", "dropout_structure"):
+            if data.get(key) is not None:
+                data[key] = _as_text_list(data[key])
+        return super().from_dict(data, ignore=ignore)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_name("name", self.name)
+        sizes = _as_sizes(self.enable_sizes)
+        _require(
+            isinstance(sizes, tuple) and len(sizes) > 0, "enable_sizes", "select at least one module size"
+        )
+        _require(all(s > 0 for s in sizes), "enable_sizes", f"sizes must be positive, got {list(sizes)}")
+        from lib_sdtrain.core.hypernetwork import check_layer_structure
+
+        structure = self.layer_structure_list()
+        check_layer_structure(structure)
+        for size in sizes:
+            _require(
+                all(int(size * x) >= 1 for x in structure),
+                "layer_structure",
+                f"{self.layer_structure} gives a layer of width 0 for module size {size}",
+            )
+        if self.use_dropout and self.dropout_structure.strip():
+            dropout = parse_float_list(self.dropout_structure, "dropout_structure")
+            _require(
+                len(dropout) == len(structure),
+                "dropout_structure",
+                f"needs one value per layer-structure entry ({len(structure)}), got {len(dropout)}",
+            )
+            _require(
+                all(0 <= p < 1 for p in dropout),
+                "dropout_structure",
+                f"dropout probabilities must be in [0, 1), got {dropout}",
+            )
+        _require(bool(self.hypernetwork_dir), "hypernetwork_dir", "is empty")
+
+    def layer_structure_list(self) -> list[float]:
+        return parse_float_list(self.layer_structure, "layer_structure")
+
+    def dropout_structure_list(self) -> list[float]:
+        """As the host: the parsed text when dropout is on and the text is not empty, else zeros."""
+        if self.use_dropout and self.dropout_structure.strip():
+            return parse_float_list(self.dropout_structure, "dropout_structure")
+        return [0] * len(self.layer_structure_list())
+
+
+@dataclass
+class TrainHypernetworkConfig(ConfigBase):
+    """Everything a hypernetwork run needs: the host's train_hypernetwork fields and defaults (A1111
+    v1.10.1), the Training settings it reads, and sdtrain's own options (as TrainEmbeddingConfig)."""
+
+    kind: ClassVar[str] = "train_hypernetwork"
+
+    # --- the host's request fields (modules/api/api.py train_hypernetwork → hypernetwork.train_hypernetwork)
+    hypernetwork_name: str = _opt("", "Hypernetwork")
+    learn_rate: str = _opt(
+        "0.00001", "Hypernetwork Learning rate", help="A rate, or a schedule: 1e-5:100, 1e-6:1000"
+    )
+    batch_size: int = _opt(1, "Batch size", minimum=1)
+    gradient_step: int = _opt(1, "Gradient accumulation steps", minimum=1)
+    data_root: str = _opt("", "Dataset directory")
+    log_directory: str = _opt("textual_inversion", "Log directory")
+    training_width: int = _opt(512, "Width", minimum=64, maximum=2048, step=8)
+    training_height: int = _opt(512, "Height", minimum=64, maximum=2048, step=8)
+    varsize: bool = _opt(False, "Do not resize images")
+    steps: int = _opt(100000, "Max steps", minimum=1)
+    clip_grad_mode: str = _opt("disabled", "Gradient Clipping", choices=("disabled", "value", "norm"))
+    clip_grad_value: str = _opt(
+        "0.1", "Gradient clip value", help="A value or a schedule, like the learning rate"
+    )
+    shuffle_tags: bool = _opt(False, "Shuffle tags by ',' when creating prompts.")
+    tag_drop_out: float = _opt(0.0, "Drop out tags when creating prompts.", minimum=0.0, maximum=1.0)
+    latent_sampling_method: str = _opt(
+        "once", "Choose latent sampling method", choices=("once", "deterministic", "random")
+    )
+    use_weight: bool = _opt(False, "Use PNG alpha channel as loss weight")
+    create_image_every: int = _opt(
+        500, "Save an image to log directory every N steps, 0 to disable", minimum=0
+    )
+    save_hypernetwork_every: int = _opt(
+        500, "Save a copy of hypernetwork to log directory every N steps, 0 to disable", minimum=0
+    )
+    template_filename: str = _opt(
+        "hypernetwork.txt", "Prompt template", help="Hypernetwork templates need no [name]"
+    )
+    preview_from_txt2img: bool = _opt(
+        False, "Read parameters (prompt, etc...) from txt2img tab when making previews"
+    )
+    preview_prompt: str = _opt("", "Preview prompt")
+    preview_negative_prompt: str = _opt("", "Preview negative prompt")
+    preview_steps: int = _opt(20, "Preview sampling steps", minimum=1)
+    preview_sampler_name: str = _opt("Euler a", "Preview sampler")
+    preview_cfg_scale: float = _opt(7.0, "Preview CFG scale")
+    preview_seed: int = _opt(-1, "Preview seed")
+    preview_width: int = _opt(512, "Preview width", minimum=64, step=8)
+    preview_height: int = _opt(512, "Preview height", minimum=64, step=8)
+
+    # --- host settings the in-tree trainer reads (command line and modules/shared_options.py)
+    hypernetwork_dir: str = _opt("models/hypernetworks", "Hypernetworks folder")
+    templates_dir: str = _opt(DEFAULT_TEMPLATES_DIR, "Prompt templates folder")
+    save_optimizer_state: bool = _opt(
+        True,
+        "Save optimizer state (.optim) to resume training",
+        help="The host keeps this off by default; sdtrain keeps it on.",
+    )
+    save_training_settings_to_txt: bool = _opt(True, "Save training settings to a file when training starts")
+    training_write_csv_every: int = _opt(500, "Save the loss CSV every N steps, 0 to disable", minimum=0)
+    dataset_filename_word_regex: str = _opt("", "Filename word regex")
+    dataset_filename_join_string: str = _opt(" ", "Filename join string")
+    training_image_repeats_per_epoch: int = _opt(
+        1, "Repeats per image per epoch (epoch display only)", minimum=1
+    )
+
+    # --- sdtrain's own options
+    hypernetwork_file: str = _opt(
+        "",
+        "Hypernetwork file",
+        help="Train this file instead of looking the name up in the hypernetworks folder",
+    )
+    optimizer_name: str = _opt(
+        "AdamW",
+        "Optimizer (a torch.optim class)",
+        help="Created with the learning rate only, as the host; its name is stored in the .optim file",
+    )
+    lr_scheduler: str = _opt(
+        "dsl", "Learning-rate schedule", choices=("dsl", "cosine", "constant_with_warmup")
+    )
+    lr_warmup_steps: int = _opt(0, "Warm-up steps (cosine, constant_with_warmup)", minimum=0)
+    lr_min: float = _opt(0.0, "Final learning rate (cosine)", minimum=0.0)
+    flip_p: float = _opt(0.0, "Random horizontal flip probability", minimum=0.0, maximum=1.0)
+    crop: str = _opt("resize", "Fit images by", choices=("resize", "center", "random"))
+    seed: int = _opt(-1, "Seed (-1: random)")
+    validation_every: int = _opt(
+        0, "Measure fixed-noise validation loss every N steps, 0 to disable", minimum=0
+    )
+    validation_images: int = _opt(4, "Images used for the validation loss", minimum=1)
+    gradient_checkpointing: bool = _opt(False, "Gradient checkpointing (less memory, slower)")
+    attention_optimization: bool = _opt(
+        False,
+        "Use the host's cross-attention optimization while training",
+        help="The host always turns it off for hypernetwork training",
+    )
+    mixed_precision: str = _opt("auto", "Mixed precision", choices=("auto", "no", "fp16", "bf16"))
+    nan_guard: bool = _opt(True, "Stop when the loss is not finite (keeps the last good save)")
+
+    def validate(self) -> None:
+        super().validate()
+        _check_name("hypernetwork_name", self.hypernetwork_name)
+        _validate_training(self, "save_hypernetwork_every")
+        from lib_sdtrain.core.hypernetwork import optimizer_class
+
+        optimizer_class(self.optimizer_name)
+        if self.hypernetwork_file:
+            _require(
+                os.path.isfile(self.hypernetwork_file),
+                "hypernetwork_file",
+                f"no such file: {self.hypernetwork_file}",
+            )
+
+    def template_path(self) -> str:
+        return find_template(self.templates_dir, self.template_filename)
+
+
+def _validate_training(cfg: Any, save_every_field: str) -> None:
+    """The checks every training config shares (TI and hypernetwork: the host's validate_train_inputs
+    and more), each naming its field."""
+    # Imported here to keep config importable on its own; both live in core.
+    from lib_sdtrain.core.lr_schedule import make_schedule
+
+    make_schedule(
+        cfg.lr_scheduler,
+        cfg.learn_rate,
+        cfg.steps,
+        0,
+        warmup_steps=cfg.lr_warmup_steps,
+        min_lr=cfg.lr_min,
+        field="learn_rate",
+    )
+    for name in ("batch_size", "gradient_step", "steps"):
+        _require(getattr(cfg, name) > 0, name, "must be a positive integer")
+    for name in ("create_image_every", save_every_field, "training_write_csv_every", "validation_every"):
+        _require(getattr(cfg, name) >= 0, name, "must be 0 (off) or a positive integer")
+    if cfg.clip_grad_mode != "disabled":
+        make_schedule("dsl", cfg.clip_grad_value, cfg.steps, 0, field="clip_grad_value")
+    _require(0.0 <= cfg.tag_drop_out <= 1.0, "tag_drop_out", "must be between 0 and 1")
+    _require(0.0 <= cfg.flip_p <= 1.0, "flip_p", "must be between 0 and 1")
+    for name in ("training_width", "training_height", "preview_width", "preview_height"):
+        value = getattr(cfg, name)
+        _require(
+            value >= 64 and value % 8 == 0, name, f"must be a multiple of 8 and at least 64, got {value}"
+        )
+    _require(cfg.preview_steps >= 1, "preview_steps", "must be at least 1")
+    _require(bool(cfg.data_root), "data_root", "Dataset directory is empty")
+    _require(os.path.isdir(cfg.data_root), "data_root", f"Dataset directory doesn't exist: {cfg.data_root}")
+    _require(bool(os.listdir(cfg.data_root)), "data_root", f"Dataset directory is empty: {cfg.data_root}")
+    if getattr(cfg, save_every_field) or cfg.create_image_every or cfg.training_write_csv_every:
+        _require(
+            bool(cfg.log_directory),
+            "log_directory",
+            "is empty but saves, images or the loss CSV need it",
+        )
+    template = cfg.template_path()
+    _require(os.path.isfile(template), "template_filename", f"prompt template not found: {template}")
 
 
 def find_template(templates_dir: str, filename: str) -> str:
@@ -336,4 +596,12 @@ def find_template(templates_dir: str, filename: str) -> str:
 
 
 def job_config_types() -> dict[str, type[ConfigBase]]:
-    return {c.kind: c for c in (CreateEmbeddingConfig, TrainEmbeddingConfig)}
+    return {
+        c.kind: c
+        for c in (
+            CreateEmbeddingConfig,
+            TrainEmbeddingConfig,
+            CreateHypernetworkConfig,
+            TrainHypernetworkConfig,
+        )
+    }

@@ -1,4 +1,4 @@
-"""Core: the training loop shared by every trainable kind (embedding now, hypernetwork later).
+"""Core: the training loop shared by every trainable kind (embedding, hypernetwork).
 
 The loop follows the host's in-tree trainer step for step (modules/textual_inversion/
 textual_inversion.py, train_embedding): one optimizer step per `gradient_step` micro-batches,
@@ -178,7 +178,7 @@ class NonFiniteLoss(SdtrainError):
     def __init__(self, step: int, value: float):
         super().__init__(
             f"the loss became {value} at step {step}; training stopped before applying it, so the "
-            "trained vectors are still the last finite ones. Lower the learning rate, or check the "
+            "trained weights are still the last finite ones. Lower the learning rate, or check the "
             "images (a fully transparent PNG with 'Use PNG alpha channel as loss weight' has no weight)."
         )
         self.step = step

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from lib_sdtrain.core.hypernetwork import Hypernetwork
 
 Family = Literal["sd1", "sd2", "sdxl"]
 Prediction = Literal["eps", "v"]
@@ -121,6 +124,15 @@ class TrainingHost(Protocol):
 
     def use_embedding(self, name: str, vectors: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
         """Make `name` in prompts resolve to `vectors` (the live tensors, which may require grad)."""
+
+    def use_hypernetwork(self, hypernetworks: list[Hypernetwork]) -> AbstractContextManager[None]:
+        """Apply exactly these hypernetworks (in order, instead of any the host had loaded) in every
+        attention layer while inside, as the host's `apply_hypernetworks` does: the input of `to_k`
+        through each one's K module for the context's width, that of `to_v` through its V module
+        (self- and cross-attention alike). The modules are used live (train/eval mode, multiplier,
+        gradients); the caller puts them on the device. `core.hypernetwork_attach` does this for
+        models that do not apply hypernetworks themselves; the webui's `shared.loaded_hypernetworks`
+        takes these objects as they are (their `layers` has the host's shape)."""
 
     def gpu_session(self, label: str, options: SessionOptions) -> AbstractContextManager[Session]:
         """Exclusive use of the model for a job: take the host's GPU lock, freeze every model

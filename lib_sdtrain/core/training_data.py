@@ -53,8 +53,11 @@ class TrainingData:
             yield Batch(latents=b.latents.to(device), prompts=b.texts, weight=weight)
 
 
-def prepare_training_data(cfg, *, placeholder: str, seed: int, validation_count: int = 4) -> TrainingData:
-    """Read and check the images and the template (no model work): errors name the file."""
+def prepare_training_data(
+    cfg, *, placeholder: str, seed: int, validation_count: int = 4, require_name: bool = True
+) -> TrainingData:
+    """Read and check the images and the template (no model work): errors name the file.
+    `require_name`: the template must hold [name] (textual inversion; hypernetworks need none)."""
     opts = DatasetOptions(
         data_root=cfg.data_root,
         width=cfg.training_width,
@@ -71,7 +74,7 @@ def prepare_training_data(cfg, *, placeholder: str, seed: int, validation_count:
         crop=cfg.crop,
         filename_word_regex=cfg.dataset_filename_word_regex,
         filename_join_string=cfg.dataset_filename_join_string,
-        require_name_in_template=True,
+        require_name_in_template=require_name,
         latent_sampling_method=cfg.latent_sampling_method,
         seed=seed,
     )

@@ -3,7 +3,8 @@
 Embeddings are spliced in by this module, not by A1111's hijack: prompts are tokenized, every occurrence of an
 active embedding's name tokens becomes `n_vectors` placeholder positions, and a forward hook on the text
 encoder's token-embedding layer swaps those rows for the live vectors while the encoder runs. The hook only
-exists for the duration of `encode_text`, so the model's module tree and state dict never change.
+exists for the duration of `encode_text`, so the model's module tree and state dict never change. Hypernetworks
+are applied the same way: pre-hooks on the attention layers' to_k/to_v while `use_hypernetwork` is active.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from lib_sdtrain.core.embedding import SINGLE
+from lib_sdtrain.core.hypernetwork import Hypernetwork
+from lib_sdtrain.core.hypernetwork_attach import attach_hypernetworks
 from lib_sdtrain.core.port import (
     LatentDist,
     ModelInfo,
@@ -291,6 +294,13 @@ class StandaloneHost:
                 self._embeddings.pop(name, None)
             else:
                 self._embeddings[name] = previous
+
+    @contextlib.contextmanager
+    def use_hypernetwork(self, hypernetworks: list[Hypernetwork]) -> Iterator[None]:
+        """ldm applies no hypernetworks itself: forward pre-hooks on every attention layer's
+        to_k/to_v (core.hypernetwork_attach) for the duration; gone afterwards."""
+        with attach_hypernetworks(self.model.model.diffusion_model, hypernetworks):
+            yield
 
     # -- denoiser ---------------------------------------------------------------------------------
     def _inpaint_conditioning(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,440 @@
+"""Core: one training run of any trainable kind — the scaffolding the host's train_embedding and
+train_hypernetwork share, written once.
+
+`run_training` does what both host trainers do around the loop: read the data before touching
+the model, build the schedules, write the settings file, take the GPU session, resume the
+optimizer, run `run_loop` with the cadences (loss CSV, intermediate saves, validation, previews),
+save the final file also after Stop/Interrupt or a non-finite loss, and report a `TrainResult`.
+What differs per kind (what is trained, how it is made active, how a file is written, the names
+of the log subfolder and CSV) comes from a `TrainingKind`: `textual_inversion.EmbeddingTraining`,
+`hypernetwork_training.HypernetworkTraining`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import random
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lib_sdtrain.core.errors import SdtrainError
+from lib_sdtrain.core.fsutil import atomic_write
+from lib_sdtrain.core.jobs import JobControl
+from lib_sdtrain.core.loop import (
+    LoopHooks,
+    LoopState,
+    NonFiniteLoss,
+    eta_text,
+    report,
+    run_loop,
+    write_loss_row,
+)
+from lib_sdtrain.core.lr_schedule import make_schedule
+from lib_sdtrain.core.plot import save_loss_curve
+from lib_sdtrain.core.port import ModelInfo, PreviewRequest, SessionOptions, TrainingHost
+from lib_sdtrain.core.training_data import TrainingData, prepare_training_data, validation_loss
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "TrainingKind", "TrainingRun", "report_text", "run_training"]
+
+#: Config fields every run writes to its settings file (the host's saving_settings.saved_params_shared
+#: that come from the request), in the host's order.
+_SHARED_SETTINGS = (
+    "batch_size",
+    "clip_grad_mode",
+    "clip_grad_value",
+    "create_image_every",
+    "data_root",
+    "gradient_step",
+    "latent_sampling_method",
+    "learn_rate",
+    "log_directory",
+    "steps",
+    "training_height",
+    "training_width",
+)
+_PREVIEW_SETTINGS = (
+    "preview_cfg_scale",
+    "preview_height",
+    "preview_negative_prompt",
+    "preview_prompt",
+    "preview_sampler_name",
+    "preview_seed",
+    "preview_steps",
+    "preview_width",
+)
+
+
+@dataclass
+class TrainResult:
+    file: str  # the trained file (the final save)
+    step: int
+    stopped: bool = False
+    log_dir: str | None = None
+    loss_csv: str | None = None
+    loss_curve: str | None = None
+    files: list[str] = field(default_factory=list)
+    message: str = ""
+    kind: str = "embedding"  # what `file` is: "embedding" or "hypernetwork"
+
+    @property
+    def embedding_file(self) -> str:
+        """`file`, under the name textual-inversion callers know it by."""
+        return self.file
+
+    @property
+    def hypernetwork_file(self) -> str:
+        return self.file
+
+    def __str__(self) -> str:
+        return self.message or f"{self.kind} saved to {self.file} at step {self.step}"
+
+
+class TrainingKind:
+    """What one trainable kind contributes to a run. Subclasses set the names and implement
+    `setup`, `active` and `save`; the other hooks default to nothing."""
+
+    noun = ""  # "embedding" / "hypernetwork": messages and file events
+    job_label = ""  # the host's shared.state.job: "train-embedding" / "train-hypernetwork"
+    progress_label = ""  # "Training textual inversion" / "Training hypernetwork"
+    log_subdir = ""  # intermediate saves: <log>/<date>/<name>/<log_subdir>/
+    loss_csv = ""  # the host's CSV name
+    require_name_in_template = True  # TI only learns from prompts with [name]
+
+    #: set by the subclass' constructor
+    name: str
+    source: str  # the file the run starts from
+    out_file: str  # the final file
+    initial_step: int
+    file_ext: str  # extension of intermediate saves
+    save_every: int  # cadence of intermediate saves (0: never)
+
+    def settings(self) -> dict[str, Any]:
+        """Kind-specific entries of the settings file."""
+        return {}
+
+    def notes(self, info: ModelInfo) -> list[str]:
+        """Warnings to log before training starts."""
+        return []
+
+    def setup(self, device: torch.device, lr: float) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+        """The live trainable tensors (on `device`) and their optimizer."""
+        raise NotImplementedError
+
+    def resume(self, optimizer: torch.optim.Optimizer) -> str | None:
+        """Load the saved optimizer state that belongs to `source`; a line for the log, or None."""
+        return None
+
+    def encoder(self, host: TrainingHost) -> Callable[[list[str]], Any]:
+        """Prompts → conditioning for the loop."""
+        return host.encode_text
+
+    def active(self, host: TrainingHost) -> AbstractContextManager[Any]:
+        """Make the trained thing take part in the host's forward passes."""
+        raise NotImplementedError
+
+    def evaluating(self) -> AbstractContextManager[Any]:
+        """The state for previews and the validation loss (e.g. dropout off)."""
+        return contextlib.nullcontext()
+
+    def intermediate(self, step: int) -> tuple[str, str]:
+        """(file stem, name stored inside) of the intermediate save at `step`."""
+        return f"{self.name}-{step}", f"{self.name}-{step}"
+
+    def save(self, optimizer: torch.optim.Optimizer, step: int, path: str, stored_name: str) -> None:
+        """Write the file (and its optimizer sidecar when configured)."""
+        raise NotImplementedError
+
+    def after_intermediate(self, step: int, stored_name: str) -> None:
+        pass
+
+    def after_preview(self, run: TrainingRun, image: Image.Image, state: LoopState) -> None:
+        pass
+
+    def finish(self) -> None:
+        """After the final save (also after a failure inside the loop)."""
+
+
+class TrainingRun:
+    """One run's outputs: log folder, events, settings file, previews."""
+
+    def __init__(self, host: TrainingHost, cfg: Any, control: JobControl | None, kind: TrainingKind):
+        self.host, self.cfg, self.control, self.kind = host, cfg, control, kind
+        self.name = kind.name
+        self.info = host.describe()
+        self.files: list[str] = []
+        day = datetime.datetime.now().strftime("%Y-%m-%d")
+        self.log_dir = os.path.join(cfg.log_directory, day, self.name) if cfg.log_directory else None
+
+    def emit(self, kind: str, **data: Any) -> None:
+        if self.control is not None:
+            self.control.emit(kind, **data)
+
+    def wrote(self, path: str, what: str) -> str:
+        self.files.append(path)
+        self.emit("file", path=path, what=what)
+        return path
+
+    def save(
+        self, optimizer: torch.optim.Optimizer, step: int, path: str, stored_name: str, what: str
+    ) -> str:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.kind.save(optimizer, step, path, stored_name)
+        return self.wrote(path, what)
+
+    def settings_file(self, data: TrainingData) -> None:
+        if not (self.cfg.save_training_settings_to_txt and self.log_dir):
+            return
+        os.makedirs(self.log_dir, exist_ok=True)
+        cfg = self.cfg
+        # the host's key set (modules/textual_inversion/saving_settings.py) plus the full sdtrain config
+        params: dict[str, Any] = {
+            "datetime": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+            **{k: getattr(cfg, k) for k in _SHARED_SETTINGS},
+            **self.kind.settings(),
+            "initial_step": self.kind.initial_step,
+            "model_hash": self.info.checkpoint_hash,
+            "model_name": self.info.checkpoint_name,
+            "num_of_dataset_images": len(data),
+            "template_file": cfg.template_path(),
+        }
+        if cfg.preview_from_txt2img:
+            params.update({k: getattr(cfg, k) for k in _PREVIEW_SETTINGS})
+        params["sdtrain_config"] = cfg.to_dict()
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+        path = os.path.join(self.log_dir, f"settings-{stamp}.json")
+        text = json.dumps(params, indent=4)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        self.wrote(path, "settings")
+
+    def preview(self, state: LoopState) -> None:
+        cfg = self.cfg
+        if cfg.preview_from_txt2img:
+            req = PreviewRequest(
+                prompt=cfg.preview_prompt,
+                negative_prompt=cfg.preview_negative_prompt,
+                steps=cfg.preview_steps,
+                sampler_name=cfg.preview_sampler_name,
+                cfg_scale=cfg.preview_cfg_scale,
+                seed=cfg.preview_seed,
+                width=cfg.preview_width,
+                height=cfg.preview_height,
+                extra={"from_txt2img": True},
+            )
+        else:  # the host previews the last training prompt at the training size, 20 steps
+            req = PreviewRequest(
+                prompt=state.last_prompt,
+                steps=cfg.preview_steps,
+                width=cfg.training_width,
+                height=cfg.training_height,
+                seed=cfg.preview_seed,
+            )
+        with self.kind.evaluating():
+            image = self.host.render_preview(req)
+        if image is None or not self.log_dir:
+            return
+        images_dir = os.path.join(self.log_dir, "images")
+        os.makedirs(images_dir, exist_ok=True)
+        path = os.path.join(images_dir, f"{self.name}-{state.step}.png")
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+        state.last_preview = path
+        self.files.append(path)
+        self.emit("preview", path=path, step=state.step, prompt=req.prompt)
+        self.kind.after_preview(self, image, state)
+
+
+def report_text(state: LoopState) -> str:
+    return f"loss {state.last_loss:.5f}, lr {state.last_lr:.3g}, {eta_text(state)}"
+
+
+def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind: TrainingKind) -> TrainResult:
+    """Train `kind` as `cfg` says (see the module docstring). Raises SdtrainError after saving when
+    the loss stops being finite; returns normally when stopped."""
+    run = TrainingRun(host, cfg, control, kind)
+    noun = kind.noun
+    if kind.initial_step >= cfg.steps:
+        return TrainResult(
+            kind.source,
+            kind.initial_step,
+            kind=noun,
+            message=(
+                f"{run.name} is already trained to step {kind.initial_step} (max steps {cfg.steps}); nothing to do"
+            ),
+        )
+    seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
+    # images are read and checked before the model is touched
+    data = prepare_training_data(
+        cfg,
+        placeholder=run.name,
+        seed=seed,
+        validation_count=cfg.validation_images,
+        require_name=kind.require_name_in_template,
+    )
+    # the host advances its schedule once per micro-batch, so the accumulation count matters
+    lr_sched = make_schedule(
+        cfg.lr_scheduler,
+        cfg.learn_rate,
+        cfg.steps,
+        kind.initial_step,
+        warmup_steps=cfg.lr_warmup_steps,
+        min_lr=cfg.lr_min,
+        field="learn_rate",
+        gradient_step=data.gradient_step,
+    )
+    clip_sched = None
+    if cfg.clip_grad_mode != "disabled":
+        clip_sched = make_schedule(
+            "dsl",
+            cfg.clip_grad_value,
+            cfg.steps,
+            kind.initial_step,
+            field="clip_grad_value",
+            gradient_step=data.gradient_step,
+        )
+    for path, reason in data.skipped:
+        run.emit("log", text=f"skipped {path}: {reason}")
+    for note in kind.notes(run.info):
+        run.emit("log", text=note)
+    run.settings_file(data)
+
+    generator = torch.Generator().manual_seed(seed)
+    options = SessionOptions(
+        gradient_checkpointing=cfg.gradient_checkpointing, attention_optimization=cfg.attention_optimization
+    )
+    autocast_dtype = {
+        "auto": run.info.autocast_dtype,
+        "no": None,
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+    }[cfg.mixed_precision]
+    with host.gpu_session(kind.job_label, options) as session:
+        data.encode(host)
+        schedule = host.noise_schedule()
+        device = run.info.device
+        params, optimizer = kind.setup(device, lr_sched.value(kind.initial_step))
+        resumed = kind.resume(optimizer)
+        if resumed:
+            run.emit("log", text=resumed)
+
+        state = LoopState(
+            step=kind.initial_step,
+            start_step=kind.initial_step,
+            total=cfg.steps,
+            steps_per_epoch=data.steps_per_epoch,
+        )
+        csv_path = os.path.join(run.log_dir, kind.loss_csv) if run.log_dir else None
+        curve_path = os.path.join(run.log_dir, "loss.png") if run.log_dir else None
+        history: list[tuple[int, float]] = []
+        val_history: list[tuple[int, float]] = []
+
+        def curve() -> str | None:
+            if not (curve_path and history):
+                return None
+            return save_loss_curve(
+                curve_path,
+                [s for s, _ in history],
+                [v for _, v in history],
+                validation=val_history,
+                title=f"{run.name} loss",
+            )
+
+        def validate(step: int) -> None:
+            with kind.evaluating():
+                loss = validation_loss(host, schedule, data, seed, autocast_dtype)
+            val_history.append((step, loss))
+            run.emit("validation", step=step, loss=loss)
+
+        def after_step(st: LoopState) -> None:
+            history.append((st.step, st.last_loss))
+            text = report_text(st)
+            run.emit("step", step=st.step, total=st.total, loss=st.last_loss, lr=st.last_lr, text=text)
+            report(session, st, kind.progress_label)
+            if cfg.training_write_csv_every and st.step % cfg.training_write_csv_every == 0 and run.log_dir:
+                write_loss_row(
+                    run.log_dir, kind.loss_csv, st.step, st.steps_per_epoch, st.last_loss, st.last_lr
+                )
+            if kind.save_every and st.step % kind.save_every == 0 and run.log_dir:
+                stem, stored = kind.intermediate(st.step)
+                path = os.path.join(run.log_dir, kind.log_subdir, f"{stem}.{kind.file_ext}")
+                st.last_save = run.save(optimizer, st.step, path, stored, "intermediate")
+                kind.after_intermediate(st.step, stored)
+                curve()
+            if cfg.validation_every and st.step % cfg.validation_every == 0:
+                validate(st.step)
+            if cfg.create_image_every and st.step % cfg.create_image_every == 0:
+                run.preview(st)
+
+        def clip(step: int) -> None:
+            assert clip_sched is not None
+            value = clip_sched.value(step)
+            if cfg.clip_grad_mode == "value":
+                torch.nn.utils.clip_grad_value_(params, value)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, value)
+
+        def should_stop() -> bool:
+            if session.interrupted() and control is not None:
+                control.stop()  # the host's Interrupt button ends the job as Stop does
+            return session.interrupted() or (control is not None and control.stop_requested)
+
+        hooks = LoopHooks(
+            batches=lambda: data.batches(device),
+            encode=kind.encoder(host),
+            lr_at=lr_sched.value,
+            finished=lr_sched.finished,
+            clip=clip if clip_sched else None,
+            after_step=after_step,
+            should_stop=should_stop,
+        )
+        error: NonFiniteLoss | None = None
+        try:
+            with kind.active(host):
+                if cfg.validation_every:
+                    validate(state.step)
+                try:
+                    run_loop(
+                        host,
+                        optimizer,
+                        params,
+                        state,
+                        hooks,
+                        gradient_step=data.gradient_step,
+                        schedule=schedule,
+                        generator=generator,
+                        autocast_dtype=autocast_dtype,
+                        nan_guard=cfg.nan_guard,
+                    )
+                except NonFiniteLoss as e:
+                    error = e  # the trained values are still the last finite ones: save them, then fail
+            # the CSV always ends with the last step (the host writes only every N-th step, so a
+            # 30-step run with its default N=500 leaves no CSV at all)
+            every = cfg.training_write_csv_every
+            if every and run.log_dir and history and history[-1][0] % every:
+                write_loss_row(run.log_dir, kind.loss_csv, state.step, state.steps_per_epoch,
+                               state.last_loss, state.last_lr)
+            # the final file, also after Stop/Interrupt (the host saves after its try, likewise)
+            run.save(optimizer, state.step, kind.out_file, run.name, noun)
+        finally:
+            kind.finish()
+    result = TrainResult(
+        kind.out_file, state.step, stopped=state.stopped, log_dir=run.log_dir, files=run.files, kind=noun
+    )
+    if csv_path and os.path.exists(csv_path):
+        result.loss_csv = csv_path
+    result.loss_curve = curve()
+    verb = "interrupted" if state.stopped else "finished"
+    result.message = f"Training {verb} at {state.step} steps.\n{noun.capitalize()} saved to {kind.out_file}"
+    if error is not None:
+        raise SdtrainError(f"{error} The {noun} at step {state.step} was saved to {kind.out_file}.")
+    return result
