@@ -1,13 +1,65 @@
 """Webui entry point: sdtrain's composition root (the only file in scripts/).
 
-The webui runs this file with the extension folder on sys.path. It wires the webui host adapter
-to the job service, UI and API. That adapter (lib_sdtrain/hosts/a1111) is not written yet, so
-for now this registers nothing: the extension loads cleanly and changes nothing in the webui.
-The standalone trainer works today: see README.md (python -m lib_sdtrain).
+The webui runs this file with the extension folder on sys.path, at start-up and again at every
+Reload UI; `lib_sdtrain` itself stays imported, so the job service (one worker) survives reloads.
+This file only wires: host adapter → job service → UI tabs and HTTP routes.
 """
 
-import logging
+from modules import script_callbacks, shared
 
-import lib_sdtrain
+from lib_sdtrain.api.routes import ApiOptions, mount
+from lib_sdtrain.hosts.a1111 import runtime
+from lib_sdtrain.ui.train_tabs import UiContext, build_all_tabs
 
-logging.getLogger("lib_sdtrain").debug("sdtrain %s loaded; webui integration pending", lib_sdtrain.__version__)
+SETTING_REPLACE_ROUTES = "sdtrain_serve_host_training_routes"
+
+
+def _ui_context(preview_params=None) -> UiContext:
+    return UiContext(
+        service=runtime.service(),
+        defaults=runtime.job_defaults,
+        embedding_names=runtime.embedding_names,
+        refresh_embeddings=runtime.refresh_embeddings,
+        hypernetwork_names=runtime.hypernetwork_names,
+        refresh_hypernetworks=runtime.refresh_hypernetworks,
+        template_names=runtime.template_names,
+        model_note=runtime.model_note,
+        txt2img_preview_params=list(preview_params or []),
+    )
+
+
+def on_ui_train_tabs(params):
+    build_all_tabs(_ui_context(params.txt2img_preview_params))
+
+
+def on_ui_tabs():
+    """Hosts without a Train tab (Forge): one top-level tab holding the same sub-tabs."""
+    import gradio as gr
+
+    with gr.Blocks(analytics_enabled=False) as tab, gr.Tabs(elem_id="sdtrain_tabs"):
+        build_all_tabs(_ui_context())
+    return [(tab, "Train (sdtrain)", "sdtrain_tab")]
+
+
+def on_ui_settings():
+    section = ("sdtrain", "sdtrain")
+    shared.opts.add_option(SETTING_REPLACE_ROUTES, shared.OptionInfo(
+        True, "Serve the webui's /sdapi/v1/create/* and /sdapi/v1/train/* routes with sdtrain (restart to apply)",
+        section=section))
+
+
+def on_app_started(_demo, app):
+    if runtime.sdtrain_api_disabled():
+        return
+    serve_host_routes = runtime.host_api_enabled() and shared.opts.data.get(SETTING_REPLACE_ROUTES, True)
+    mount(app, runtime.service(), ApiOptions(defaults=runtime.job_defaults, credentials=runtime.api_credentials(),
+                                             host_routes=serve_host_routes))
+
+
+if hasattr(script_callbacks, "on_ui_train_tabs") and not runtime.is_forge():
+    script_callbacks.on_ui_train_tabs(on_ui_train_tabs)
+else:
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_model_loaded(runtime.model_loaded)

@@ -22,10 +22,10 @@ def env(tiny_sd1, tmp_path):
     host = StandaloneHost(tiny_sd1)
     service = JobService(lambda: host, job_runners())
     data = write_sample_dataset(tmp_path / "data", count=4, size=64)
-    dirs = {"embeddings_dir": str(tmp_path / "embeddings")}
-
     def defaults(kind):
-        return dict(dirs) if kind.startswith("create_") else {**dirs, "log_directory": str(tmp_path / "log")}
+        out = ({"hypernetwork_dir": str(tmp_path / "hypernetworks")} if "hypernetwork" in kind
+               else {"embeddings_dir": str(tmp_path / "embeddings")})
+        return out if kind.startswith("create_") else {**out, "log_directory": str(tmp_path / "log")}
 
     app = FastAPI()
     hits = []
@@ -136,3 +136,18 @@ def test_api_auth_like_the_host(tiny_sd1):
     assert client.get("/sdtrain/v1/jobs", headers={"Authorization": f"Basic {good}"}).status_code == 200
     assert client.post("/sdapi/v1/create/embedding", json={"name": "x"}).status_code == 401
     service.shutdown()
+
+
+def test_host_hypernetwork_routes(env):
+    client, data, tmp, _ = env
+    r = client.post("/sdapi/v1/create/hypernetwork", json={"name": "apihn", "enable_sizes": [64],
+                                                           "layer_structure": "1, 2, 1"})
+    assert r.status_code == 200
+    path = str(tmp / "hypernetworks" / "apihn.pt")
+    assert r.json()["info"] == f"create hypernetwork filename: {path}"  # the host answers "None"
+    body = {"hypernetwork_name": "apihn", "data_root": data, "steps": 3, "training_width": 64,
+            "training_height": 64, "create_image_every": 0, "save_hypernetwork_every": 0}
+    r = client.post("/sdapi/v1/train/hypernetwork", json=body)
+    assert r.json()["info"] == f"train hypernetwork complete: filename: {path} error: None"
+    r = client.post("/sdapi/v1/create/hypernetwork", json={"name": "bad", "layer_structure": "2, 1"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "layer_structure"]

@@ -10,7 +10,7 @@ from lib_sdtrain.core.jobs import JobService
 from lib_sdtrain.core.samples import write_sample_dataset
 from lib_sdtrain.core.textual_inversion import job_runners
 from lib_sdtrain.hosts.standalone.host import StandaloneHost
-from lib_sdtrain.ui.train_tabs import UiContext, build_embedding_tabs
+from lib_sdtrain.ui.train_tabs import UiContext, build_all_tabs
 
 
 @pytest.fixture
@@ -19,14 +19,14 @@ def ui(tiny_sd1, tmp_path):
     emb_dir = str(tmp_path / "embeddings")
     ctx = UiContext(
         service=service,
-        defaults=lambda kind: {"embeddings_dir": emb_dir} if kind.startswith("create") else {
-            "embeddings_dir": emb_dir, "log_directory": str(tmp_path / "log")},
+        defaults=lambda kind: {"hypernetwork_dir": str(tmp_path / "hn")} if "hypernetwork" in kind else {
+            "embeddings_dir": emb_dir},
         embedding_names=lambda: ["uiemb"],
-        template_names=lambda: ["subject_filewords.txt", "style_filewords.txt"],
+        template_names=lambda: ["hypernetwork.txt", "subject_filewords.txt", "style_filewords.txt"],
         poll_seconds=0.05,
     )
     with gr.Blocks() as demo, gr.Tabs():
-        build_embedding_tabs(ctx)
+        build_all_tabs(ctx)
     yield demo, service, tmp_path
     service.shutdown()
 
@@ -45,29 +45,29 @@ def test_ids_are_prefixed_and_host_labels_kept(ui):
     ids = [b.elem_id for b in demo.blocks.values() if getattr(b, "elem_id", None)]
     assert ids and all(i.startswith("sdtrain_") for i in ids)
     labels = {b.elem_id: getattr(b, "label", None) for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    assert labels["sdtrain_train_learn_rate"] == "Embedding Learning rate"
-    assert labels["sdtrain_train_latent_sampling_method"] == "Choose latent sampling method"
-    assert labels["sdtrain_create_num_vectors_per_token"] == "Number of vectors per token"
+    assert labels["sdtrain_train_embedding_learn_rate"] == "Embedding Learning rate"
+    assert labels["sdtrain_train_embedding_latent_sampling_method"] == "Choose latent sampling method"
+    assert labels["sdtrain_create_embedding_num_vectors_per_token"] == "Number of vectors per token"
     values = {b.elem_id: getattr(b, "value", None) for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    assert values["sdtrain_train_learn_rate"] == "0.005" and values["sdtrain_train_steps"] == 100000
-    assert values["sdtrain_train_template_filename"] == "style_filewords.txt"
+    assert values["sdtrain_train_embedding_learn_rate"] == "0.005" and values["sdtrain_train_embedding_steps"] == 100000
+    assert values["sdtrain_train_embedding_template_filename"] == "style_filewords.txt"
 
 
 def test_create_then_train_through_the_handlers(ui):
     demo, service, tmp = ui
-    create, inputs = handler(demo, "sdtrain_create_button")
+    create, inputs = handler(demo, "sdtrain_create_embedding_button")
     values = {c.elem_id: c.value for c in inputs}
-    values["sdtrain_create_name"] = "uiemb"
+    values["sdtrain_create_embedding_name"] = "uiemb"
     out, err = create(*[values[c.elem_id] for c in inputs])
     assert err == "" and out.startswith("Created: ") and out.endswith("uiemb.pt")
 
     data = write_sample_dataset(tmp / "data", count=4, size=64)
-    train, inputs = handler(demo, "sdtrain_train_button")
+    train, inputs = handler(demo, "sdtrain_train_embedding_button")
     values = {c.elem_id: c.value for c in inputs}
-    values.update({"sdtrain_train_embedding_name": "uiemb", "sdtrain_train_data_root": str(data),
-                   "sdtrain_train_steps": 5.0, "sdtrain_train_training_width": 64, "sdtrain_train_training_height": 64,
-                   "sdtrain_train_template_filename": "subject_filewords.txt", "sdtrain_train_create_image_every": 5.0,
-                   "sdtrain_train_save_embedding_every": 0.0, "sdtrain_train_log_directory": str(tmp / "log")})
+    values.update({"sdtrain_train_embedding_embedding_name": "uiemb", "sdtrain_train_embedding_data_root": str(data),
+                   "sdtrain_train_embedding_steps": 5.0, "sdtrain_train_embedding_training_width": 64, "sdtrain_train_embedding_training_height": 64,
+                   "sdtrain_train_embedding_template_filename": "subject_filewords.txt", "sdtrain_train_embedding_create_image_every": 5.0,
+                   "sdtrain_train_embedding_save_embedding_every": 0.0, "sdtrain_train_embedding_log_directory": str(tmp / "log")})
     updates = list(train(*[values[c.elem_id] for c in inputs]))
     status, chart, previews, files, error, job_id = updates[-1]
     assert error == "" and "done" in status and "step 5/5" in status
@@ -79,9 +79,31 @@ def test_create_then_train_through_the_handlers(ui):
 
 def test_bad_input_shows_in_the_tab(ui):
     demo, _, _ = ui
-    train, inputs = handler(demo, "sdtrain_train_button")
+    train, inputs = handler(demo, "sdtrain_train_embedding_button")
     values = {c.elem_id: c.value for c in inputs}
-    values["sdtrain_train_embedding_name"] = "uiemb"  # no dataset directory given
+    values["sdtrain_train_embedding_embedding_name"] = "uiemb"  # no dataset directory given
     (status, chart, previews, files, error, job_id), = list(train(*[values[c.elem_id] for c in inputs]))
     assert "data_root" in error and "Dataset directory" in error
     assert (status, chart, previews, files, job_id) == ("", None, [], "", "")
+
+
+def test_hypernetwork_tabs_create_and_train(ui):
+    demo, service, tmp = ui
+    create, inputs = handler(demo, "sdtrain_create_hypernetwork_button")
+    values = {c.elem_id: c.value for c in inputs}
+    assert values["sdtrain_create_hypernetwork_enable_sizes"] == ["768", "320", "640", "1280"]  # the host's
+    values.update({"sdtrain_create_hypernetwork_name": "uihn", "sdtrain_create_hypernetwork_enable_sizes": ["64"]})
+    out, err = create(*[values[c.elem_id] for c in inputs])
+    assert err == "" and out.endswith("uihn.pt")
+    data = write_sample_dataset(tmp / "hdata", count=4, size=64)
+    train, inputs = handler(demo, "sdtrain_train_hypernetwork_button")
+    values = {c.elem_id: c.value for c in inputs}
+    assert values["sdtrain_train_hypernetwork_learn_rate"] == "0.00001"
+    assert values["sdtrain_train_hypernetwork_template_filename"] == "hypernetwork.txt"
+    values.update({"sdtrain_train_hypernetwork_hypernetwork_name": "uihn", "sdtrain_train_hypernetwork_data_root": str(data),
+                   "sdtrain_train_hypernetwork_steps": 3, "sdtrain_train_hypernetwork_training_width": 64,
+                   "sdtrain_train_hypernetwork_training_height": 64, "sdtrain_train_hypernetwork_create_image_every": 0,
+                   "sdtrain_train_hypernetwork_save_hypernetwork_every": 0,
+                   "sdtrain_train_hypernetwork_log_directory": str(tmp / "hlog")})
+    status, *_rest, error, job_id = list(train(*[values[c.elem_id] for c in inputs]))[-1]
+    assert error == "" and "done" in status and service.get(job_id).result.step == 3

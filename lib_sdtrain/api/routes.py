@@ -106,6 +106,31 @@ def replace_routes(app: FastAPI, routes: list[tuple[str, str]]) -> int:
     return dropped
 
 
+#: The host's training routes sdtrain serves: /sdapi/v1/create/embedding, ... (kind "create_embedding" ...).
+HOST_ROUTES = ("create_embedding", "train_embedding", "create_hypernetwork", "train_hypernetwork")
+
+
+def _host_route(service: JobService, options: ApiOptions, kind: str):
+    """A blocking handler with the host's request fields and response text (modules/api/api.py).
+    Unlike the host, every field is optional, create/hypernetwork returns the file name, and
+    train/hypernetwork says "hypernetwork"."""
+    verb, noun = kind.split("_", 1)
+
+    async def endpoint(request: Request):
+        cfg = _config(kind, await _json_body(request), options)
+        job = await _run_blocking(service, kind, cfg)
+        if verb == "create":
+            if job.state != DONE:
+                return {"info": f"create {noun} error: {job.error}"}
+            return {"info": f"create {noun} filename: {job.result}"}
+        filename = getattr(job.result, "file", "") if job.result is not None else ""
+        return {"info": f"train {noun} complete: filename: {filename} error: {job.error}"}
+
+    endpoint.__name__ = kind
+    endpoint.__doc__ = f"{verb.capitalize()} a {noun} with the host's request fields (all optional; host UI defaults)."
+    return endpoint
+
+
 def _config(kind: str, body: dict[str, Any], options: ApiOptions) -> ConfigBase:
     cls = job_config_types()[kind]
     merged = {**options.defaults(kind), **{k: v for k, v in body.items() if k not in HOST_ONLY_FIELDS}}
@@ -130,25 +155,9 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
         return endpoint
 
     if options.host_routes:
-        async def create_embedding(request: Request):
-            """Create an embedding (the host's fields: name, num_vectors_per_token, overwrite_old, init_text)."""
-            cfg = _config("create_embedding", await _json_body(request), options)
-            job = await _run_blocking(service, "create_embedding", cfg)
-            if job.state != DONE:
-                return {"info": f"create embedding error: {job.error}"}
-            return {"info": f"create embedding filename: {job.result}"}
-
-        async def train_embedding(request: Request):
-            """Train an embedding; blocks until done, like the host. Every field optional (host UI defaults)."""
-            cfg = _config("train_embedding", await _json_body(request), options)
-            job = await _run_blocking(service, "train_embedding", cfg)
-            filename = getattr(job.result, "embedding_file", "") if job.result is not None else ""
-            return {"info": f"train embedding complete: filename: {filename} error: {job.error}"}
-
-        router.add_api_route("/sdapi/v1/create/embedding", handle(create_embedding), methods=["POST"],
-                             openapi_extra=_body_doc(config_schema(types["create_embedding"])))
-        router.add_api_route("/sdapi/v1/train/embedding", handle(train_embedding), methods=["POST"],
-                             openapi_extra=_body_doc(config_schema(types["train_embedding"])))
+        for kind in HOST_ROUTES:
+            router.add_api_route(f"/sdapi/v1/{kind.replace('_', '/', 1)}", handle(_host_route(service, options, kind)),
+                                 methods=["POST"], openapi_extra=_body_doc(config_schema(types[kind])))
 
     async def submit_job(request: Request):
         """Queue a job: {"kind": one of the job kinds, "config": {...}}. Answers 202 with the job id at once."""
@@ -216,7 +225,7 @@ def mount(app: FastAPI, service: JobService, options: ApiOptions | None = None) 
     """Add sdtrain's routes to a running app, replacing the host's training routes where it has them."""
     options = options or ApiOptions()
     if options.host_routes:
-        replace_routes(app, [("/sdapi/v1/create/embedding", "POST"), ("/sdapi/v1/train/embedding", "POST")])
+        replace_routes(app, [(f"/sdapi/v1/{kind.replace('_', '/', 1)}", "POST") for kind in HOST_ROUTES])
     app.include_router(make_router(service, options))
 
 

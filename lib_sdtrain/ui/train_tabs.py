@@ -15,25 +15,53 @@ from typing import Any
 
 import gradio as gr
 
-from lib_sdtrain.core.config import CreateEmbeddingConfig, TrainEmbeddingConfig
+from lib_sdtrain.core.config import (
+    CreateEmbeddingConfig,
+    CreateHypernetworkConfig,
+    TrainEmbeddingConfig,
+    TrainHypernetworkConfig,
+)
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.jobs import FINISHED_STATES, Job, JobService
 from lib_sdtrain.core.plot import draw_loss_curve
 
-#: In-tree options, in the host's order (modules/ui.py, Train tab).
-TRAIN_MAIN = (
-    "embedding_name", "learn_rate", "clip_grad_mode", "clip_grad_value", "batch_size", "gradient_step",
-    "data_root", "log_directory", "template_filename", "training_width", "training_height", "varsize", "steps",
-    "create_image_every", "save_embedding_every", "use_weight", "save_image_with_stored_embedding",
-    "preview_from_txt2img", "shuffle_tags", "tag_drop_out", "latent_sampling_method",
+
+@dataclass(frozen=True)
+class TabKind:
+    """One trainable kind's tabs: which config, which fields where (host order), which names."""
+
+    noun: str  # "embedding" / "hypernetwork"
+    create: type
+    train: type
+    name_field: str
+    create_fields: tuple[str, ...]
+    main: tuple[str, ...]  # in-tree options, in the host's order (modules/ui.py, Train tab)
+    extra: tuple[str, ...]  # sdtrain's own options, in an accordion
+
+
+EMBEDDING = TabKind(
+    "embedding", CreateEmbeddingConfig, TrainEmbeddingConfig, "embedding_name",
+    ("name", "init_text", "num_vectors_per_token", "overwrite_old", "save_format"),
+    ("embedding_name", "learn_rate", "clip_grad_mode", "clip_grad_value", "batch_size", "gradient_step",
+     "data_root", "log_directory", "template_filename", "training_width", "training_height", "varsize", "steps",
+     "create_image_every", "save_embedding_every", "use_weight", "save_image_with_stored_embedding",
+     "preview_from_txt2img", "shuffle_tags", "tag_drop_out", "latent_sampling_method"),
+    ("save_format", "save_optimizer_state", "lr_scheduler", "lr_warmup_steps", "lr_min", "seed", "flip_p", "crop",
+     "validation_every", "validation_images", "gradient_checkpointing", "attention_optimization",
+     "mixed_precision", "nan_guard"),
 )
-#: sdtrain's own options, shown in an accordion.
-TRAIN_EXTRA = (
-    "save_format", "save_optimizer_state", "lr_scheduler", "lr_warmup_steps", "lr_min", "seed", "flip_p", "crop",
-    "validation_every", "validation_images", "gradient_checkpointing", "attention_optimization",
-    "mixed_precision", "nan_guard",
+HYPERNETWORK = TabKind(
+    "hypernetwork", CreateHypernetworkConfig, TrainHypernetworkConfig, "hypernetwork_name",
+    ("name", "enable_sizes", "layer_structure", "activation_func", "weight_init", "add_layer_norm", "use_dropout",
+     "dropout_structure", "overwrite_old", "seed"),
+    ("hypernetwork_name", "learn_rate", "clip_grad_mode", "clip_grad_value", "batch_size", "gradient_step",
+     "data_root", "log_directory", "template_filename", "training_width", "training_height", "varsize", "steps",
+     "create_image_every", "save_hypernetwork_every", "use_weight", "preview_from_txt2img", "shuffle_tags",
+     "tag_drop_out", "latent_sampling_method"),
+    ("optimizer_name", "save_optimizer_state", "lr_scheduler", "lr_warmup_steps", "lr_min", "seed", "flip_p", "crop",
+     "validation_every", "validation_images", "gradient_checkpointing", "attention_optimization",
+     "mixed_precision", "nan_guard"),
 )
-CREATE_FIELDS = ("name", "init_text", "num_vectors_per_token", "overwrite_old", "save_format")
 #: The txt2img components the host hands to train-tab callbacks, in its order (UiTrainTabParams).
 PREVIEW_FIELDS = ("preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler_name",
                   "preview_cfg_scale", "preview_seed", "preview_width", "preview_height")
@@ -45,6 +73,8 @@ class UiContext:
     defaults: Callable[[str], dict[str, Any]] = lambda kind: {}
     embedding_names: Callable[[], list[str]] = list
     refresh_embeddings: Callable[[], list[str]] = list
+    hypernetwork_names: Callable[[], list[str]] = list
+    refresh_hypernetworks: Callable[[], list[str]] = list
     template_names: Callable[[], list[str]] = list
     model_note: Callable[[], str] = lambda: ""
     txt2img_preview_params: list[Any] = field(default_factory=list)
@@ -57,6 +87,9 @@ def _widget(spec: dict[str, Any], eid: str, choices: list[str] | None = None):
         extra = {"allow_custom_value": True} if _has_custom_values() else {}
         return gr.Dropdown(label=label, value=default if default in choices else None, choices=choices,
                            elem_id=eid, **extra)
+    if kind == "tuple" and spec.get("options"):
+        options = [str(o) for o in spec["options"]]
+        return gr.CheckboxGroup(label=label, value=[str(v) for v in default], choices=options, elem_id=eid)
     if spec.get("choices"):
         if spec["name"] == "latent_sampling_method":
             return gr.Radio(label=label, value=default, choices=list(spec["choices"]), elem_id=eid)
@@ -103,7 +136,7 @@ def job_view(job: Job | None) -> tuple[str, Any, list[str], str, str]:
         steps = [s for s, _, _ in d["loss_history"]]
         losses = [v for _, v, _ in d["loss_history"]]
         chart = draw_loss_curve(steps, losses, validation=[tuple(v) for v in d["validation_history"]],
-                                title=f"{d['config'].get('embedding_name', '')} loss")
+                                title=f"{d['config'].get('embedding_name') or d['config'].get('hypernetwork_name', '')} loss")
     error = f"<div class='error'>{html.escape(d['error'])}</div>" if d["error"] else ""
     return status, chart, list(d["previews"]), "\n".join(d["files"]), error
 
@@ -127,22 +160,34 @@ def _error(e: Exception) -> str:
 # -- the tabs -----------------------------------------------------------------------------------------
 def build_embedding_tabs(ctx: UiContext) -> None:
     """Add "Create embedding (sdtrain)" and "Train embedding (sdtrain)" tabs to the enclosing gr.Tabs."""
-    _create_tab(ctx)
-    _train_tab(ctx)
+    _create_tab(ctx, EMBEDDING)
+    _train_tab(ctx, EMBEDDING, ctx.embedding_names, ctx.refresh_embeddings)
 
 
-def _create_tab(ctx: UiContext) -> None:
-    specs = _specs(CreateEmbeddingConfig)
-    with gr.Tab(label="Create embedding (sdtrain)", id="sdtrain_create_embedding", elem_id="sdtrain_create_embedding"):
-        inputs = [_widget(specs[n], f"sdtrain_create_{n}") for n in CREATE_FIELDS]
-        button = gr.Button(value="Create embedding", variant="primary", elem_id="sdtrain_create_button")
-        out = gr.Textbox(show_label=False, elem_id="sdtrain_create_output", interactive=False)
-        err = gr.HTML(elem_id="sdtrain_create_error")
+def build_hypernetwork_tabs(ctx: UiContext) -> None:
+    """Add "Create hypernetwork (sdtrain)" and "Train hypernetwork (sdtrain)" tabs."""
+    _create_tab(ctx, HYPERNETWORK)
+    _train_tab(ctx, HYPERNETWORK, ctx.hypernetwork_names, ctx.refresh_hypernetworks)
+
+
+def build_all_tabs(ctx: UiContext) -> None:
+    build_embedding_tabs(ctx)
+    build_hypernetwork_tabs(ctx)
+
+
+def _create_tab(ctx: UiContext, tk: TabKind) -> None:
+    specs = _specs(tk.create)
+    kind, prefix = tk.create.kind, f"sdtrain_create_{tk.noun}"
+    with gr.Tab(label=f"Create {tk.noun} (sdtrain)", id=prefix, elem_id=prefix):
+        inputs = [_widget(specs[n], f"{prefix}_{n}") for n in tk.create_fields]
+        button = gr.Button(value=f"Create {tk.noun}", variant="primary", elem_id=f"{prefix}_button")
+        out = gr.Textbox(show_label=False, elem_id=f"{prefix}_output", interactive=False)
+        err = gr.HTML(elem_id=f"{prefix}_error")
 
     def create(*values):
-        data = {**ctx.defaults("create_embedding"), **dict(zip(CREATE_FIELDS, values))}
+        data = {**ctx.defaults(kind), **dict(zip(tk.create_fields, values))}
         try:
-            job = ctx.service.run("create_embedding", data)
+            job = ctx.service.run(kind, data)
         except SdtrainError as e:
             return "", _error(e)
         if job.error:
@@ -152,35 +197,32 @@ def _create_tab(ctx: UiContext) -> None:
     button.click(create, inputs=inputs, outputs=[out, err])
 
 
-def _train_tab(ctx: UiContext) -> None:
-    specs = _specs(TrainEmbeddingConfig)
-    kind = "train_embedding"
+def _train_tab(ctx: UiContext, tk: TabKind, list_names, refresh_names) -> None:
+    specs = _specs(tk.train)
+    kind, prefix = tk.train.kind, f"sdtrain_train_{tk.noun}"
     widgets: dict[str, Any] = {}
-    with gr.Tab(label="Train embedding (sdtrain)", id="sdtrain_train_embedding", elem_id="sdtrain_train_embedding"):
-        gr.HTML(value=ctx.model_note, elem_id="sdtrain_train_model_note")
+    with gr.Tab(label=f"Train {tk.noun} (sdtrain)", id=prefix, elem_id=prefix):
+        gr.HTML(value=ctx.model_note, elem_id=f"{prefix}_model_note")
         with gr.Row():
-            widgets["embedding_name"] = _widget(specs["embedding_name"], "sdtrain_train_embedding_name",
-                                                choices=ctx.embedding_names())
-            refresh = gr.Button(value="\U0001f504", elem_id="sdtrain_train_refresh_embeddings", elem_classes=["tool"])
-            refresh.click(lambda: gr.update(choices=ctx.refresh_embeddings()), outputs=[widgets["embedding_name"]])
-        for n in TRAIN_MAIN[1:]:
-            if n == "template_filename":
-                widgets[n] = _widget(specs[n], "sdtrain_train_template_filename", choices=ctx.template_names())
-            else:
-                widgets[n] = _widget(specs[n], f"sdtrain_train_{n}")
-        with gr.Accordion("sdtrain options", open=False, elem_id="sdtrain_train_extra"):
-            for n in TRAIN_EXTRA:
-                widgets[n] = _widget(specs[n], f"sdtrain_train_{n}")
+            widgets[tk.name_field] = _widget(specs[tk.name_field], f"{prefix}_{tk.name_field}", choices=list_names())
+            refresh = gr.Button(value="\U0001f504", elem_id=f"{prefix}_refresh", elem_classes=["tool"])
+            refresh.click(lambda: gr.update(choices=refresh_names()), outputs=[widgets[tk.name_field]])
+        for n in tk.main[1:]:
+            choices = ctx.template_names() if n == "template_filename" else None
+            widgets[n] = _widget(specs[n], f"{prefix}_{n}", choices=choices)
+        with gr.Accordion("sdtrain options", open=False, elem_id=f"{prefix}_extra"):
+            for n in tk.extra:
+                widgets[n] = _widget(specs[n], f"{prefix}_{n}")
         with gr.Row():
-            train = gr.Button(value="Train Embedding", variant="primary", elem_id="sdtrain_train_button")
-            stop = gr.Button(value="Stop", elem_id="sdtrain_stop_button")
-            show = gr.Button(value="Show latest job", elem_id="sdtrain_watch_button")
-        status = gr.HTML(elem_id="sdtrain_status")
-        error = gr.HTML(elem_id="sdtrain_error")
-        chart = gr.Image(label="Loss", type="pil", interactive=False, elem_id="sdtrain_loss_chart")
-        gallery = gr.Gallery(label="Previews", elem_id="sdtrain_previews")
-        files = gr.Textbox(label="Files written", lines=4, interactive=False, elem_id="sdtrain_files")
-        job_id = gr.Textbox(visible=False, elem_id="sdtrain_job_id")
+            train = gr.Button(value=f"Train {tk.noun.capitalize()}", variant="primary", elem_id=f"{prefix}_button")
+            stop = gr.Button(value="Stop", elem_id=f"{prefix}_stop")
+            show = gr.Button(value="Show latest job", elem_id=f"{prefix}_watch")
+        status = gr.HTML(elem_id=f"{prefix}_status")
+        error = gr.HTML(elem_id=f"{prefix}_error")
+        chart = gr.Image(label="Loss", type="pil", interactive=False, elem_id=f"{prefix}_loss_chart")
+        gallery = gr.Gallery(label="Previews", elem_id=f"{prefix}_previews")
+        files = gr.Textbox(label="Files written", lines=4, interactive=False, elem_id=f"{prefix}_files")
+        job_id = gr.Textbox(visible=False, elem_id=f"{prefix}_job_id")
 
     names = list(widgets)
     preview_inputs = list(ctx.txt2img_preview_params)

@@ -1,0 +1,254 @@
+"""Host(A1111): the TrainingHost port over the webui's loaded checkpoint and its hijack.
+
+Everything goes through the webui's own objects — `shared.sd_model`, the hijacked text encoder
+and `sd_hijack.model_hijack.embedding_db` (so a trained embedding is spliced by the host's own
+code), `shared.state` (progress bar, /sdapi/v1/progress, Interrupt), `call_queue.queue_lock`
+(generation waits for a job), `processing` (previews). Every change is undone on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lib_sdtrain.core.embedding import SINGLE
+from lib_sdtrain.core.errors import SdtrainError
+from lib_sdtrain.core.port import (
+    LatentDist,
+    ModelInfo,
+    NoiseSchedule,
+    PreviewRequest,
+    SessionOptions,
+    TextEncoderInfo,
+)
+from lib_sdtrain.hosts.a1111 import checkpointing
+
+log = logging.getLogger(__name__)
+
+
+def _modules():
+    """The webui's modules, imported on use (this file is importable outside a webui for linting)."""
+    from modules import call_queue, devices, processing, sd_hijack, shared
+    from modules.textual_inversion import textual_inversion
+
+    return call_queue, devices, processing, sd_hijack, shared, textual_inversion
+
+
+def clear_cond_caches() -> None:
+    """The host caches prompt conditionings across generations (opts.persistent_cond_cache); a
+    trained embedding changes what a prompt means, so the cache must go (A1111 issue #11993)."""
+    from modules import processing
+
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+
+
+class A1111Session:
+    def __init__(self, label: str):
+        self.label = label
+
+    def report(self, step: int, total: int, text: str) -> None:
+        from modules import shared
+
+        shared.state.job_count = total
+        shared.state.job_no = step
+        shared.state.textinfo = f"<p>sdtrain {html.escape(self.label)}: {html.escape(text)}</p>"
+
+    def interrupted(self) -> bool:
+        from modules import shared
+
+        return bool(shared.state.interrupted)
+
+
+class A1111Host:
+    """Implements `lib_sdtrain.core.port.TrainingHost` over whatever checkpoint the webui has loaded."""
+
+    def __init__(self) -> None:
+        self._inpaint_cache: dict[tuple, torch.Tensor] = {}
+        self._hypernetworks: list[Any] = []
+
+    # -- the model -------------------------------------------------------------------------------
+    @staticmethod
+    def model():
+        from modules import shared
+
+        m = shared.sd_model
+        if m is None:
+            raise SdtrainError("no checkpoint is loaded in the webui")
+        if getattr(m, "is_sdxl", False) or getattr(m, "is_sd3", False):
+            raise SdtrainError("training on SDXL/SD3 checkpoints is not supported yet; load an SD1.x or SD2.x checkpoint")
+        if not hasattr(m, "apply_model") or not hasattr(m, "cond_stage_model"):
+            raise SdtrainError("the loaded model is not an ldm LatentDiffusion (SD1/SD2); this webui is not supported")
+        return m
+
+    def describe(self) -> ModelInfo:
+        _, devices, _, _, shared, _ = _modules()
+        m = self.model()
+        info = getattr(m, "sd_checkpoint_info", None)
+        width = int(m.cond_stage_model.encode_embedding_init_text(",", 1).shape[1])
+        family = "sd2" if getattr(m, "is_sd2", False) else "sd1"
+        autocast = None
+        if devices.device.type == "cuda" and devices.dtype != torch.float32 and not shared.cmd_opts.no_half:
+            autocast = devices.dtype
+        return ModelInfo(
+            family=family,
+            checkpoint_name=getattr(info, "model_name", "") or "",
+            checkpoint_hash=(info.calculate_shorthash() or "") if info is not None else "",
+            text_encoders=(TextEncoderInfo(SINGLE, width),),
+            device=devices.device,
+            autocast_dtype=autocast,
+        )
+
+    def noise_schedule(self) -> NoiseSchedule:
+        m = self.model()
+        alphas = m.alphas_cumprod.detach().to("cpu", torch.float32).clone()
+        return NoiseSchedule(alphas, "v" if getattr(m, "parameterization", "eps") == "v" else "eps")
+
+    def encode_images(self, pixels: torch.Tensor) -> LatentDist:
+        _, devices, _, _, _, _ = _modules()
+        m = self.model()
+        with torch.no_grad(), devices.autocast():
+            dist = m.encode_first_stage(pixels.to(devices.device, devices.dtype_vae))
+        scale = float(m.scale_factor)
+        return LatentDist(dist.mean.float() * scale, dist.std.float() * scale)
+
+    def encode_text(self, prompts: list[str]) -> Any:
+        # the hijacked encoder tokenizes with the host's rules and splices every registered
+        # embedding, ours included (modules/sd_hijack_clip.py, sd_hijack.EmbeddingsWithFixes)
+        return self.model().cond_stage_model(prompts)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        m = self.model()
+        if m.model.conditioning_key in {"hybrid", "concat"}:
+            # inpainting checkpoints: the whole image masked, as the host's trainer does
+            key = (tuple(x_t.shape), x_t.dtype, x_t.device)
+            if key not in self._inpaint_cache:
+                _, _, processing, _, _, _ = _modules()
+                h, w = x_t.shape[-2] * 8, x_t.shape[-1] * 8
+                with torch.no_grad():
+                    self._inpaint_cache = {key: processing.txt2img_image_conditioning(m, x_t, w, h)}
+            cond = {"c_concat": [self._inpaint_cache[key]], "c_crossattn": [cond]}
+        return m.apply_model(x_t, t, cond).float()
+
+    def initial_vectors(self, init_text: str, n_vectors: int) -> dict[str, torch.Tensor]:
+        """The host's create_embedding (modules/textual_inversion/textual_inversion.py)."""
+        _, devices, _, _, _, _ = _modules()
+        cond_model = self.model().cond_stage_model
+        with torch.no_grad(), devices.autocast():
+            cond_model([""])  # moves the text encoder to the GPU under --medvram/--lowvram
+            embedded = cond_model.encode_embedding_init_text(init_text or "*", n_vectors)
+        vec = torch.zeros((n_vectors, embedded.shape[1]), dtype=torch.float32)
+        if init_text:
+            for i in range(n_vectors):
+                vec[i] = embedded[i * int(embedded.shape[0]) // n_vectors].float().cpu()
+        return {SINGLE: vec}
+
+    # -- reversible state ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def use_embedding(self, name: str, vectors: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Register the live vectors in the host's embedding database under `name`; the entry it
+        had before (if any) comes back on exit."""
+        _, _, _, sd_hijack, _, ti = _modules()
+        m = self.model()
+        db = sd_hijack.model_hijack.embedding_db
+        vec = vectors[SINGLE]
+        emb = ti.Embedding(vec, name)
+        emb.vectors, emb.shape = int(vec.shape[0]), int(vec.shape[1])
+        previous = db.word_embeddings.get(name)
+        db.register_embedding_by_name(emb, m, name)
+        clear_cond_caches()
+        try:
+            yield
+        finally:
+            db.register_embedding_by_name(previous, m, name)
+            clear_cond_caches()
+
+    @contextlib.contextmanager
+    def use_hypernetwork(self, hypernetworks: list[Any]) -> Iterator[None]:
+        """Make exactly these hypernetworks active through the host's own mechanism:
+        `shared.loaded_hypernetworks`, which every attention forward of the host applies
+        (modules/hypernetworks/hypernetwork.py, apply_hypernetworks). Our objects have the host's
+        `layers` shape ({context width: (k module, v module)}), so the host runs them as they are."""
+        _, _, _, _, shared, _ = _modules()
+        previous = list(getattr(shared, "loaded_hypernetworks", []))
+        shared.loaded_hypernetworks = list(hypernetworks)
+        self._hypernetworks = list(hypernetworks)
+        clear_cond_caches()
+        try:
+            yield
+        finally:
+            shared.loaded_hypernetworks = previous
+            self._hypernetworks = []
+
+    @contextlib.contextmanager
+    def gpu_session(self, label: str, options: SessionOptions) -> Iterator[A1111Session]:
+        call_queue, _, _, sd_hijack, shared, _ = _modules()
+        with call_queue.queue_lock:  # generation requests wait for the job, and the job for them
+            m = self.model()
+            shared.state.begin(job=f"sdtrain-{label}")
+            shared.state.textinfo = f"sdtrain: {label}"
+            flags = [(p, p.requires_grad) for p in m.parameters()]
+            hypernetworks = list(getattr(shared, "loaded_hypernetworks", []))
+            undo_attention = not options.attention_optimization
+            try:
+                # the host computes UNet and CLIP weight gradients it never uses; we freeze them
+                for p, _ in flags:
+                    p.requires_grad_(False)
+                shared.loaded_hypernetworks = []  # the prompt's <hypernet:...> must not leak into TI
+                if undo_attention:
+                    sd_hijack.undo_optimizations()
+                with checkpointing.enabled(options.gradient_checkpointing):
+                    yield A1111Session(label)
+            finally:
+                if undo_attention:
+                    sd_hijack.apply_optimizations()
+                shared.loaded_hypernetworks = hypernetworks
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+                self._inpaint_cache = {}
+                clear_cond_caches()
+                shared.state.interrupted = False
+                shared.state.end()
+
+    def render_preview(self, request: PreviewRequest) -> Image.Image | None:
+        """A txt2img through the host's own processing, with the live embedding in place."""
+        _, _, processing, _, shared, _ = _modules()
+        m = self.model()
+        saved = {k: getattr(shared.state, k) for k in ("job", "job_count", "job_no", "textinfo",
+                                                       "sampling_step", "sampling_steps")}
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=m,
+            do_not_save_grid=True,
+            do_not_save_samples=True,
+            do_not_reload_embeddings=True,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            sampler_name=request.sampler_name,
+            cfg_scale=request.cfg_scale,
+            seed=request.seed,
+            width=request.width,
+            height=request.height,
+        )
+        if self._hypernetworks:
+            # the host's <hypernet:...> handler would replace loaded_hypernetworks at activation
+            # (the host's own hypernetwork trainer disables extra networks for previews too)
+            p.disable_extra_networks = True
+        clear_cond_caches()
+        try:
+            with contextlib.closing(p), torch.no_grad():
+                processed = processing.process_images(p)
+        finally:
+            for k, v in saved.items():
+                setattr(shared.state, k, v)
+            clear_cond_caches()
+        image = processed.images[0] if processed.images else None
+        if image is not None:
+            shared.state.assign_current_image(image)
+        return image

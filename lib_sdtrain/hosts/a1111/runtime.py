@@ -1,0 +1,205 @@
+"""Host(A1111): the process-wide job service and the webui facts the surfaces need.
+
+`lib_sdtrain` stays imported across the webui's Reload UI (only scripts/ are re-executed), so the
+service created here survives a reload: one worker, whatever the number of reloads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import logging
+import os
+import threading
+from typing import Any
+
+from lib_sdtrain.core.config import job_config_types
+from lib_sdtrain.core.jobs import JobControl, JobService
+from lib_sdtrain.core.runners import job_runners
+from lib_sdtrain.hosts.a1111.host import A1111Host
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_service: JobService | None = None
+_host: A1111Host | None = None
+
+
+def host() -> A1111Host:
+    global _host
+    if _host is None:
+        _host = A1111Host()
+    return _host
+
+
+def _refresh_embeddings() -> None:
+    from modules import call_queue, sd_hijack
+
+    with call_queue.queue_lock:
+        sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+
+
+def _refresh_hypernetworks() -> None:
+    """New files appear in /sdapi/v1/hypernetworks and the Hypernetworks cards at once."""
+    from modules import shared
+
+    shared.reload_hypernetworks()
+
+
+def _wrapped_runners() -> dict[str, tuple[type, Any]]:
+    """The core runners, plus what the webui needs around them: the GPU lock for work that is not
+    a training session, and a forced embedding reload so the new file is listed at once."""
+    from modules import call_queue
+
+    runners = dict(job_runners())
+
+    def with_refresh(runner, lock: bool, refresh):
+        def run(h, cfg, control: JobControl):
+            try:
+                if lock:
+                    with call_queue.queue_lock:
+                        return runner(h, cfg, control)
+                return runner(h, cfg, control)
+            finally:
+                try:
+                    refresh()
+                except Exception:  # a failed refresh must not hide the job's own outcome
+                    log.exception("sdtrain: refreshing the webui's lists failed")
+
+        return run
+
+    out = {}
+    for kind, (cls, runner) in runners.items():
+        refresh = _refresh_hypernetworks if "hypernetwork" in kind else _refresh_embeddings
+        out[kind] = (cls, with_refresh(runner, lock=kind.startswith("create_"), refresh=refresh))
+    return out
+
+
+def service() -> JobService:
+    global _service
+    with _lock:
+        if _service is None:
+            _service = JobService(host, _wrapped_runners())
+            # at webui exit a running job saves and ends, like Stop (the worker is a daemon thread)
+            atexit.register(shutdown)
+        return _service
+
+
+def shutdown() -> None:
+    """Stop jobs and the worker (process exit). A UI reload keeps the service running."""
+    global _service
+    with _lock:
+        svc, _service = _service, None
+    if svc is not None:
+        svc.shutdown(timeout=30)
+
+
+# -- webui facts for forms and requests ----------------------------------------------------------
+def job_defaults(kind: str) -> dict[str, Any]:
+    """Folder and Training-settings values the host's own trainer would read from its options."""
+    from modules import shared
+
+    opts, cmd = shared.opts, shared.cmd_opts
+    out: dict[str, Any] = {"embeddings_dir": cmd.embeddings_dir}
+    if kind.startswith("train_"):
+        out.update(
+            templates_dir=cmd.textual_inversion_templates_dir,
+            dataset_filename_word_regex=opts.dataset_filename_word_regex,
+            dataset_filename_join_string=opts.dataset_filename_join_string,
+            training_write_csv_every=int(opts.training_write_csv_every),
+            save_training_settings_to_txt=bool(opts.save_training_settings_to_txt),
+            training_image_repeats_per_epoch=int(opts.training_image_repeats_per_epoch),
+        )
+    if "hypernetwork" in kind:
+        out.pop("embeddings_dir", None)
+        out["hypernetwork_dir"] = cmd.hypernetwork_dir
+    fields = {f["name"] for f in job_config_types()[kind].describe()} if kind in job_config_types() else set(out)
+    return {k: v for k, v in out.items() if k in fields}
+
+
+def embedding_names() -> list[str]:
+    from modules import sd_hijack
+
+    return sorted(sd_hijack.model_hijack.embedding_db.word_embeddings.keys(), key=str.lower)
+
+
+def skipped_embeddings() -> dict[str, int]:
+    from modules import sd_hijack
+
+    return {name: int(e.shape or 0) for name, e in sd_hijack.model_hijack.embedding_db.skipped_embeddings.items()}
+
+
+def hypernetwork_names() -> list[str]:
+    from modules import shared
+
+    return sorted(shared.hypernetworks, key=str.lower)
+
+
+def refresh_hypernetworks() -> list[str]:
+    _refresh_hypernetworks()
+    return hypernetwork_names()
+
+
+def template_names() -> list[str]:
+    from modules import shared
+
+    names = set()
+    for _root, _dirs, files in os.walk(shared.cmd_opts.textual_inversion_templates_dir, followlinks=True):
+        names.update(f for f in files if f.endswith(".txt"))
+    return sorted(names)
+
+
+def refresh_embeddings() -> list[str]:
+    _refresh_embeddings()
+    return embedding_names()
+
+
+def api_credentials() -> dict[str, str] | None:
+    """The host's --api-auth users (modules/api/api.py, Api.__init__), or None when open."""
+    from modules import shared
+
+    spec = getattr(shared.cmd_opts, "api_auth", None)
+    if not spec:
+        return None
+    creds = {}
+    for pair in spec.split(","):
+        user, _, password = pair.partition(":")
+        creds[user] = password
+    return creds
+
+
+def is_forge() -> bool:
+    """Forge has no Train tab and no ldm model to train through (its own adapter comes later)."""
+    return importlib.util.find_spec("modules_forge") is not None
+
+
+def host_api_enabled() -> bool:
+    from modules import shared
+
+    return bool(getattr(shared.cmd_opts, "api", False) or getattr(shared.cmd_opts, "nowebui", False))
+
+
+def sdtrain_api_disabled() -> bool:
+    from modules import shared
+
+    return bool(getattr(shared.cmd_opts, "sdtrain_no_api", False))
+
+
+_model_note = ""
+
+
+def model_loaded(sd_model) -> None:
+    """on_model_loaded: note which embeddings fit the new checkpoint and which the host skipped."""
+    global _model_note
+    try:
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        skipped = skipped_embeddings()
+        _model_note = f"Checkpoint {getattr(info, 'model_name', '?')}: {len(embedding_names())} embeddings fit"
+        if skipped:
+            _model_note += "; skipped (other width): " + ", ".join(f"{n} ({w})" for n, w in sorted(skipped.items()))
+    except Exception as e:  # never break the host's model load
+        _model_note = f"(could not list embeddings: {e})"
+
+
+def model_note() -> str:
+    return _model_note

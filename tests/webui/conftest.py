@@ -1,0 +1,196 @@
+"""Host-contract fixtures: a real AUTOMATIC1111 webui, started with sdtrain installed, on the CPU.
+
+Opt-in: set SDTRAIN_WEBUI_DIR to a webui checkout (v1.10.x) whose dependencies are installed in
+the Python named by SDTRAIN_WEBUI_PYTHON (default: <checkout>/venv/bin/python). Without them
+every test here is skipped. Nothing is downloaded: the fixtures write a tiny random SD1 checkpoint
+(768-wide CLIP, so the webui's SD1 code paths apply), its yaml, and the CLIP tokenizer/config in
+the Hugging Face cache layout, into a temporary data dir (--data-dir), and copy this working tree
+into its extensions/ folder, as "Install from URL" would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+WEBUI_DIR = os.environ.get("SDTRAIN_WEBUI_DIR", "")
+CLIP_REV = "0000000000000000000000000000000000tiny01"
+
+#: A test-only shim, installed as a second extension of the *stock* server only: torch >= 2.2
+#: dropped `Sampler.__init__(data_source)`, which the webui's own trainer still passes
+#: (modules/textual_inversion/dataset.py), so the stock trainer cannot run at all on a current
+#: torch without it. It changes nothing else.
+TORCH_COMPAT_SCRIPT = '''
+import torch.utils.data as data
+_init = data.Sampler.__init__
+if getattr(_init, "__sdtrain_test_compat__", False) is False:
+    def __init__(self, data_source=None):
+        _init(self)
+    __init__.__sdtrain_test_compat__ = True
+    data.Sampler.__init__ = __init__
+'''
+
+
+def _python() -> str:
+    return os.environ.get("SDTRAIN_WEBUI_PYTHON") or str(Path(WEBUI_DIR) / "venv" / "bin" / "python")
+
+
+def _skip_reason() -> str | None:
+    if not WEBUI_DIR:
+        return "SDTRAIN_WEBUI_DIR is not set (path to an AUTOMATIC1111 webui checkout)"
+    if not (Path(WEBUI_DIR) / "launch.py").is_file():
+        return f"SDTRAIN_WEBUI_DIR={WEBUI_DIR} has no launch.py"
+    if not Path(_python()).is_file():
+        return f"no webui Python at {_python()} (set SDTRAIN_WEBUI_PYTHON)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _skip_reason()
+    if reason:
+        for item in items:
+            if "tests/webui" in str(item.fspath).replace(os.sep, "/"):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def webui_assets(tmp_path_factory):
+    """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension."""
+    from lib_sdtrain.core.samples import write_sample_dataset
+    from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint, write_tiny_yaml
+
+    root = tmp_path_factory.mktemp("webui")
+    build = root / "build"
+    model = build_tiny_sd1(build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=0)
+    ckpt_dir = root / "models" / "Stable-diffusion"
+    ckpt_dir.mkdir(parents=True)
+    ckpt = save_tiny_checkpoint(model, ckpt_dir / "tiny-sd1.safetensors")
+    write_tiny_yaml(ckpt_dir / "tiny-sd1.yaml", text_width=768, unet_channels=32)  # CLIP by its hub name
+    snap = root / "hf" / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / CLIP_REV
+    snap.mkdir(parents=True)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(CLIP_REV)
+    for f in (build / "clip").iterdir():
+        if f.suffix in (".json", ".txt"):
+            shutil.copy2(f, snap / f.name)
+    shutil.rmtree(build)
+    data = write_sample_dataset(root / "train", count=4, size=64, seed=5)
+    ext = root / "sdtrain-copy"
+    shutil.copytree(REPO, ext, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "*.pyc", "demo_out", ".pytest_cache", ".ruff_cache", "tests"))
+    return {"root": root, "ckpt": ckpt, "hf": root / "hf", "data": data, "extension": ext}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WebUI:
+    def __init__(self, assets: dict, name: str, *, settings: dict | None = None, compat: bool = False,
+                 extra_args: tuple[str, ...] = ()):
+        self.dir = assets["root"] / name
+        ext_dir = self.dir / "extensions"
+        ext_dir.mkdir(parents=True)
+        shutil.copytree(assets["extension"], ext_dir / "sdtrain")
+        if compat:
+            (ext_dir / "sdtrain-test-torch-compat" / "scripts").mkdir(parents=True)
+            (ext_dir / "sdtrain-test-torch-compat" / "scripts" / "compat.py").write_text(TORCH_COMPAT_SCRIPT)
+        if settings:
+            (self.dir / "config.json").write_text(json.dumps(settings))
+        self.embeddings = self.dir / "embeddings"
+        self.hypernetworks = self.dir / "hypernetworks"
+        self.embeddings.mkdir()
+        self.hypernetworks.mkdir()
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.dir / "webui.log"
+        env = {**os.environ, "HF_HOME": str(assets["hf"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+        cmd = [_python(), "launch.py", "--skip-prepare-environment", "--skip-version-check", "--api",
+               "--use-cpu", "all", "--no-half", "--precision", "full", "--skip-torch-cuda-test",
+               "--no-download-sd-model", "--port", str(self.port), "--data-dir", str(self.dir),
+               "--ckpt", str(assets["ckpt"]), "--embeddings-dir", str(self.embeddings),
+               "--hypernetwork-dir", str(self.hypernetworks), *extra_args]
+        self._out = open(self.log, "wb")  # noqa: SIM115 — lives as long as the server
+        self.proc = subprocess.Popen(cmd, cwd=WEBUI_DIR, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 240
+        while "Startup time:" not in self.log_text():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"webui did not start:\n{self.log_text()[-4000:]}")
+            time.sleep(0.5)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._out.close()
+
+    def request(self, method: str, path: str, body=None, timeout: float = 300):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, body=None, **kw):
+        return self.request("POST", path, body if body is not None else {}, **kw)
+
+    def wait_job(self, job_id: str, timeout: float = 300) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            _, job = self.get(f"/sdtrain/v1/jobs/{job_id}")
+            if job["state"] in ("done", "failed", "stopped"):
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def webui(webui_assets):
+    server = WebUI(webui_assets, "sdtrain")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stock_webui(webui_assets):
+    """sdtrain installed but the host keeps its own /sdapi training routes; the stock trainer runs.
+
+    The stock trainer needs two things on a current torch: the Sampler shim above, and
+    --disable-safe-unpickle, because torch 2.13 writes `.format_version` into every .pt and the
+    host's check then refuses the files the host itself just saved. (sdtrain's own files pass the
+    check: the `webui` server runs without the flag and lists them.)"""
+    server = WebUI(webui_assets, "stock", settings={"sdtrain_serve_host_training_routes": False}, compat=True,
+                   extra_args=("--disable-safe-unpickle",))
+    yield server
+    server.stop()

@@ -1,0 +1,205 @@
+"""sdtrain inside a real AUTOMATIC1111 webui (opt-in: SDTRAIN_WEBUI_DIR; see conftest.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from lib_sdtrain.core.embedding_io import load_embedding
+
+pytestmark = pytest.mark.webui
+
+
+def train_body(name: str, data, **kw) -> dict:
+    """Only some of the host's fields: sdtrain fills the rest with the host UI's defaults."""
+    return {"embedding_name": name, "data_root": str(data), "steps": 30, "training_width": 64,
+            "training_height": 64, "learn_rate": "0.01", "template_filename": "subject_filewords.txt",
+            "create_image_every": 0, "save_embedding_every": 10, "preview_steps": 4, **kw}
+
+
+def txt2img(server, prompt: str, seed: int = 7) -> tuple[Image.Image, str]:
+    status, out = server.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 4, "width": 64, "height": 64,
+                                                    "sampler_name": "Euler", "seed": seed})
+    assert status == 200, out
+    image = Image.open(io.BytesIO(base64.b64decode(out["images"][0])))
+    import json
+
+    return image, json.loads(out["info"])["infotexts"][0]
+
+
+def test_starts_cleanly_with_the_sub_tabs(webui):
+    log = webui.log_text()
+    bad = [ln for ln in log.splitlines() if "sdtrain" in ln.lower() and re.search(r"error|warn|traceback", ln, re.I)]
+    assert bad == [], bad
+    status, config = webui.get("/config")
+    assert status == 200
+    tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
+    for label in ("Create embedding", "Train embedding", "Create hypernetwork", "Train hypernetwork"):
+        assert f"{label} (sdtrain)" in tabs
+    ids = {c["props"].get("elem_id") for c in config["components"]}
+    for kind in ("embedding", "hypernetwork"):
+        assert {f"sdtrain_train_{kind}_{x}" for x in ("button", "stop", "loss_chart", "previews", "status")} <= ids
+
+
+def test_create_and_train_through_the_host_routes(webui, webui_assets):
+    status, out = webui.post("/sdapi/v1/create/embedding", {"name": "ctti", "num_vectors_per_token": 2,
+                                                            "init_text": "shape"})
+    assert status == 200 and out["info"] == f"create embedding filename: {webui.embeddings / 'ctti.pt'}"
+    log_dir = webui.dir / "ti_log"
+    status, out = webui.post("/sdapi/v1/train/embedding", {
+        "id_task": "task(x)", **train_body("ctti", webui_assets["data"], log_directory=str(log_dir))})
+    assert status == 200 and out["info"] == f"train embedding complete: filename: {webui.embeddings / 'ctti.pt'} error: None"
+    assert load_embedding(webui.embeddings / "ctti.pt").step == 30
+    csvs = list(log_dir.rglob("textual_inversion_loss.csv"))
+    assert len(csvs) == 1 and csvs[0].read_text().splitlines()[-1].startswith("30,")
+    # listed with its step at once, and usable in a prompt, with its hash in the infotext
+    _, listed = webui.get("/sdapi/v1/embeddings")
+    assert listed["loaded"]["ctti"]["step"] == 30 and listed["loaded"]["ctti"]["vectors"] == 2
+    _, info = txt2img(webui, "a photo of ctti")
+    assert re.search(r'TI hashes: "[^"]*ctti: [0-9a-f]{12}', info), info
+    # a bad field is a 422 naming it
+    status, out = webui.post("/sdapi/v1/train/embedding", train_body("ctti", webui_assets["data"], batch_size=0))
+    assert status == 422 and out["detail"][0]["loc"] == ["body", "batch_size"]
+
+
+def test_job_routes_poll_to_done(webui, webui_assets):
+    status, out = webui.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {"name": "jobti"}})
+    assert status == 202
+    assert webui.wait_job(out["id"])["state"] == "done"
+    t0 = time.time()
+    status, out = webui.post("/sdtrain/v1/jobs", {"kind": "train_embedding",
+                                                  "config": train_body("jobti", webui_assets["data"])})
+    assert status == 202 and time.time() - t0 < 5
+    job = webui.wait_job(out["id"])
+    assert job["state"] == "done" and job["step"] == 30 and len(job["loss_history"]) == 30
+    _, listed = webui.get("/sdapi/v1/embeddings")
+    assert listed["loaded"]["jobti"]["step"] == 30
+
+
+def test_interrupt_stops_within_a_step_and_keeps_a_loadable_file(webui, webui_assets):
+    webui.wait_job(webui.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {"name": "intti"}})[1]["id"])
+    _, out = webui.post("/sdtrain/v1/jobs", {"kind": "train_embedding",
+                                             "config": train_body("intti", webui_assets["data"], steps=100000)})
+    deadline = time.time() + 120
+    while webui.get(f"/sdtrain/v1/jobs/{out['id']}")[1]["step"] < 3 and time.time() < deadline:
+        time.sleep(0.1)
+    _, progress = webui.get("/sdapi/v1/progress")
+    assert progress["state"]["job"].startswith("sdtrain") and progress["state"]["job_count"] == 100000
+    webui.post("/sdapi/v1/interrupt")
+    at_interrupt = webui.get(f"/sdtrain/v1/jobs/{out['id']}")[1]["step"]
+    job = webui.wait_job(out["id"], timeout=60)
+    assert job["state"] == "stopped" and at_interrupt <= job["step"] <= at_interrupt + 1
+    saved = load_embedding(webui.embeddings / "intti.pt")
+    assert saved.step == job["step"] and torch.isfinite(saved.vectors["*"]).all()
+
+
+def test_model_untouched_and_generation_waits_for_the_job(webui, webui_assets):
+    before, _ = txt2img(webui, "a red circle", seed=11)
+    webui.wait_job(webui.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {"name": "lockti"}})[1]["id"])
+    _, out = webui.post("/sdtrain/v1/jobs", {"kind": "train_embedding",
+                                             "config": train_body("lockti", webui_assets["data"], steps=60)})
+    deadline = time.time() + 120
+    while webui.get(f"/sdtrain/v1/jobs/{out['id']}")[1]["step"] < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    done_at = {}
+
+    def generate():
+        done_at["image"], _ = txt2img(webui, "a red circle", seed=11)
+        done_at["t"] = time.time()
+
+    t = threading.Thread(target=generate)
+    t.start()
+    job = webui.wait_job(out["id"])
+    finished = time.time()
+    t.join(120)
+    assert job["state"] == "done"
+    assert done_at["t"] >= finished - 1.0  # the txt2img waited for the job's lock
+    assert list(done_at["image"].getdata()) == list(before.getdata())  # same weights, same image
+
+
+def test_stock_embedding_continued_by_sdtrain_and_back(stock_webui, webui_assets):
+    s = stock_webui
+    stock_body = {"id_task": "task(s)", "embedding_name": "swap", "learn_rate": "0.005", "batch_size": 1,
+                  "gradient_step": 1, "data_root": str(webui_assets["data"]), "log_directory": str(s.dir / "stock_log"),
+                  "training_width": 64, "training_height": 64, "varsize": False, "steps": 5,
+                  "clip_grad_mode": "disabled", "clip_grad_value": "0.1", "shuffle_tags": False, "tag_drop_out": 0,
+                  "latent_sampling_method": "once", "use_weight": False, "create_image_every": 0,
+                  "save_embedding_every": 5, "template_filename": "subject_filewords.txt",
+                  "save_image_with_stored_embedding": False, "preview_from_txt2img": False, "preview_prompt": "",
+                  "preview_negative_prompt": "", "preview_steps": 4, "preview_sampler_name": "Euler",
+                  "preview_cfg_scale": 7.0, "preview_seed": -1, "preview_width": 64, "preview_height": 64}
+    # the host's own routes: create and train 5 steps with the stock trainer
+    status, out = s.post("/sdapi/v1/create/embedding", {"name": "swap", "num_vectors_per_token": 1,
+                                                        "overwrite_old": False, "init_text": "*"})
+    assert status == 200 and "swap.pt" in out["info"], out
+    status, out = s.post("/sdapi/v1/train/embedding", stock_body)
+    assert "error: None" in out["info"], out
+    assert load_embedding(s.embeddings / "swap.pt").step == 5
+    # sdtrain continues the stock file from step 5
+    _, out = s.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": train_body("swap", webui_assets["data"], steps=12)})
+    job = s.wait_job(out["id"])
+    assert job["state"] == "done" and [h[0] for h in job["loss_history"]] == list(range(6, 13))
+    assert load_embedding(s.embeddings / "swap.pt").step == 12
+    # and the stock trainer continues sdtrain's file from step 12
+    status, out = s.post("/sdapi/v1/train/embedding", {**stock_body, "steps": 16})
+    assert "error: None" in out["info"], out
+    assert load_embedding(s.embeddings / "swap.pt").step == 16
+
+
+def test_hypernetwork_create_train_and_use_in_a_prompt(webui, webui_assets):
+    status, out = webui.post("/sdapi/v1/create/hypernetwork", {"name": "cthn", "enable_sizes": ["768", "320"],
+                                                               "layer_structure": "1, 2, 1"})
+    assert status == 200 and out["info"] == f"create hypernetwork filename: {webui.hypernetworks / 'cthn.pt'}"
+    body = {"hypernetwork_name": "cthn", "data_root": str(webui_assets["data"]), "steps": 30, "training_width": 64,
+            "training_height": 64, "learn_rate": "0.0001", "create_image_every": 15, "save_hypernetwork_every": 15,
+            "preview_steps": 4, "log_directory": str(webui.dir / "hn_log")}
+    status, out = webui.post("/sdapi/v1/train/hypernetwork", body)
+    assert out["info"] == f"train hypernetwork complete: filename: {webui.hypernetworks / 'cthn.pt'} error: None"
+    _, listed = webui.get("/sdapi/v1/hypernetworks")
+    assert "cthn" in [h["name"] for h in listed]
+    plain, _ = txt2img(webui, "a red circle", seed=3)
+    with_hn, info = txt2img(webui, "a red circle <hypernet:cthn:1>", seed=3)
+    zero, _ = txt2img(webui, "a red circle <hypernet:cthn:0>", seed=3)
+    assert list(with_hn.getdata()) != list(plain.getdata())
+    assert list(zero.getdata()) == list(plain.getdata())
+    assert "cthn" in info
+
+
+def test_stock_hypernetwork_continued_by_sdtrain_and_back(stock_webui, webui_assets):
+    s = stock_webui
+    stock_body = {"id_task": "task(h)", "hypernetwork_name": "hswap", "learn_rate": "0.00001", "batch_size": 1,
+                  "gradient_step": 1, "data_root": str(webui_assets["data"]), "log_directory": str(s.dir / "hlog"),
+                  "training_width": 64, "training_height": 64, "varsize": False, "steps": 4,
+                  "clip_grad_mode": "disabled", "clip_grad_value": "0.1", "shuffle_tags": False, "tag_drop_out": 0,
+                  "latent_sampling_method": "once", "use_weight": False, "create_image_every": 0,
+                  "save_hypernetwork_every": 4, "template_filename": "hypernetwork.txt",
+                  "preview_from_txt2img": False, "preview_prompt": "", "preview_negative_prompt": "",
+                  "preview_steps": 4, "preview_sampler_name": "Euler", "preview_cfg_scale": 7.0, "preview_seed": -1,
+                  "preview_width": 64, "preview_height": 64}
+    status, out = s.post("/sdapi/v1/create/hypernetwork", {
+        "name": "hswap", "enable_sizes": ["768"], "overwrite_old": False, "layer_structure": [1, 2, 1],
+        "activation_func": "relu", "weight_init": "Normal", "add_layer_norm": True, "use_dropout": False})
+    assert status == 200, out
+    status, out = s.post("/sdapi/v1/train/hypernetwork", stock_body)
+    assert "error: None" in out["info"], out
+    from lib_sdtrain.core.hypernetwork import load_hypernetwork
+
+    assert load_hypernetwork(s.hypernetworks / "hswap.pt").step == 4
+    _, out = s.post("/sdtrain/v1/jobs", {"kind": "train_hypernetwork", "config": {
+        "hypernetwork_name": "hswap", "data_root": str(webui_assets["data"]), "steps": 9, "training_width": 64,
+        "training_height": 64, "create_image_every": 0, "save_hypernetwork_every": 0,
+        "log_directory": str(s.dir / "hlog2")}})
+    job = s.wait_job(out["id"])
+    assert job["state"] == "done" and [h[0] for h in job["loss_history"]] == list(range(5, 10)), job
+    continued = load_hypernetwork(s.hypernetworks / "hswap.pt")
+    assert continued.step == 9 and continued.activation_func == "relu" and continued.add_layer_norm
+    status, out = s.post("/sdapi/v1/train/hypernetwork", {**stock_body, "steps": 12})
+    assert "error: None" in out["info"], out
+    assert load_hypernetwork(s.hypernetworks / "hswap.pt").step == 12
