@@ -151,3 +151,38 @@ def test_host_hypernetwork_routes(env):
     assert r.json()["info"] == f"train hypernetwork complete: filename: {path} error: None"
     r = client.post("/sdapi/v1/create/hypernetwork", json={"name": "bad", "layer_structure": "2, 1"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "layer_structure"]
+
+
+def test_preprocess_route_and_job(env):
+    from PIL import Image
+
+    client, _, tmp, _ = env
+    src = tmp / "raw"
+    src.mkdir()
+    Image.new("RGB", (120, 80), (200, 10, 10)).save(src / "wide.png")
+    Image.new("RGBA", (64, 64), (0, 90, 0, 128)).save(src / "alpha.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    r = client.post("/sdapi/v1/preprocess", json={"id_task": "task(p)", "process_src": str(src),
+                                                  "process_dst": str(tmp / "prepared"), "process_width": 64,
+                                                  "process_height": 64, "process_flip": True})
+    assert r.status_code == 200 and r.json() == {"info": "preprocess complete"}
+    out = sorted(p.name for p in (tmp / "prepared").glob("*.png"))
+    assert len(out) == 4 and all(Image.open(tmp / "prepared" / n).size == (64, 64) for n in out)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    r = client.post("/sdapi/v1/preprocess", json={"process_src": str(src), "process_dst": str(src)})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "process_dst"]
+    r = client.post("/sdapi/v1/preprocess", json={"process_src": str(src), "process_dst": str(tmp / "cap"),
+                                                  "process_caption": True})
+    assert r.status_code == 200 and "no captioner" in r.json()["info"]
+    r = client.post("/sdtrain/v1/jobs", json={"kind": "preprocess", "config": {
+        "process_src": str(src), "process_dst": str(tmp / "prepared2"), "process_width": 64, "process_height": 64}})
+    assert r.status_code == 202
+    job_id = r.json()["id"]
+    for _ in range(200):
+        job = client.get(f"/sdtrain/v1/jobs/{job_id}").json()
+        if job["state"] != "queued" and job["state"] != "running":
+            break
+        time.sleep(0.05)
+    assert job["state"] == "done" and (job["step"], job["total_steps"]) == (3, 3)
+    assert len([f for f in job["files"] if f.endswith(".png")]) == 2

@@ -507,7 +507,7 @@ def test_train_config_defaults_and_registration(tmp_path):
             {"hypernetwork_name": "h", "data_root": str(tmp_path), "optimizer_name": "LBFGS"}
         )
     assert e.value.field == "optimizer_name"
-    kinds = {"create_embedding", "train_embedding", "create_hypernetwork", "train_hypernetwork"}
+    kinds = {"create_embedding", "train_embedding", "create_hypernetwork", "train_hypernetwork", "preprocess"}
     assert set(job_config_types()) == kinds and set(job_runners()) == kinds
     from lib_sdtrain.core.textual_inversion import job_runners as ti_runners
 

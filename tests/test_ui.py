@@ -107,3 +107,21 @@ def test_hypernetwork_tabs_create_and_train(ui):
                    "sdtrain_train_hypernetwork_log_directory": str(tmp / "hlog")})
     status, *_rest, error, job_id = list(train(*[values[c.elem_id] for c in inputs]))[-1]
     assert error == "" and "done" in status and service.get(job_id).result.step == 3
+
+
+def test_preprocess_tab_prepares_a_folder(ui):
+    from PIL import Image
+
+    demo, service, tmp = ui
+    src = tmp / "photos"
+    src.mkdir()
+    for i, size in enumerate([(96, 64), (64, 96), (64, 64)]):
+        Image.new("RGB", size, (40 * i, 90, 200)).save(src / f"{i}.png")
+    run, inputs = handler(demo, "sdtrain_preprocess_button")
+    values = {c.elem_id: c.value for c in inputs}
+    values.update({"sdtrain_preprocess_process_src": str(src), "sdtrain_preprocess_process_dst": str(tmp / "set"),
+                   "sdtrain_preprocess_process_width": 64, "sdtrain_preprocess_process_height": 64})
+    status, _chart, gallery, files, error, job_id = list(run(*[values[c.elem_id] for c in inputs]))[-1]
+    assert error == "" and "done" in status and len(gallery) == 3
+    assert all(Image.open(f).size == (64, 64) for f in gallery)
+    assert service.get(job_id).kind == "preprocess" and files.count(".png") == 3

@@ -114,7 +114,7 @@ def _host_route(service: JobService, options: ApiOptions, kind: str):
     """A blocking handler with the host's request fields and response text (modules/api/api.py).
     Unlike the host, every field is optional, create/hypernetwork returns the file name, and
     train/hypernetwork says "hypernetwork"."""
-    verb, noun = kind.split("_", 1)
+    verb, _, noun = kind.partition("_")
 
     async def endpoint(request: Request):
         cfg = _config(kind, await _json_body(request), options)
@@ -123,18 +123,23 @@ def _host_route(service: JobService, options: ApiOptions, kind: str):
             if job.state != DONE:
                 return {"info": f"create {noun} error: {job.error}"}
             return {"info": f"create {noun} filename: {job.result}"}
+        if kind == "preprocess":  # the route of A1111 <= 1.6 (modules/api/api.py, preprocess)
+            return {"info": "preprocess complete" if job.state == DONE else f"preprocess error: {job.error}"}
         filename = getattr(job.result, "file", "") if job.result is not None else ""
         return {"info": f"train {noun} complete: filename: {filename} error: {job.error}"}
 
     endpoint.__name__ = kind
-    endpoint.__doc__ = f"{verb.capitalize()} a {noun} with the host's request fields (all optional; host UI defaults)."
+    endpoint.__doc__ = (
+        "Prepare a training set: the request fields of A1111 <= 1.6's /sdapi/v1/preprocess (blocks until done)."
+        if kind == "preprocess" else
+        f"{verb.capitalize()} a {noun} with the host's request fields (all optional; host UI defaults).")
     return endpoint
 
 
 def _config(kind: str, body: dict[str, Any], options: ApiOptions) -> ConfigBase:
     cls = job_config_types()[kind]
-    merged = {**options.defaults(kind), **{k: v for k, v in body.items() if k not in HOST_ONLY_FIELDS}}
-    return cls.from_dict(merged)
+    body = {k: v for k, v in body.items() if k not in HOST_ONLY_FIELDS}
+    return cls.from_dict(cls.merge_defaults(options.defaults(kind), body))
 
 
 def make_router(service: JobService, options: ApiOptions | None = None) -> APIRouter:
@@ -155,7 +160,7 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
         return endpoint
 
     if options.host_routes:
-        for kind in HOST_ROUTES:
+        for kind in (*HOST_ROUTES, "preprocess"):
             router.add_api_route(f"/sdapi/v1/{kind.replace('_', '/', 1)}", handle(_host_route(service, options, kind)),
                                  methods=["POST"], openapi_extra=_body_doc(config_schema(types[kind])))
 

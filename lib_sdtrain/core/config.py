@@ -106,6 +106,13 @@ class ConfigBase:
         obj.validate()
         return obj
 
+    @classmethod
+    def merge_defaults(cls, defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        """`data` over the host's `defaults`, keeping only defaults this config has a field for
+        (a host hands the same folder settings to every job kind)."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return {**{k: v for k, v in defaults.items() if k in known}, **data}
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)  # type: ignore[call-overload]
         out["config_version"] = CONFIG_VERSION
@@ -596,6 +603,8 @@ def find_template(templates_dir: str, filename: str) -> str:
 
 
 def job_config_types() -> dict[str, type[ConfigBase]]:
+    from lib_sdtrain.core.preprocess import PreprocessConfig  # it builds on this module
+
     return {
         c.kind: c
         for c in (
@@ -603,5 +612,6 @@ def job_config_types() -> dict[str, type[ConfigBase]]:
             TrainEmbeddingConfig,
             CreateHypernetworkConfig,
             TrainHypernetworkConfig,
+            PreprocessConfig,
         )
     }

@@ -93,6 +93,9 @@ class Job:
                 self.step = int(d["step"])
                 self.total_steps = int(d.get("total", self.total_steps))
                 self.loss.append((self.step, float(d["loss"]), float(d["lr"])))
+            elif event.kind == "progress":  # work counted in items, not optimizer steps (preprocess)
+                self.step = int(d["done"])
+                self.total_steps = int(d["total"])
             elif event.kind == "validation":
                 self.validation.append((int(d["step"]), float(d["loss"])))
             elif event.kind == "file":

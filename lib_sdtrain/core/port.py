@@ -7,6 +7,7 @@ never host objects, and every method that changes host state is a context manage
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -137,6 +138,10 @@ class TrainingHost(Protocol):
     def gpu_session(self, label: str, options: SessionOptions) -> AbstractContextManager[Session]:
         """Exclusive use of the model for a job: take the host's GPU lock, freeze every model
         weight (requires_grad False, restored on exit), apply `options`, expose progress and interrupt."""
+
+    def captioners(self) -> dict[str, Callable[[Image.Image], str]]:
+        """Image captioners the host can run now, by name ("blip", "deepbooru"); only those whose
+        models are loaded or on disk (nothing is downloaded). Empty when there are none."""
 
     def render_preview(self, request: PreviewRequest) -> Image.Image | None:
         """One preview image with the current state (active embeddings included), or None."""

@@ -20,6 +20,7 @@ from lib_sdtrain.core.config import (
     CreateHypernetworkConfig,
     TrainEmbeddingConfig,
     TrainHypernetworkConfig,
+    job_config_types,
 )
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.jobs import FINISHED_STATES, Job, JobService
@@ -77,6 +78,8 @@ class UiContext:
     refresh_hypernetworks: Callable[[], list[str]] = list
     template_names: Callable[[], list[str]] = list
     model_note: Callable[[], str] = lambda: ""
+    #: which captioners the host can run, e.g. "BLIP: not available (no model file in models/BLIP)"
+    captioner_note: Callable[[], str] = lambda: ""
     txt2img_preview_params: list[Any] = field(default_factory=list)
     poll_seconds: float = 1.0
 
@@ -138,7 +141,10 @@ def job_view(job: Job | None) -> tuple[str, Any, list[str], str, str]:
         chart = draw_loss_curve(steps, losses, validation=[tuple(v) for v in d["validation_history"]],
                                 title=f"{d['config'].get('embedding_name') or d['config'].get('hypernetwork_name', '')} loss")
     error = f"<div class='error'>{html.escape(d['error'])}</div>" if d["error"] else ""
-    return status, chart, list(d["previews"]), "\n".join(d["files"]), error
+    gallery = list(d["previews"])
+    if job.kind == "preprocess":  # a few of the prepared images
+        gallery = [f for f in d["files"] if f.lower().endswith(".png")][:12]
+    return status, chart, gallery, "\n".join(d["files"]), error
 
 
 def watch(service: JobService, job: Job | None, poll: float = 1.0) -> Iterator[tuple]:
@@ -173,6 +179,44 @@ def build_hypernetwork_tabs(ctx: UiContext) -> None:
 def build_all_tabs(ctx: UiContext) -> None:
     build_embedding_tabs(ctx)
     build_hypernetwork_tabs(ctx)
+    build_preprocess_tab(ctx)
+
+
+PREPROCESS_SECTIONS = (
+    (None, ("process_src", "process_dst", "process_width", "process_height", "preprocess_txt_action",
+            "process_keep_original_size", "process_flip", "process_split", "process_focal_crop", "process_multicrop",
+            "process_caption", "process_caption_deepbooru", "overwrite")),
+    ("Split oversized images", ("process_split_threshold", "process_overlap_ratio")),
+    ("Auto focal point crop", ("process_focal_crop_face_weight", "process_focal_crop_entropy_weight",
+                               "process_focal_crop_edges_weight", "process_focal_crop_debug")),
+    ("Auto-sized crop", ("process_multicrop_mindim", "process_multicrop_maxdim", "process_multicrop_minarea",
+                         "process_multicrop_maxarea", "process_multicrop_objective", "process_multicrop_threshold")),
+)
+
+
+def build_preprocess_tab(ctx: UiContext) -> None:
+    """"Preprocess images (sdtrain)": photos in a folder → a training set in another folder."""
+    from lib_sdtrain.core.preprocess import PreprocessConfig
+
+    specs, kind, prefix = _specs(PreprocessConfig), PreprocessConfig.kind, "sdtrain_preprocess"
+    widgets: dict[str, Any] = {}
+    with gr.Tab(label="Preprocess images (sdtrain)", id=prefix, elem_id=prefix):
+        gr.HTML(value=ctx.captioner_note, elem_id=f"{prefix}_captioners")
+        for title, names in PREPROCESS_SECTIONS:
+            block = gr.Accordion(title, open=False) if title else gr.Group()
+            with block:
+                for n in names:
+                    widgets[n] = _widget(specs[n], f"{prefix}_{n}")
+        with gr.Row():
+            run = gr.Button(value="Preprocess", variant="primary", elem_id=f"{prefix}_button")
+            stop = gr.Button(value="Interrupt", elem_id=f"{prefix}_stop")
+        status = gr.HTML(elem_id=f"{prefix}_status")
+        error = gr.HTML(elem_id=f"{prefix}_error")
+        gallery = gr.Gallery(label="Output", elem_id=f"{prefix}_gallery")
+        files = gr.Textbox(label="Files written", lines=4, interactive=False, elem_id=f"{prefix}_files")
+        job_id = gr.Textbox(visible=False, elem_id=f"{prefix}_job_id")
+        chart = gr.State(None)  # no loss curve here; keeps the watched-job outputs uniform
+    _wire_job(ctx, kind, widgets, [], run, stop, None, [status, chart, gallery, files, error, job_id], job_id)
 
 
 def _create_tab(ctx: UiContext, tk: TabKind) -> None:
@@ -185,7 +229,7 @@ def _create_tab(ctx: UiContext, tk: TabKind) -> None:
         err = gr.HTML(elem_id=f"{prefix}_error")
 
     def create(*values):
-        data = {**ctx.defaults(kind), **dict(zip(tk.create_fields, values))}
+        data = tk.create.merge_defaults(ctx.defaults(kind), dict(zip(tk.create_fields, values)))
         try:
             job = ctx.service.run(kind, data)
         except SdtrainError as e:
@@ -224,15 +268,21 @@ def _train_tab(ctx: UiContext, tk: TabKind, list_names, refresh_names) -> None:
         files = gr.Textbox(label="Files written", lines=4, interactive=False, elem_id=f"{prefix}_files")
         job_id = gr.Textbox(visible=False, elem_id=f"{prefix}_job_id")
 
+    _wire_job(ctx, kind, widgets, list(ctx.txt2img_preview_params), train, stop, show,
+              [status, chart, gallery, files, error, job_id], job_id)
+
+
+def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs: list[Any], start_button,
+              stop_button, show_button, outputs: list[Any], job_id) -> None:
+    """Start (a generator streaming the job's view), Stop, and re-attach to the latest job of a kind."""
     names = list(widgets)
-    preview_inputs = list(ctx.txt2img_preview_params)
-    outputs = [status, chart, gallery, files, error, job_id]
 
     def start(*values):
         form = dict(zip(names, values[: len(names)]))
         if form.get("preview_from_txt2img") and preview_inputs:
             form.update(zip(PREVIEW_FIELDS, values[len(names):]))
-        data = {**ctx.defaults(kind), **{k: v for k, v in form.items() if v is not None}}
+        cls = job_config_types()[kind]
+        data = cls.merge_defaults(ctx.defaults(kind), {k: v for k, v in form.items() if v is not None})
         try:
             job = ctx.service.submit(kind, data)
         except SdtrainError as e:
@@ -251,6 +301,8 @@ def _train_tab(ctx: UiContext, tk: TabKind, list_names, refresh_names) -> None:
         for j in [target] if target is not None else jobs:
             ctx.service.stop(j.id)
 
-    train.click(start, inputs=[widgets[n] for n in names] + preview_inputs, outputs=outputs, show_progress=False)
-    show.click(latest, outputs=outputs, show_progress=False)
-    stop.click(stop_job, inputs=[job_id], outputs=[])
+    start_button.click(start, inputs=[widgets[n] for n in names] + preview_inputs, outputs=outputs,
+                       show_progress=False)
+    if show_button is not None:
+        show_button.click(latest, outputs=outputs, show_progress=False)
+    stop_button.click(stop_job, inputs=[job_id], outputs=[])

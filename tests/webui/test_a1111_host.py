@@ -203,3 +203,35 @@ def test_stock_hypernetwork_continued_by_sdtrain_and_back(stock_webui, webui_ass
     status, out = s.post("/sdapi/v1/train/hypernetwork", {**stock_body, "steps": 12})
     assert "error: None" in out["info"], out
     assert load_hypernetwork(s.hypernetworks / "hswap.pt").step == 12
+
+
+def test_preprocess_mixed_images_then_train_on_them(webui):
+    src = webui.dir / "photos"
+    src.mkdir()
+    Image.new("RGB", (160, 96), (200, 40, 40)).save(src / "wide-red.jpg")
+    Image.new("RGBA", (80, 120), (20, 160, 40, 100)).save(src / "tall-green.png")
+    Image.new("CMYK", (90, 90), (0, 120, 120, 0)).save(src / "cmyk.jpg")
+    Image.new("P", (70, 70), 3).save(src / "palette.png")
+    frames = [Image.new("RGB", (64, 64), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (src / "wide-red.txt").write_text("red box, studio")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    dst = webui.dir / "prepared"
+    status, out = webui.post("/sdapi/v1/preprocess", {"process_src": str(src), "process_dst": str(dst),
+                                                      "process_width": 64, "process_height": 64,
+                                                      "preprocess_txt_action": "copy", "process_flip": True})
+    assert status == 200 and out == {"info": "preprocess complete"}
+    images = sorted(dst.glob("*.png"))
+    assert len(images) == 10 and all(Image.open(p).size == (64, 64) and Image.open(p).mode == "RGB" for p in images)
+    assert any(p.read_text() == "red box, studio" for p in dst.glob("*.txt"))
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    status, config = webui.get("/config")
+    assert "Preprocess images (sdtrain)" in [c["props"].get("label") for c in config["components"]]
+    # ... and the prepared set trains
+    webui.wait_job(webui.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {"name": "prepti"}})[1]["id"])
+    _, out = webui.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": {
+        "embedding_name": "prepti", "data_root": str(dst), "steps": 10, "training_width": 64, "training_height": 64,
+        "create_image_every": 0, "save_embedding_every": 0, "template_filename": "subject_filewords.txt"}})
+    job = webui.wait_job(out["id"])
+    assert job["state"] == "done" and job["step"] == 10

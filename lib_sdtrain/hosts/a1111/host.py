@@ -49,6 +49,28 @@ def clear_cond_caches() -> None:
     processing.StableDiffusionProcessing.cached_uc = [None, None]
 
 
+def captioner_status() -> dict[str, str]:
+    """For each captioner, "" when its model files are on disk, else what is missing."""
+    import os
+
+    from modules import paths, shared
+
+    def has(folder: str, ext: str) -> bool:
+        return os.path.isdir(folder) and any(f.endswith(ext) for f in os.listdir(folder))
+
+    blip_dir = os.path.join(paths.models_path, "BLIP")
+    clip_dir = shared.cmd_opts.clip_models_path or os.path.expanduser("~/.cache/clip")
+    status = {"blip": "", "deepbooru": ""}
+    if not has(blip_dir, ".pth"):
+        status["blip"] = f"no BLIP model in {blip_dir}"
+    elif not os.path.isfile(os.path.join(clip_dir, "ViT-L-14.pt")):
+        status["blip"] = f"no CLIP ViT-L/14 model in {clip_dir}"
+    deepbooru_dir = os.path.join(paths.models_path, "torch_deepdanbooru")
+    if not has(deepbooru_dir, ".pt"):
+        status["deepbooru"] = f"no DeepBooru model in {deepbooru_dir}"
+    return status
+
+
 class A1111Session:
     def __init__(self, label: str):
         self.label = label
@@ -215,6 +237,33 @@ class A1111Host:
                 clear_cond_caches()
                 shared.state.interrupted = False
                 shared.state.end()
+
+    def captioners(self) -> dict[str, Any]:
+        """BLIP and DeepBooru through the host's interrogators, each only when its model files are on
+        disk: the host would otherwise download them mid-run (modules/interrogate.py, deepbooru.py)."""
+        _, _, _, _, shared, _ = _modules()
+        out: dict[str, Any] = {}
+        if not captioner_status()["blip"]:
+            def blip(image: Image.Image) -> str:
+                shared.interrogator.load()
+                try:
+                    return shared.interrogator.generate_caption(image.convert("RGB"))
+                finally:
+                    shared.interrogator.send_blip_to_ram()
+
+            out["blip"] = blip
+        if not captioner_status()["deepbooru"]:
+            from modules import deepbooru
+
+            def tags(image: Image.Image) -> str:
+                deepbooru.model.start()
+                try:
+                    return deepbooru.model.tag_multi(image.convert("RGB"))
+                finally:
+                    deepbooru.model.stop()
+
+            out["deepbooru"] = tags
+        return out
 
     def render_preview(self, request: PreviewRequest) -> Image.Image | None:
         """A txt2img through the host's own processing, with the live embedding in place."""

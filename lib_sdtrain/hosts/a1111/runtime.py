@@ -185,6 +185,20 @@ def sdtrain_api_disabled() -> bool:
     return bool(getattr(shared.cmd_opts, "sdtrain_no_api", False))
 
 
+def captioner_note() -> str:
+    """What the Preprocess tab says about captioning before anyone asks for it."""
+    from lib_sdtrain.hosts.a1111.host import captioner_status
+
+    parts = []
+    for name, label in (("blip", "BLIP"), ("deepbooru", "DeepBooru")):
+        missing = captioner_status()[name]
+        parts.append(f"{label}: available" if not missing else
+                     f"{label}: not available ({missing}; the webui downloads it when you first interrogate "
+                     "an image in img2img with internet access)")
+        # an unavailable captioner makes the job stop before it writes anything
+    return "Captioning — " + "; ".join(parts)
+
+
 _model_note = ""
 
 

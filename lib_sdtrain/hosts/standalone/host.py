@@ -395,6 +395,10 @@ class StandaloneHost:
                     p.requires_grad_(flag)
                 self._stop.clear()
 
+    def captioners(self) -> dict[str, Any]:
+        """A bare model has no captioning models."""
+        return {}
+
     @torch.no_grad()
     def render_preview(self, request: PreviewRequest) -> Image.Image:
         """DDIM (eta 0) with classifier-free guidance; `sampler_name` is ignored. Sides are rounded down to
