@@ -251,6 +251,8 @@ class JobService:
             log.error("sdtrain job %s failed:\n%s", job.id, traceback.format_exc())
             self._finish(job, FAILED, f"{type(e).__name__}: {e}")
         else:
+            if job.result is not None and str(job.result):
+                job._record(Event("log", {"text": str(job.result)}))  # e.g. "Training finished at 30 steps..."
             self._finish(job, STOPPED if job.control.stop_requested else DONE)
 
     def _finish(self, job: Job, state: str, error: str | None = None) -> None:

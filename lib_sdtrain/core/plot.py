@@ -76,14 +76,12 @@ def draw_loss_curve(
     for s, v in vpoints:
         x, y = px(s, v)
         d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(210, 80, 30))
-    x = w - right - 170
-    for label, color in (
-        ("loss", (150, 180, 225)),
-        ("smoothed", (20, 70, 160)),
-        ("validation", (210, 80, 30)),
-    ):
+    legend = (("loss", (150, 180, 225)), ("smoothed", (20, 70, 160)), ("validation", (210, 80, 30)))
+    widths = [d.textlength(label) for label, _ in legend]
+    x = w - right - sum(widths) - 12 * (len(legend) - 1)
+    for (label, color), width in zip(legend, widths):
         d.text((x, 8), label, fill=color)
-        x += 8 * len(label) + 12
+        x += width + 12
     return img
 
 

@@ -128,10 +128,10 @@ def job_view(job: Job | None) -> tuple[str, Any, list[str], str, str]:
     last = job.events_since(0)
     text = next((e.data.get("text", "") for e in reversed(last) if e.kind == "step"), "")
     status = f"<b>{html.escape(job.kind)}</b> {html.escape(state)}"
-    if d["total_steps"]:
-        status += f" — step {d['step']}/{d['total_steps']}"
-    if text:
+    if text:  # "loss …, lr …, step n/N, it/s, ETA"
         status += f" — {html.escape(text)}"
+    elif d["total_steps"]:
+        status += f" — {d['step']}/{d['total_steps']}"
     if job.message:
         status += f"<br>{html.escape(job.message)}"
     chart = None
