@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from recorder import Recorder
 
 from lib_sdtrain.core.config import (
     HN_ACTIVATIONS,
@@ -34,7 +35,6 @@ from lib_sdtrain.core.hypernetwork import (
 )
 from lib_sdtrain.core.hypernetwork_attach import attach_hypernetworks, attention_modules
 from lib_sdtrain.core.hypernetwork_training import create_hypernetwork, train_hypernetwork
-from lib_sdtrain.core.jobs import Job, JobControl
 from lib_sdtrain.core.runners import job_runners
 from lib_sdtrain.core.samples import write_sample_dataset
 from lib_sdtrain.core.torchfile import load_torch_file, pickle_globals
@@ -544,19 +544,6 @@ def test_create_hypernetwork(tmp_path):
 # --- training on the tiny model -----------------------------------------------------------------------
 
 
-class Recorder(JobControl):
-    def __init__(self, stop_at: int | None = None):
-        super().__init__(Job(id="t", kind="train_hypernetwork", config=CreateHypernetworkConfig(name="x")))
-        self.stop_at = stop_at
-        self.events: list[tuple[str, dict]] = []
-
-    def emit(self, kind, **data):
-        self.events.append((kind, data))
-        if kind == "step" and self.stop_at is not None and data["step"] >= self.stop_at:
-            self.stop()
-
-    def of(self, kind):
-        return [d for k, d in self.events if k == kind]
 
 
 @pytest.fixture

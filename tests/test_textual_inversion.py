@@ -8,33 +8,15 @@ import os
 
 import pytest
 import torch
+from recorder import Recorder
 
 from lib_sdtrain.core.config import CreateEmbeddingConfig, TrainEmbeddingConfig
 from lib_sdtrain.core.embedding_io import load_embedding, load_optim
 from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.jobs import Job, JobControl
 from lib_sdtrain.core.samples import write_sample_dataset
 from lib_sdtrain.core.textual_inversion import create_embedding, train_embedding
 from lib_sdtrain.core.torchfile import load_torch_file
 from lib_sdtrain.hosts.standalone.host import StandaloneHost
-
-
-class Recorder(JobControl):
-    """A job control that keeps events and can stop the run after a given step."""
-
-    def __init__(self, stop_at: int | None = None):
-        cfg = CreateEmbeddingConfig(name="x")
-        super().__init__(Job(id="t", kind="train_embedding", config=cfg))
-        self.stop_at = stop_at
-        self.events: list[tuple[str, dict]] = []
-
-    def emit(self, kind, **data):
-        self.events.append((kind, data))
-        if kind == "step" and self.stop_at is not None and data["step"] >= self.stop_at:
-            self.stop()
-
-    def of(self, kind):
-        return [d for k, d in self.events if k == kind]
 
 
 def model_state(model):

@@ -176,16 +176,17 @@ class CreateEmbeddingConfig(ConfigBase):
 
 
 @dataclass
-class TrainEmbeddingConfig(ConfigBase):
-    """Everything a textual-inversion run needs. Names and defaults as A1111 v1.10.1."""
+class TrainingConfig(ConfigBase):
+    """What every training run shares (TI and hypernetwork): the host's request fields, the Training
+    settings its trainer reads from opts, and sdtrain's own options. Subclasses add the trained
+    thing's name, folder, file format and save cadence, and may change a default."""
 
-    kind: ClassVar[str] = "train_embedding"
+    #: the subclass's "save a copy every N steps" field (the host names it after the kind)
+    save_every_field: ClassVar[str] = ""
 
-    # --- the host's request fields (modules/api/api.py train_embedding → textual_inversion.train_embedding)
-    embedding_name: str = _opt("", "Embedding")
-    learn_rate: str = _opt(
-        "0.005", "Embedding Learning rate", help="A rate, or a schedule: 0.005:100, 1e-3:1000, 1e-5"
-    )
+    # --- the host's request fields (modules/api/api.py → textual_inversion.train_embedding /
+    # hypernetwork.train_hypernetwork); learn_rate and template_filename defaults differ by kind
+    learn_rate: str = _opt("0.005", "Learning rate", help="A rate, or a schedule: 0.005:100, 1e-3:1000, 1e-5")
     batch_size: int = _opt(1, "Batch size", minimum=1)
     gradient_step: int = _opt(1, "Gradient accumulation steps", minimum=1)
     data_root: str = _opt("", "Dataset directory")
@@ -207,11 +208,7 @@ class TrainEmbeddingConfig(ConfigBase):
     create_image_every: int = _opt(
         500, "Save an image to log directory every N steps, 0 to disable", minimum=0
     )
-    save_embedding_every: int = _opt(
-        500, "Save a copy of embedding to log directory every N steps, 0 to disable", minimum=0
-    )
     template_filename: str = _opt("style_filewords.txt", "Prompt template")
-    save_image_with_stored_embedding: bool = _opt(True, "Save images with embedding in PNG chunks")
     preview_from_txt2img: bool = _opt(
         False, "Read parameters (prompt, etc...) from txt2img tab when making previews"
     )
@@ -225,7 +222,6 @@ class TrainEmbeddingConfig(ConfigBase):
     preview_height: int = _opt(512, "Preview height", minimum=64, step=8)
 
     # --- host settings the in-tree trainer reads from opts (modules/shared_options.py, Training section)
-    embeddings_dir: str = _opt("embeddings", "Embeddings folder")
     templates_dir: str = _opt(DEFAULT_TEMPLATES_DIR, "Prompt templates folder")
     save_optimizer_state: bool = _opt(
         True,
@@ -241,10 +237,6 @@ class TrainEmbeddingConfig(ConfigBase):
     )
 
     # --- sdtrain's own options
-    embedding_file: str = _opt(
-        "", "Embedding file", help="Train this file instead of looking the name up in the embeddings folder"
-    )
-    save_format: str = _opt("pt", "File format of saved embeddings", choices=("pt", "safetensors"))
     lr_scheduler: str = _opt(
         "dsl", "Learning-rate schedule", choices=("dsl", "cosine", "constant_with_warmup")
     )
@@ -264,10 +256,37 @@ class TrainEmbeddingConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
+        _validate_training(self, self.save_every_field)
+
+    def template_path(self) -> str:
+        return find_template(self.templates_dir, self.template_filename)
+
+
+@dataclass
+class TrainEmbeddingConfig(TrainingConfig):
+    """Everything a textual-inversion run needs. Names and defaults as A1111 v1.10.1."""
+
+    kind: ClassVar[str] = "train_embedding"
+    save_every_field: ClassVar[str] = "save_embedding_every"
+
+    embedding_name: str = _opt("", "Embedding")
+    learn_rate: str = _opt(
+        "0.005", "Embedding Learning rate", help="A rate, or a schedule: 0.005:100, 1e-3:1000, 1e-5"
+    )
+    save_embedding_every: int = _opt(
+        500, "Save a copy of embedding to log directory every N steps, 0 to disable", minimum=0
+    )
+    save_image_with_stored_embedding: bool = _opt(True, "Save images with embedding in PNG chunks")
+    embeddings_dir: str = _opt("embeddings", "Embeddings folder")
+    embedding_file: str = _opt(
+        "", "Embedding file", help="Train this file instead of looking the name up in the embeddings folder"
+    )
+    save_format: str = _opt("pt", "File format of saved embeddings", choices=("pt", "safetensors"))
+
+    def validate(self) -> None:
         _check_name("embedding_name", self.embedding_name)
-        _validate_training(self, "save_embedding_every")
-        template = self.template_path()
-        with open(template, encoding="utf-8") as fh:
+        super().validate()
+        with open(self.template_path(), encoding="utf-8") as fh:
             text = fh.read()
         _require(
             "[name]" in text,
@@ -278,9 +297,6 @@ class TrainEmbeddingConfig(ConfigBase):
             _require(
                 os.path.isfile(self.embedding_file), "embedding_file", f"no such file: {self.embedding_file}"
             )
-
-    def template_path(self) -> str:
-        return find_template(self.templates_dir, self.template_filename)
 
 
 #: The host UI's hypernetwork activation list (modules/hypernetworks/ui.py: every activation name but
@@ -429,37 +445,16 @@ class CreateHypernetworkConfig(ConfigBase):
 
 
 @dataclass
-class TrainHypernetworkConfig(ConfigBase):
+class TrainHypernetworkConfig(TrainingConfig):
     """Everything a hypernetwork run needs: the host's train_hypernetwork fields and defaults (A1111
-    v1.10.1), the Training settings it reads, and sdtrain's own options (as TrainEmbeddingConfig)."""
+    v1.10.1), the Training settings it reads, and sdtrain's own options."""
 
     kind: ClassVar[str] = "train_hypernetwork"
+    save_every_field: ClassVar[str] = "save_hypernetwork_every"
 
-    # --- the host's request fields (modules/api/api.py train_hypernetwork → hypernetwork.train_hypernetwork)
     hypernetwork_name: str = _opt("", "Hypernetwork")
     learn_rate: str = _opt(
         "0.00001", "Hypernetwork Learning rate", help="A rate, or a schedule: 1e-5:100, 1e-6:1000"
-    )
-    batch_size: int = _opt(1, "Batch size", minimum=1)
-    gradient_step: int = _opt(1, "Gradient accumulation steps", minimum=1)
-    data_root: str = _opt("", "Dataset directory")
-    log_directory: str = _opt("textual_inversion", "Log directory")
-    training_width: int = _opt(512, "Width", minimum=64, maximum=2048, step=8)
-    training_height: int = _opt(512, "Height", minimum=64, maximum=2048, step=8)
-    varsize: bool = _opt(False, "Do not resize images")
-    steps: int = _opt(100000, "Max steps", minimum=1)
-    clip_grad_mode: str = _opt("disabled", "Gradient Clipping", choices=("disabled", "value", "norm"))
-    clip_grad_value: str = _opt(
-        "0.1", "Gradient clip value", help="A value or a schedule, like the learning rate"
-    )
-    shuffle_tags: bool = _opt(False, "Shuffle tags by ',' when creating prompts.")
-    tag_drop_out: float = _opt(0.0, "Drop out tags when creating prompts.", minimum=0.0, maximum=1.0)
-    latent_sampling_method: str = _opt(
-        "once", "Choose latent sampling method", choices=("once", "deterministic", "random")
-    )
-    use_weight: bool = _opt(False, "Use PNG alpha channel as loss weight")
-    create_image_every: int = _opt(
-        500, "Save an image to log directory every N steps, 0 to disable", minimum=0
     )
     save_hypernetwork_every: int = _opt(
         500, "Save a copy of hypernetwork to log directory every N steps, 0 to disable", minimum=0
@@ -467,35 +462,7 @@ class TrainHypernetworkConfig(ConfigBase):
     template_filename: str = _opt(
         "hypernetwork.txt", "Prompt template", help="Hypernetwork templates need no [name]"
     )
-    preview_from_txt2img: bool = _opt(
-        False, "Read parameters (prompt, etc...) from txt2img tab when making previews"
-    )
-    preview_prompt: str = _opt("", "Preview prompt")
-    preview_negative_prompt: str = _opt("", "Preview negative prompt")
-    preview_steps: int = _opt(20, "Preview sampling steps", minimum=1)
-    preview_sampler_name: str = _opt("Euler a", "Preview sampler")
-    preview_cfg_scale: float = _opt(7.0, "Preview CFG scale")
-    preview_seed: int = _opt(-1, "Preview seed")
-    preview_width: int = _opt(512, "Preview width", minimum=64, step=8)
-    preview_height: int = _opt(512, "Preview height", minimum=64, step=8)
-
-    # --- host settings the in-tree trainer reads (command line and modules/shared_options.py)
     hypernetwork_dir: str = _opt("models/hypernetworks", "Hypernetworks folder")
-    templates_dir: str = _opt(DEFAULT_TEMPLATES_DIR, "Prompt templates folder")
-    save_optimizer_state: bool = _opt(
-        True,
-        "Save optimizer state (.optim) to resume training",
-        help="The host keeps this off by default; sdtrain keeps it on.",
-    )
-    save_training_settings_to_txt: bool = _opt(True, "Save training settings to a file when training starts")
-    training_write_csv_every: int = _opt(500, "Save the loss CSV every N steps, 0 to disable", minimum=0)
-    dataset_filename_word_regex: str = _opt("", "Filename word regex")
-    dataset_filename_join_string: str = _opt(" ", "Filename join string")
-    training_image_repeats_per_epoch: int = _opt(
-        1, "Repeats per image per epoch (epoch display only)", minimum=1
-    )
-
-    # --- sdtrain's own options
     hypernetwork_file: str = _opt(
         "",
         "Hypernetwork file",
@@ -506,31 +473,15 @@ class TrainHypernetworkConfig(ConfigBase):
         "Optimizer (a torch.optim class)",
         help="Created with the learning rate only, as the host; its name is stored in the .optim file",
     )
-    lr_scheduler: str = _opt(
-        "dsl", "Learning-rate schedule", choices=("dsl", "cosine", "constant_with_warmup")
-    )
-    lr_warmup_steps: int = _opt(0, "Warm-up steps (cosine, constant_with_warmup)", minimum=0)
-    lr_min: float = _opt(0.0, "Final learning rate (cosine)", minimum=0.0)
-    flip_p: float = _opt(0.0, "Random horizontal flip probability", minimum=0.0, maximum=1.0)
-    crop: str = _opt("resize", "Fit images by", choices=("resize", "center", "random"))
-    seed: int = _opt(-1, "Seed (-1: random)")
-    validation_every: int = _opt(
-        0, "Measure fixed-noise validation loss every N steps, 0 to disable", minimum=0
-    )
-    validation_images: int = _opt(4, "Images used for the validation loss", minimum=1)
-    gradient_checkpointing: bool = _opt(False, "Gradient checkpointing (less memory, slower)")
     attention_optimization: bool = _opt(
         False,
         "Use the host's cross-attention optimization while training",
         help="The host always turns it off for hypernetwork training",
     )
-    mixed_precision: str = _opt("auto", "Mixed precision", choices=("auto", "no", "fp16", "bf16"))
-    nan_guard: bool = _opt(True, "Stop when the loss is not finite (keeps the last good save)")
 
     def validate(self) -> None:
-        super().validate()
         _check_name("hypernetwork_name", self.hypernetwork_name)
-        _validate_training(self, "save_hypernetwork_every")
+        super().validate()
         from lib_sdtrain.core.hypernetwork import optimizer_class
 
         optimizer_class(self.optimizer_name)
@@ -540,9 +491,6 @@ class TrainHypernetworkConfig(ConfigBase):
                 "hypernetwork_file",
                 f"no such file: {self.hypernetwork_file}",
             )
-
-    def template_path(self) -> str:
-        return find_template(self.templates_dir, self.template_filename)
 
 
 def _validate_training(cfg: Any, save_every_field: str) -> None:
