@@ -12,12 +12,14 @@ if [ ! -f "$STAMP" ]; then
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
   PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+  # this machine's pip.conf lists local indexes that lack most packages: pip warns once per package
+  quiet() { "$@" 2> >(grep -v "WARNING: Location '" >&2); }
   # torch first, alone, pinned: any other route could resolve a CUDA build.
-  "${PIP[@]}" install -c "$ROOT/tools/constraints.txt" torch==2.13.0
-  "${PIP[@]}" install -c "$ROOT/tools/constraints.txt" -r "$ROOT/tools/requirements-dev.txt"
+  quiet "${PIP[@]}" install -c "$ROOT/tools/constraints.txt" torch==2.13.0
+  quiet "${PIP[@]}" install -c "$ROOT/tools/constraints.txt" -r "$ROOT/tools/requirements-dev.txt"
   # ldm (A1111's model code) and open_clip come without their stale pins; torchvision is only
   # needed for imports (make_grid, transforms) and the sole build matching torch 2.13 is a CUDA one.
-  "${PIP[@]}" install --no-deps stable-diffusion-sdkit==2.1.5 open-clip-torch==2.20.0 torchvision==0.28.0
+  quiet "${PIP[@]}" install --no-deps stable-diffusion-sdkit==2.1.5 open-clip-torch==2.20.0 torchvision==0.28.0
   "$VENV/bin/python" "$ROOT/tools/patch_torchvision.py"
   touch "$STAMP"
 fi

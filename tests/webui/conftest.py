@@ -6,6 +6,10 @@ every test here is skipped. Nothing is downloaded: the fixtures write a tiny ran
 (768-wide CLIP, so the webui's SD1 code paths apply), its yaml, and the CLIP tokenizer/config in
 the Hugging Face cache layout, into a temporary data dir (--data-dir), and copy this working tree
 into its extensions/ folder, as "Install from URL" would.
+
+Two more model families get their own tiny checkpoints and servers (tests/webui/test_a1111_families.py):
+an SD2 (OpenCLIP text encoder, v-prediction) and an SD1 inpainting model (9-channel UNet, hybrid
+conditioning). Each loads through the webui's own `<ckpt>.yaml` lookup, with no change to the webui.
 """
 
 from __future__ import annotations
@@ -39,6 +43,23 @@ if getattr(_init, "__sdtrain_test_compat__", False) is False:
         _init(self)
     __init__.__sdtrain_test_compat__ = True
     data.Sampler.__init__ = __init__
+'''
+
+
+#: A test-only shim, installed as a second extension of the SD2 server only. The webui builds
+#: `FrozenOpenCLIPEmbedder(arch=..., version=...)` from the checkpoint's yaml, and open_clip knows only
+#: registered architectures; a real SD2 names "ViT-H-14", which open_clip ships. The tiny SD2's toy
+#: architecture (written by `sd2_cond_stage`) must be registered in the webui process before the
+#: model loads: extension scripts are imported before the webui's model-loading thread starts
+#: (modules/initialize.py). `version: null` in the yaml means no pretrained weights are fetched, and
+#: the webui creates the model with open_clip's weight loading disabled anyway
+#: (modules/sd_disable_initialization.py); the weights come from the checkpoint.
+OPEN_CLIP_ARCH_SCRIPT = '''
+from pathlib import Path
+
+import open_clip
+
+open_clip.add_model_config(Path(__file__).resolve().parents[1] / "open_clip_configs")
 '''
 
 
@@ -92,6 +113,54 @@ def webui_assets(tmp_path_factory):
     return {"root": root, "ckpt": ckpt, "hf": root / "hf", "data": data, "extension": ext}
 
 
+@pytest.fixture(scope="session")
+def sd2_assets(webui_assets):
+    """`webui_assets` with a tiny SD2 instead: FrozenOpenCLIPEmbedder (penultimate layer) over a toy
+    OpenCLIP architecture 64 wide, v-prediction (`parameterization: "v"`, as v2-inference-v.yaml),
+    and the test-only extension that registers the architecture with open_clip in the webui."""
+    from lib_sdtrain.hosts.standalone.tiny import (
+        build_tiny_sd2,
+        save_tiny_checkpoint,
+        sd2_cond_stage,
+        write_tiny_yaml,
+    )
+
+    root = webui_assets["root"]
+    build = root / "build-sd2"
+    kw = {"text_width": 64, "text_layers": 2, "text_heads": 2}
+    model = build_tiny_sd2(build, **kw, unet_channels=32, seed=1, prediction="v")
+    cond = sd2_cond_stage(build, **kw)
+    cond["params"].pop("device")  # as in v2-inference-v.yaml: the webui's hijack places the tokens
+    ckpt_dir = root / "models-sd2"
+    ckpt_dir.mkdir()
+    ckpt = save_tiny_checkpoint(model, ckpt_dir / "tiny-sd2.safetensors")
+    write_tiny_yaml(ckpt_dir / "tiny-sd2.yaml", text_width=64, unet_channels=32, prediction="v", cond_stage=cond)
+    configs = build / "open_clip_configs"
+    shim = {"scripts/register_arch.py": OPEN_CLIP_ARCH_SCRIPT,
+            **{f"open_clip_configs/{f.name}": f.read_text() for f in configs.glob("*.json")}}
+    shutil.rmtree(build)
+    return {**webui_assets, "ckpt": ckpt, "text_width": 64, "shims": {"sdtrain-test-open-clip-arch": shim}}
+
+
+@pytest.fixture(scope="session")
+def inpainting_assets(webui_assets):
+    """`webui_assets` with a tiny SD1 inpainting model instead (LatentInpaintDiffusion, hybrid
+    conditioning, 9 UNet input channels: configs/v1-inpainting-inference.yaml at toy sizes); its CLIP
+    is the one in the offline cache (768 wide, 2 layers, 12 heads)."""
+    from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint, write_tiny_yaml
+
+    root = webui_assets["root"]
+    build = root / "build-inpainting"
+    model = build_tiny_sd1(build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=2,
+                           inpainting=True)
+    ckpt_dir = root / "models-inpainting"
+    ckpt_dir.mkdir()
+    ckpt = save_tiny_checkpoint(model, ckpt_dir / "tiny-sd1-inpainting.safetensors")
+    write_tiny_yaml(ckpt_dir / "tiny-sd1-inpainting.yaml", text_width=768, unet_channels=32, inpainting=True)
+    shutil.rmtree(build)
+    return {**webui_assets, "ckpt": ckpt, "text_width": 768}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,9 +174,13 @@ class WebUI:
         ext_dir = self.dir / "extensions"
         ext_dir.mkdir(parents=True)
         shutil.copytree(assets["extension"], ext_dir / "sdtrain")
+        shims = dict(assets.get("shims", {}))
         if compat:
-            (ext_dir / "sdtrain-test-torch-compat" / "scripts").mkdir(parents=True)
-            (ext_dir / "sdtrain-test-torch-compat" / "scripts" / "compat.py").write_text(TORCH_COMPAT_SCRIPT)
+            shims["sdtrain-test-torch-compat"] = {"scripts/compat.py": TORCH_COMPAT_SCRIPT}
+        for shim, files in shims.items():  # test-only extensions: {name: {relative path: text}}
+            for rel, text in files.items():
+                (ext_dir / shim / rel).parent.mkdir(parents=True, exist_ok=True)
+                (ext_dir / shim / rel).write_text(text)
         if settings:
             (self.dir / "config.json").write_text(json.dumps(settings))
         self.embeddings = self.dir / "embeddings"
@@ -178,6 +251,20 @@ class WebUI:
 @pytest.fixture(scope="module")
 def webui(webui_assets):
     server = WebUI(webui_assets, "sdtrain")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sd2_webui(sd2_assets):
+    server = WebUI(sd2_assets, "sd2")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def inpainting_webui(inpainting_assets):
+    server = WebUI(inpainting_assets, "inpainting")
     yield server
     server.stop()
 

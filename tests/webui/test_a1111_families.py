@@ -1,0 +1,118 @@
+"""sdtrain on the other SD1/SD2-era families inside a real AUTOMATIC1111 webui (opt-in; see conftest.py).
+
+- SD2: the webui loads a tiny SD2 checkpoint from its yaml (FrozenOpenCLIPEmbedder, v-prediction),
+  detects it as SD2 and wraps the OpenCLIP encoder with its hijack
+  (sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords); sdtrain trains through that wrapper.
+- Inpainting: LatentInpaintDiffusion with hybrid conditioning (9 UNet input channels); sdtrain adds
+  the host's fully-masked concat conditioning (processing.txt2img_image_conditioning) to every step.
+
+Black-box: everything is checked over HTTP and on disk, as a user would see it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from lib_sdtrain.core.embedding_io import load_embedding
+
+pytestmark = pytest.mark.webui
+
+
+def create_and_train(server, data, name: str, *, steps: int = 10) -> tuple[torch.Tensor, dict]:
+    """Create `name` (2 vectors from "shape") and train it `steps` steps through the job routes, with
+    one preview (a txt2img through the host's processing) at the end; returns the vectors it was
+    created with and the finished training job."""
+    _, out = server.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {
+        "name": name, "num_vectors_per_token": 2, "init_text": "shape"}})
+    created = server.wait_job(out["id"])
+    assert created["state"] == "done", created
+    initial = load_embedding(server.embeddings / f"{name}.pt").vectors["*"].clone()
+    status, out = server.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": {
+        "embedding_name": name, "data_root": str(data), "steps": steps, "training_width": 64,
+        "training_height": 64, "learn_rate": "0.01", "template_filename": "subject_filewords.txt",
+        "create_image_every": steps, "save_embedding_every": 0, "preview_steps": 4, "seed": 3,
+        "log_directory": str(server.dir / "ti_log")}})
+    assert status == 202, out
+    return initial, server.wait_job(out["id"])
+
+
+def assert_trained(server, name: str, initial: torch.Tensor, job: dict, *, width: int, steps: int = 10) -> None:
+    assert job["state"] == "done", job
+    assert job["step"] == steps and [h[0] for h in job["loss_history"]] == list(range(1, steps + 1))
+    assert all(math.isfinite(h[1]) for h in job["loss_history"]), job["loss_history"]
+    saved = load_embedding(server.embeddings / f"{name}.pt")
+    assert saved.step == steps and tuple(saved.vectors["*"].shape) == (2, width)
+    assert torch.isfinite(saved.vectors["*"]).all()
+    assert len(job["previews"]) == 1 and Image.open(job["previews"][0]).size == (64, 64)
+    # the gradient reached the vectors through the host's hijacked text encoder
+    assert not torch.equal(saved.vectors["*"], initial)
+    # the host lists the trained file at once, at the text encoder's width
+    _, listed = server.get("/sdapi/v1/embeddings")
+    assert name in listed["loaded"], listed
+    assert listed["loaded"][name]["step"] == steps
+    assert listed["loaded"][name]["shape"] == width and listed["loaded"][name]["vectors"] == 2
+
+
+def txt2img_infotext(server, prompt: str) -> str:
+    status, out = server.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 4, "width": 64, "height": 64,
+                                                    "sampler_name": "Euler", "seed": 7})
+    assert status == 200, out
+    return json.loads(out["info"])["infotexts"][0]
+
+
+def assert_clean_log(server, config_name: str) -> None:
+    log = server.log_text()
+    assert re.search(rf"Creating model from config: \S*{re.escape(config_name)}", log), log[-3000:]
+    assert "Model loaded in" in log
+    lines = [ln for ln in log.splitlines() if not ln.startswith("Launching Web UI with arguments")]
+    bad = [ln for ln in lines if re.search(r"traceback|error|failed to create model|download", ln, re.I)]
+    assert bad == [], bad
+
+
+# -- SD2 --------------------------------------------------------------------------------------------
+def test_sd2_embedding_trains_lists_at_the_openclip_width_and_works_in_a_prompt(sd2_webui, sd2_assets):
+    s, width = sd2_webui, sd2_assets["text_width"]
+    initial, job = create_and_train(s, sd2_assets["data"], "sd2ti")
+    assert_trained(s, "sd2ti", initial, job, width=width)
+    info = txt2img_infotext(s, "a photo of sd2ti")
+    assert re.search(r'TI hashes: "[^"]*sd2ti: [0-9a-f]{12}', info), info
+    assert "tiny-sd2" in info
+    # the webui built the model from the yaml next to the checkpoint, with no fallback
+    assert_clean_log(s, "tiny-sd2.yaml")
+
+
+def test_sd2_embedding_only_fits_its_own_width(sd2_webui, webui_assets):
+    """An SD1-wide (768) file in the SD2 server's folder is skipped by the host and refused by sdtrain,
+    which names the family the adapter detected."""
+    from lib_sdtrain.core.embedding import Embedding
+    from lib_sdtrain.core.embedding_io import save_embedding_pt
+
+    s = sd2_webui
+    save_embedding_pt(Embedding(name="wide", vectors={"*": torch.zeros(1, 768)}, step=0), s.embeddings / "wide.pt")
+    status, out = s.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": {
+        "embedding_name": "wide", "data_root": str(webui_assets["data"]), "steps": 2, "training_width": 64,
+        "training_height": 64, "template_filename": "subject_filewords.txt", "create_image_every": 0,
+        "save_embedding_every": 0}})
+    assert status == 202, out
+    job = s.wait_job(out["id"])
+    assert job["state"] == "failed", job
+    assert "{'*': 768} do not fit this sd2 model's text encoders {'*': 64}" in job["error"], job
+    assert s.post("/sdapi/v1/refresh-embeddings")[0] == 200
+    _, listed = s.get("/sdapi/v1/embeddings")
+    assert "wide" not in listed["loaded"] and listed["skipped"]["wide"]["shape"] == 768, listed
+
+
+# -- SD1 inpainting ---------------------------------------------------------------------------------
+def test_inpainting_embedding_trains_with_the_concat_conditioning(inpainting_webui, inpainting_assets):
+    s, width = inpainting_webui, inpainting_assets["text_width"]
+    initial, job = create_and_train(s, inpainting_assets["data"], "inpti")
+    assert_trained(s, "inpti", initial, job, width=width)
+    info = txt2img_infotext(s, "a photo of inpti")
+    assert re.search(r'TI hashes: "[^"]*inpti: [0-9a-f]{12}', info), info
+    assert_clean_log(s, "tiny-sd1-inpainting.yaml")
