@@ -19,7 +19,6 @@ from lib_sdtrain.core.config import (
     HN_ACTIVATIONS,
     CreateHypernetworkConfig,
     TrainHypernetworkConfig,
-    job_config_types,
 )
 from lib_sdtrain.core.errors import ConfigError, FormatError, SdtrainError
 from lib_sdtrain.core.hypernetwork import (
@@ -35,7 +34,7 @@ from lib_sdtrain.core.hypernetwork import (
 )
 from lib_sdtrain.core.hypernetwork_attach import attach_hypernetworks, attention_modules
 from lib_sdtrain.core.hypernetwork_training import create_hypernetwork, train_hypernetwork
-from lib_sdtrain.core.runners import job_runners
+from lib_sdtrain.core.runners import job_config_types, job_runners
 from lib_sdtrain.core.samples import write_sample_dataset
 from lib_sdtrain.core.torchfile import load_torch_file, pickle_globals
 from lib_sdtrain.hosts.standalone.host import StandaloneHost
@@ -509,9 +508,6 @@ def test_train_config_defaults_and_registration(tmp_path):
     assert e.value.field == "optimizer_name"
     kinds = {"create_embedding", "train_embedding", "create_hypernetwork", "train_hypernetwork", "preprocess"}
     assert set(job_config_types()) == kinds and set(job_runners()) == kinds
-    from lib_sdtrain.core.textual_inversion import job_runners as ti_runners
-
-    assert set(ti_runners()) == kinds
 
 
 def test_create_hypernetwork(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 
 from lib_sdtrain.core.embedding_io import load_embedding
 from lib_sdtrain.core.jobs import JobService
+from lib_sdtrain.core.runners import job_runners
 from lib_sdtrain.core.samples import write_sample_dataset
-from lib_sdtrain.core.textual_inversion import job_runners
 from lib_sdtrain.hosts.standalone.host import StandaloneHost
 from lib_sdtrain.ui.train_tabs import UiContext, build_all_tabs
 

@@ -20,7 +20,7 @@ from lib_sdtrain.core.config import CreateEmbeddingConfig, TrainEmbeddingConfig
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.jobs import DONE, Job, JobService
 from lib_sdtrain.core.port import TrainingHost
-from lib_sdtrain.core.textual_inversion import job_runners
+from lib_sdtrain.core.runners import job_runners
 
 log = logging.getLogger("lib_sdtrain.cli")
 

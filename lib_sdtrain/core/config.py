@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lib_sdtrain.core.errors import ConfigError
+from lib_sdtrain.core.hypernetwork_spec import (
+    HN_ACTIVATIONS,
+    HN_MODULE_SIZES,
+    HN_WEIGHT_INITS,
+    check_layer_structure,
+    parse_float_list,
+)
 
 #: Our own copy of the host's six prompt templates (same names and placeholders).
 DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parents[2] / "textual_inversion_templates")
@@ -299,33 +306,6 @@ class TrainEmbeddingConfig(TrainingConfig):
             )
 
 
-#: The host UI's hypernetwork activation list (modules/hypernetworks/ui.py: every activation name but
-#: "hardswish" and "multiheadattention"), less "threshold", which neither the host nor we can build
-#: without arguments. tests/test_hypernetwork.py checks it against the installed torch.
-HN_ACTIVATIONS = (
-    "linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "celu", "gelu", "glu", "hardshrink",
-    "hardsigmoid", "hardtanh", "logsigmoid", "logsoftmax", "mish", "prelu", "rrelu", "relu6", "selu", "silu",
-    "softmax", "softmax2d", "softmin", "softplus", "softshrink", "softsign", "tanhshrink",
-)  # fmt: skip
-HN_WEIGHT_INITS = ("Normal", "KaimingUniform", "KaimingNormal", "XavierUniform", "XavierNormal")
-#: The sizes the host's "Modules" checkboxes offer (320/640/1280: self-attention; 768/1024: text).
-HN_MODULE_SIZES = (768, 1024, 320, 640, 1280)
-
-
-def parse_float_list(value: Any, field: str) -> list[float]:
-    """ "1, 2, 1" or [1, 2, 1] → [1.0, 2.0, 1.0] (the host parses its text boxes with float())."""
-    if isinstance(value, str):
-        try:
-            return [float(p.strip()) for p in value.split(",")]
-        except ValueError:
-            raise ConfigError(field, f"expected comma-separated numbers, got {value!r}") from None
-    if isinstance(value, (list, tuple)):
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
-            raise ConfigError(field, f"expected numbers, got {value!r}")
-        return [float(v) for v in value]
-    raise ConfigError(field, f"expected numbers like '1, 2, 1', got {value!r}")
-
-
 def _as_text_list(value: Any) -> Any:
     """A JSON list for a comma-separated text field becomes that text ([1, 2, 1] → "1, 2, 1")."""
     if isinstance(value, (list, tuple)):
@@ -410,8 +390,6 @@ class CreateHypernetworkConfig(ConfigBase):
             isinstance(sizes, tuple) and len(sizes) > 0, "enable_sizes", "select at least one module size"
         )
         _require(all(s > 0 for s in sizes), "enable_sizes", f"sizes must be positive, got {list(sizes)}")
-        from lib_sdtrain.core.hypernetwork import check_layer_structure
-
         structure = self.layer_structure_list()
         check_layer_structure(structure)
         for size in sizes:
@@ -548,18 +526,3 @@ def find_template(templates_dir: str, filename: str) -> str:
         if filename in files:
             return os.path.join(root, filename)
     return os.path.join(templates_dir, filename)
-
-
-def job_config_types() -> dict[str, type[ConfigBase]]:
-    from lib_sdtrain.core.preprocess import PreprocessConfig  # it builds on this module
-
-    return {
-        c.kind: c
-        for c in (
-            CreateEmbeddingConfig,
-            TrainEmbeddingConfig,
-            CreateHypernetworkConfig,
-            TrainHypernetworkConfig,
-            PreprocessConfig,
-        )
-    }

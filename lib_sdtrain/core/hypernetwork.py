@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch.nn.init import kaiming_normal_, kaiming_uniform_, normal_, xavier_normal_, xavier_uniform_, zeros_
 
-from lib_sdtrain.core.config import HN_WEIGHT_INITS as WEIGHT_INITS
-from lib_sdtrain.core.config import parse_float_list
 from lib_sdtrain.core.embedding_io import load_optim, save_optim
 from lib_sdtrain.core.errors import ConfigError, FormatError
+from lib_sdtrain.core.hypernetwork_spec import HN_WEIGHT_INITS as WEIGHT_INITS
+from lib_sdtrain.core.hypernetwork_spec import check_layer_structure, parse_float_list
 from lib_sdtrain.core.torchfile import load_torch_file, save_torch_file
 
 __all__ = [
@@ -113,18 +113,6 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 
 
 # --- structure -------------------------------------------------------------------------------------
-
-
-def check_layer_structure(layer_structure: Sequence[float] | None, field: str = "layer_structure") -> None:
-    if layer_structure is None or len(layer_structure) < 2:
-        raise ConfigError(field, f"needs at least two entries, like 1, 2, 1; got {layer_structure!r}")
-    if layer_structure[0] != 1 or layer_structure[-1] != 1:
-        raise ConfigError(
-            field,
-            f"must start and end with 1 (sizes are multiples of the width); got {list(layer_structure)}",
-        )
-    if any(not (x > 0) for x in layer_structure):
-        raise ConfigError(field, f"every entry must be positive; got {list(layer_structure)}")
 
 
 def parse_dropout_structure(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lib_sdtrain.core.config import (
+    ConfigBase,
     CreateEmbeddingConfig,
     CreateHypernetworkConfig,
     TrainEmbeddingConfig,
@@ -43,6 +44,11 @@ def preprocess(host: TrainingHost, cfg: PreprocessConfig, control: JobControl | 
         found = host.captioners()
         return run_preprocess(cfg, _SessionControl(control, session), captioner=found.get("blip"),
                               deepbooru=found.get("deepbooru"))
+
+
+def job_config_types() -> dict[str, type[ConfigBase]]:
+    """kind → config class, for the surfaces (forms, schemas, validation)."""
+    return {kind: cls for kind, (cls, _) in job_runners().items()}
 
 
 def job_runners() -> dict[str, tuple[type, Any]]:

@@ -202,20 +202,11 @@ def train_embedding(
     return run_training(host, cfg, control, EmbeddingTraining(host, cfg))
 
 
-def job_runners() -> dict[str, tuple[type, Any]]:
-    """Every job kind of the core (textual inversion and hypernetworks), for `JobService`.
-    Kept here for callers that know this module; `lib_sdtrain.core.runners` is the home."""
-    from lib_sdtrain.core.runners import job_runners as all_runners
-
-    return all_runners()
-
-
 __all__ = [
     "EmbeddingTraining",
     "TrainResult",
     "create_embedding",
     "find_embedding_file",
-    "job_runners",
     "report_text",
     "train_embedding",
 ]

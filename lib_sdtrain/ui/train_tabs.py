@@ -20,11 +20,11 @@ from lib_sdtrain.core.config import (
     CreateHypernetworkConfig,
     TrainEmbeddingConfig,
     TrainHypernetworkConfig,
-    job_config_types,
 )
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.jobs import FINISHED_STATES, Job, JobService
 from lib_sdtrain.core.plot import draw_loss_curve
+from lib_sdtrain.core.runners import job_config_types
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,8 @@ import os
 import threading
 from typing import Any
 
-from lib_sdtrain.core.config import job_config_types
 from lib_sdtrain.core.jobs import JobControl, JobService
-from lib_sdtrain.core.runners import job_runners
+from lib_sdtrain.core.runners import job_config_types, job_runners
 from lib_sdtrain.hosts.a1111.host import A1111Host
 
 log = logging.getLogger(__name__)
