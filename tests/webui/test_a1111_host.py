@@ -235,3 +235,30 @@ def test_preprocess_mixed_images_then_train_on_them(webui):
         "create_image_every": 0, "save_embedding_every": 0, "template_filename": "subject_filewords.txt"}})
     job = webui.wait_job(out["id"])
     assert job["state"] == "done" and job["step"] == 10
+
+
+def test_reload_ui_keeps_one_service_and_re_adds_everything(webui):
+    """Settings → Reload UI re-runs scripts/ and builds a new app: the job service (and its one
+    worker) survives, routes and tabs come back once, and nothing errors."""
+    _, before = webui.get("/sdtrain/v1/jobs")
+    assert before, "earlier tests ran jobs"
+    _, config = webui.get("/config")
+    ids = {c["id"]: c["props"].get("elem_id") for c in config["components"]}
+    reload_fn = next(i for i, d in enumerate(config["dependencies"])
+                     if any(ids.get(t) == "settings_restart_gradio" for t in d["targets"]))
+    marker = len(webui.log_text())
+    status, _ = webui.post("/run/predict", {"fn_index": reload_fn, "data": [], "session_hash": "sdtrain-test"})
+    assert status == 200
+    deadline = time.time() + 120
+    while "Startup time:" not in webui.log_text()[marker:] and time.time() < deadline:
+        time.sleep(0.5)
+    assert "Startup time:" in webui.log_text()[marker:]
+    _, after = webui.get("/sdtrain/v1/jobs")
+    assert [j["id"] for j in after] == [j["id"] for j in before]  # the same service
+    status, out = webui.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {"name": "afterreload"}})
+    assert status == 202 and webui.wait_job(out["id"])["state"] == "done"
+    _, config = webui.get("/config")
+    tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
+    assert tabs.count("Train embedding (sdtrain)") == 1
+    new_log = webui.log_text()[marker:]
+    assert not [ln for ln in new_log.splitlines() if "sdtrain" in ln.lower() and re.search(r"error|traceback", ln, re.I)]
