@@ -64,16 +64,17 @@ def check_fits(emb: Embedding, info: ModelInfo, path: str) -> None:
         )
 
 
-def _metadata(cfg: TrainEmbeddingConfig, info: ModelInfo, step: int) -> dict[str, str]:
+def _metadata(cfg: TrainEmbeddingConfig, info: ModelInfo, prediction: str, step: int) -> dict[str, str]:
+    """How the file was trained, for readers like the webui's Lora code that classify files by
+    metadata (SAI model-spec names; SD2 768-v predicts velocity, SD2 512 noise)."""
+    arch = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base",
+            "sd2": "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"}[info.family]
     return {
         "sdtrain.version": "1",
         "sdtrain.step": str(step),
+        "sdtrain.prediction": prediction,
         "sdtrain.config": json.dumps(cfg.to_dict(), sort_keys=True),
-        "modelspec.architecture": {
-            "sd1": "stable-diffusion-v1/textual-inversion",
-            "sd2": "stable-diffusion-v2-768-v/textual-inversion",
-            "sdxl": "stable-diffusion-xl-v1-base/textual-inversion",
-        }[info.family],
+        "modelspec.architecture": f"{arch}/textual-inversion",
     }
 
 
@@ -111,6 +112,7 @@ class EmbeddingTraining(TrainingKind):
         self.cfg = cfg
         self.name = cfg.embedding_name
         self.info = host.describe()
+        self.prediction = host.noise_schedule().prediction
         src = cfg.embedding_file or find_embedding_file(cfg.embeddings_dir, self.name)
         if not src:
             raise SdtrainError(f"no embedding named {self.name!r} in {cfg.embeddings_dir}; create it first")
@@ -170,7 +172,7 @@ class EmbeddingTraining(TrainingKind):
 
     def save(self, optimizer: torch.optim.Optimizer, step: int, path: str, stored_name: str) -> None:
         emb = self.snapshot(step, stored_name)
-        save_embedding_file(emb, path, _metadata(self.cfg, self.info, step))
+        save_embedding_file(emb, path, _metadata(self.cfg, self.info, self.prediction, step))
         if self.cfg.save_optimizer_state:
             save_optim(path, optimizer.state_dict(), emb.checksum())
 

@@ -110,7 +110,7 @@ def webui_assets(tmp_path_factory):
     ext = root / "sdtrain-copy"
     shutil.copytree(REPO, ext, ignore=shutil.ignore_patterns(
         ".git", ".venv", "__pycache__", "*.pyc", "demo_out", ".pytest_cache", ".ruff_cache", "tests"))
-    return {"root": root, "ckpt": ckpt, "hf": root / "hf", "data": data, "extension": ext}
+    return {"root": root, "ckpt": ckpt, "hf": root / "hf", "clip_dir": snap, "data": data, "extension": ext}
 
 
 @pytest.fixture(scope="session")

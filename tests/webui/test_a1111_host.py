@@ -7,6 +7,7 @@ import io
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +19,11 @@ pytestmark = pytest.mark.webui
 
 
 def train_body(name: str, data, **kw) -> dict:
-    """Only some of the host's fields: sdtrain fills the rest with the host UI's defaults."""
+    """Only some of the host's fields: sdtrain fills the rest with the host UI's defaults (but the
+    log folder, which would default to the webui's working directory)."""
+    log_dir = str(Path(data).parent / "ti_log")
     return {"embedding_name": name, "data_root": str(data), "steps": 30, "training_width": 64,
+            "log_directory": log_dir,
             "training_height": 64, "learn_rate": "0.01", "template_filename": "subject_filewords.txt",
             "create_image_every": 0, "save_embedding_every": 10, "preview_steps": 4, **kw}
 
@@ -232,7 +236,8 @@ def test_preprocess_mixed_images_then_train_on_them(webui):
     webui.wait_job(webui.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {"name": "prepti"}})[1]["id"])
     _, out = webui.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": {
         "embedding_name": "prepti", "data_root": str(dst), "steps": 10, "training_width": 64, "training_height": 64,
-        "create_image_every": 0, "save_embedding_every": 0, "template_filename": "subject_filewords.txt"}})
+        "create_image_every": 0, "save_embedding_every": 0, "template_filename": "subject_filewords.txt",
+        "log_directory": str(webui.dir / "prep_log")}})
     job = webui.wait_job(out["id"])
     assert job["state"] == "done" and job["step"] == 10
 

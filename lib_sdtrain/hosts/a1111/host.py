@@ -145,17 +145,23 @@ class A1111Host:
         # embedding, ours included (modules/sd_hijack_clip.py, sd_hijack.EmbeddingsWithFixes)
         return self.model().cond_stage_model(prompts)
 
+    def _inpaint_conditioning(self, x_t: torch.Tensor) -> torch.Tensor:
+        """What an inpainting UNet takes besides the noisy latents: the whole image masked, as the
+        host's trainer and txt2img give it (processing.txt2img_image_conditioning): a mask channel of
+        ones and the latent of a mid-grey image. The latent is the VAE's posterior *mean*, where the
+        host draws a sample (get_first_stage_encoding) from torch's global RNG: that made a seeded
+        run unrepeatable on inpainting models and moved the webui's RNG stream. Once per latent size."""
+        key = (tuple(x_t.shape[2:]), x_t.dtype, x_t.device)
+        if key not in self._inpaint_cache:
+            grey = torch.zeros((1, 3, x_t.shape[-2] * 8, x_t.shape[-1] * 8))  # 0 is mid-grey in [-1, 1]
+            latent = self.encode_images(grey).mean.to(x_t.device, x_t.dtype)
+            self._inpaint_cache = {key: torch.nn.functional.pad(latent, (0, 0, 0, 0, 1, 0), value=1.0)}
+        return self._inpaint_cache[key].expand(x_t.shape[0], -1, -1, -1)
+
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         m = self.model()
-        if m.model.conditioning_key in {"hybrid", "concat"}:
-            # inpainting checkpoints: the whole image masked, as the host's trainer does
-            key = (tuple(x_t.shape), x_t.dtype, x_t.device)
-            if key not in self._inpaint_cache:
-                _, _, processing, _, _, _ = _modules()
-                h, w = x_t.shape[-2] * 8, x_t.shape[-1] * 8
-                with torch.no_grad():
-                    self._inpaint_cache = {key: processing.txt2img_image_conditioning(m, x_t, w, h)}
-            cond = {"c_concat": [self._inpaint_cache[key]], "c_crossattn": [cond]}
+        if m.model.conditioning_key in {"hybrid", "concat"}:  # inpainting checkpoints
+            cond = {"c_concat": [self._inpaint_conditioning(x_t)], "c_crossattn": [cond]}
         return m.apply_model(x_t, t, cond).float()
 
     def initial_vectors(self, init_text: str, n_vectors: int) -> dict[str, torch.Tensor]:
