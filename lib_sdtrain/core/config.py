@@ -23,6 +23,7 @@ from lib_sdtrain.core.hypernetwork_spec import (
     check_layer_structure,
     parse_float_list,
 )
+from lib_sdtrain.core.lr_schedule import Schedule, make_schedule
 
 #: Our own copy of the host's six prompt templates (same names and placeholders).
 DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parents[2] / "textual_inversion_templates")
@@ -268,6 +269,20 @@ class TrainingConfig(ConfigBase):
     def template_path(self) -> str:
         return find_template(self.templates_dir, self.template_filename)
 
+    def lr_schedule(self, cur_step: int = 0, gradient_step: int = 1) -> Schedule:
+        """The learning-rate schedule from `cur_step` (a resume). The host advances its schedule
+        once per micro-batch, so the accumulation count is part of it."""
+        return make_schedule(self.lr_scheduler, self.learn_rate, self.steps, cur_step,
+                             warmup_steps=self.lr_warmup_steps, min_lr=self.lr_min, field="learn_rate",
+                             gradient_step=gradient_step)
+
+    def clip_schedule(self, cur_step: int = 0, gradient_step: int = 1) -> Schedule | None:
+        """The clip-value schedule (the learning-rate DSL, as the host), or None without clipping."""
+        if self.clip_grad_mode == "disabled":
+            return None
+        return make_schedule("dsl", self.clip_grad_value, self.steps, cur_step, field="clip_grad_value",
+                             gradient_step=gradient_step)
+
 
 @dataclass
 class TrainEmbeddingConfig(TrainingConfig):
@@ -474,24 +489,12 @@ class TrainHypernetworkConfig(TrainingConfig):
 def _validate_training(cfg: Any, save_every_field: str) -> None:
     """The checks every training config shares (TI and hypernetwork: the host's validate_train_inputs
     and more), each naming its field."""
-    # Imported here to keep config importable on its own; both live in core.
-    from lib_sdtrain.core.lr_schedule import make_schedule
-
-    make_schedule(
-        cfg.lr_scheduler,
-        cfg.learn_rate,
-        cfg.steps,
-        0,
-        warmup_steps=cfg.lr_warmup_steps,
-        min_lr=cfg.lr_min,
-        field="learn_rate",
-    )
+    cfg.lr_schedule()
     for name in ("batch_size", "gradient_step", "steps"):
         _require(getattr(cfg, name) > 0, name, "must be a positive integer")
     for name in ("create_image_every", save_every_field, "training_write_csv_every", "validation_every"):
         _require(getattr(cfg, name) >= 0, name, "must be 0 (off) or a positive integer")
-    if cfg.clip_grad_mode != "disabled":
-        make_schedule("dsl", cfg.clip_grad_value, cfg.steps, 0, field="clip_grad_value")
+    cfg.clip_schedule()
     _require(0.0 <= cfg.tag_drop_out <= 1.0, "tag_drop_out", "must be between 0 and 1")
     _require(0.0 <= cfg.flip_p <= 1.0, "flip_p", "must be between 0 and 1")
     for name in ("training_width", "training_height", "preview_width", "preview_height"):

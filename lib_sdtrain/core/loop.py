@@ -75,12 +75,9 @@ class LoopState:
     last_loss: float = float("nan")
     last_lr: float = 0.0
     last_prompt: str = ""
-    last_save: str = ""
-    last_preview: str = ""
     started: float = field(default_factory=time.time)
     start_step: int = 0
     stopped: bool = False
-    finished_schedule: bool = False
 
 
 @dataclass
@@ -125,7 +122,6 @@ def run_loop(
             if j >= micro_per_epoch:  # drop-last for accumulation, as the host does
                 break
             if hooks.finished(state.step):
-                state.finished_schedule = True
                 return state
             if hooks.should_stop():
                 state.stopped = True
@@ -198,14 +194,6 @@ def write_loss_row(log_dir: str, filename: str, step: int, epoch_len: int, loss:
             w.writerow(["step", "epoch", "epoch_step", "loss", "learn_rate"])
         w.writerow([step, (step - 1) // epoch_len, (step - 1) % epoch_len, f"{loss:.7f}", lr])
     return path
-
-
-def read_loss_csv(path: str) -> list[tuple[int, float]]:
-    rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            rows.append((int(row["step"]), float(row["loss"])))
-    return rows
 
 
 def eta_text(state: LoopState) -> str:

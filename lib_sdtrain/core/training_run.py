@@ -39,7 +39,6 @@ from lib_sdtrain.core.loop import (
     run_loop,
     write_loss_row,
 )
-from lib_sdtrain.core.lr_schedule import make_schedule
 from lib_sdtrain.core.plot import save_loss_curve
 from lib_sdtrain.core.port import ModelInfo, PreviewRequest, SessionOptions, TrainingHost
 from lib_sdtrain.core.training_data import TrainingData, prepare_training_data, validation_loss
@@ -248,7 +247,6 @@ class TrainingRun:
         os.makedirs(images_dir, exist_ok=True)
         path = os.path.join(images_dir, f"{self.name}-{state.step}.png")
         atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-        state.last_preview = path
         self.files.append(path)
         self.emit("preview", path=path, step=state.step, prompt=req.prompt)
         self.kind.after_preview(self, image, state)
@@ -281,27 +279,8 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         validation_count=cfg.validation_images,
         require_name=kind.require_name_in_template,
     )
-    # the host advances its schedule once per micro-batch, so the accumulation count matters
-    lr_sched = make_schedule(
-        cfg.lr_scheduler,
-        cfg.learn_rate,
-        cfg.steps,
-        kind.initial_step,
-        warmup_steps=cfg.lr_warmup_steps,
-        min_lr=cfg.lr_min,
-        field="learn_rate",
-        gradient_step=data.gradient_step,
-    )
-    clip_sched = None
-    if cfg.clip_grad_mode != "disabled":
-        clip_sched = make_schedule(
-            "dsl",
-            cfg.clip_grad_value,
-            cfg.steps,
-            kind.initial_step,
-            field="clip_grad_value",
-            gradient_step=data.gradient_step,
-        )
+    lr_sched = cfg.lr_schedule(kind.initial_step, data.gradient_step)
+    clip_sched = cfg.clip_schedule(kind.initial_step, data.gradient_step)
     for path, reason in data.skipped:
         run.emit("log", text=f"skipped {path}: {reason}")
     for note in kind.notes(run.info):
@@ -367,7 +346,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             if kind.save_every and st.step % kind.save_every == 0 and run.log_dir:
                 stem, stored = kind.intermediate(st.step)
                 path = os.path.join(run.log_dir, kind.log_subdir, f"{stem}.{kind.file_ext}")
-                st.last_save = run.save(optimizer, st.step, path, stored, "intermediate")
+                run.save(optimizer, st.step, path, stored, "intermediate")
                 kind.after_intermediate(st.step, stored)
                 curve()
             if cfg.validation_every and st.step % cfg.validation_every == 0:
