@@ -5,13 +5,11 @@ Reload UI; `lib_sdtrain` itself stays imported, so the job service (one worker) 
 This file only wires: host adapter → job service → UI tabs and HTTP routes.
 """
 
-from modules import script_callbacks, shared
+from modules import script_callbacks
 
 from lib_sdtrain.api.routes import ApiOptions, mount
 from lib_sdtrain.hosts.a1111 import runtime
 from lib_sdtrain.ui.train_tabs import UiContext, build_all_tabs
-
-SETTING_REPLACE_ROUTES = "sdtrain_serve_host_training_routes"
 
 
 def _ui_context(preview_params=None) -> UiContext:
@@ -42,25 +40,17 @@ def on_ui_tabs():
     return [(tab, "Train (sdtrain)", "sdtrain_tab")]
 
 
-def on_ui_settings():
-    section = ("sdtrain", "sdtrain")
-    shared.opts.add_option(SETTING_REPLACE_ROUTES, shared.OptionInfo(
-        True, "Serve the webui's /sdapi/v1/create/* and /sdapi/v1/train/* routes with sdtrain (restart to apply)",
-        section=section))
-
-
 def on_app_started(_demo, app):
     if runtime.sdtrain_api_disabled():
         return
-    serve_host_routes = runtime.host_api_enabled() and shared.opts.data.get(SETTING_REPLACE_ROUTES, True)
     mount(app, runtime.service(), ApiOptions(defaults=runtime.job_defaults, credentials=runtime.api_credentials(),
-                                             host_routes=serve_host_routes))
+                                             host_routes=runtime.serve_host_routes()))
 
 
 if hasattr(script_callbacks, "on_ui_train_tabs") and not runtime.is_forge():
     script_callbacks.on_ui_train_tabs(on_ui_train_tabs)
 else:
     script_callbacks.on_ui_tabs(on_ui_tabs)
-script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_ui_settings(runtime.register_settings)
 script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_model_loaded(runtime.model_loaded)

@@ -167,6 +167,26 @@ def api_credentials() -> dict[str, str] | None:
     return creds
 
 
+#: Settings → sdtrain: serve the host's /sdapi training routes with sdtrain (on by default).
+SETTING_REPLACE_ROUTES = "sdtrain_serve_host_training_routes"
+
+
+def register_settings() -> None:
+    """on_ui_settings: sdtrain's section in the webui's Settings."""
+    from modules import shared
+
+    shared.opts.add_option(SETTING_REPLACE_ROUTES, shared.OptionInfo(
+        True, "Serve the webui's /sdapi/v1/create/* and /sdapi/v1/train/* routes with sdtrain (restart to apply)",
+        section=("sdtrain", "sdtrain")))
+
+
+def serve_host_routes() -> bool:
+    """sdtrain answers the host's training routes when the host serves an API and the setting is on."""
+    from modules import shared
+
+    return host_api_enabled() and bool(shared.opts.data.get(SETTING_REPLACE_ROUTES, True))
+
+
 def is_forge() -> bool:
     """Forge has no Train tab and no ldm model to train through (its own adapter comes later)."""
     return importlib.util.find_spec("modules_forge") is not None
