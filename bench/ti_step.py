@@ -61,8 +61,8 @@ def phase_manual(args, workdir: str, unfrozen: bool) -> dict:
     """The floor (and the unfrozen variant): nothing but forward and backward."""
     import torch
 
-    from lib_sdtrain.core.loop import diffusion_loss
     from lib_sdtrain.core.port import SessionOptions
+    from lib_sdtrain.core.training.loop import diffusion_loss
 
     host = _setup(args, workdir)
     info = host.describe()
@@ -97,10 +97,10 @@ def phase_manual(args, workdir: str, unfrozen: bool) -> dict:
 
 def phase_sdtrain(args, workdir: str) -> dict:
     """sdtrain's own trainer, timed from its step events (latent caching excluded)."""
-    from lib_sdtrain.core.config import CreateEmbeddingConfig, TrainEmbeddingConfig
-    from lib_sdtrain.core.jobs import Job, JobControl
-    from lib_sdtrain.core.samples import write_sample_dataset
-    from lib_sdtrain.core.textual_inversion import create_embedding, train_embedding
+    from lib_sdtrain.core.data.samples import write_sample_dataset
+    from lib_sdtrain.core.jobs.service import Job, JobControl
+    from lib_sdtrain.core.options.config import CreateEmbeddingConfig, TrainEmbeddingConfig
+    from lib_sdtrain.core.tasks.textual_inversion import create_embedding, train_embedding
 
     host = _setup(args, workdir)
     data = write_sample_dataset(Path(workdir) / "data", count=max(8, args.batch * 2), size=args.resolution)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lib_sdtrain.core.config import CreateEmbeddingConfig
-from lib_sdtrain.core.jobs import Job, JobControl
+from lib_sdtrain.core.jobs.service import Job, JobControl
+from lib_sdtrain.core.options.config import CreateEmbeddingConfig
 
 
 class Recorder(JobControl):

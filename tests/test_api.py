@@ -10,10 +10,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from lib_sdtrain.api.routes import ApiOptions, mount
-from lib_sdtrain.core.embedding_io import load_embedding
-from lib_sdtrain.core.jobs import JobService
-from lib_sdtrain.core.runners import job_runners
-from lib_sdtrain.core.samples import write_sample_dataset
+from lib_sdtrain.core.data.samples import write_sample_dataset
+from lib_sdtrain.core.formats.embedding_io import load_embedding
+from lib_sdtrain.core.jobs.service import JobService
+from lib_sdtrain.core.tasks.registry import job_runners
 from lib_sdtrain.hosts.standalone.host import StandaloneHost
 
 

@@ -16,7 +16,11 @@ RINGS = ("hosts", "ui", "api", "cli")
 def imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     out = set()
-    for node in ast.walk(tree):  # function-level imports count too
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) in (
+        "TYPE_CHECKING", "typing.TYPE_CHECKING") for n in ast.walk(node)}
+    for node in ast.walk(tree):  # function-level imports count too; `if TYPE_CHECKING:` ones name types only
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -52,3 +56,25 @@ def test_rings_do_not_import_each_other():
 def test_scripts_holds_one_entry_file():
     assert sorted(p.name for p in (ROOT / "scripts").iterdir() if p.suffix == ".py") == ["sdtrain.py"]
     assert not (ROOT / "scripts" / "__init__.py").exists()
+
+
+#: core's parts, highest first; a part imports only parts below it (the same rule lint-imports checks).
+CORE_LAYERS = (("tasks",), ("training",), ("data", "preprocess", "hypernetwork"), ("jobs", "formats"),
+               ("options",), ("port", "errors"))
+
+
+def test_core_parts_are_layered():
+    rank = {part: i for i, layer in enumerate(CORE_LAYERS) for part in layer}
+    on_disk = {p.stem if p.is_file() else p.name for p in (PKG / "core").iterdir()
+               if p.name != "__init__.py" and (p.suffix == ".py" or (p / "__init__.py").exists())}
+    assert on_disk == set(rank), "every part of core has a layer"
+    bad = []
+    for part in rank:
+        path = PKG / "core" / part
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]:
+            for name in imports(file):
+                if name.startswith("lib_sdtrain.core."):
+                    other = name.split(".")[2]
+                    if other != part and rank[other] <= rank[part]:
+                        bad.append(f"{file.relative_to(ROOT)} imports {name}")
+    assert bad == []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lib_sdtrain.core.config import DEFAULT_TEMPLATES_DIR, TrainEmbeddingConfig
 from lib_sdtrain.core.errors import ConfigError
+from lib_sdtrain.core.options.config import DEFAULT_TEMPLATES_DIR, TrainEmbeddingConfig
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_sdtrain.core.dataset import (
+from lib_sdtrain.core.data.dataset import (
     DatasetOptions,
     GroupedBatchSampler,
     TrainDataset,

@@ -1,4 +1,4 @@
-"""Embedding file formats (lib_sdtrain.core.embedding_io & co.): round trips, foreign shapes, safety."""
+"""Embedding file formats (lib_sdtrain.core.formats.embedding_io & co.): round trips, foreign shapes, safety."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from lib_sdtrain.core import embedding_image as ei
-from lib_sdtrain.core import embedding_io as eio
-from lib_sdtrain.core.embedding import Embedding
 from lib_sdtrain.core.errors import FormatError, SdtrainError
-from lib_sdtrain.core.fsutil import atomic_write, atomic_write_bytes, resolve_inside, safe_name
-from lib_sdtrain.core.torchfile import host_safe_zip, pickle_globals
+from lib_sdtrain.core.formats import embedding_image as ei
+from lib_sdtrain.core.formats import embedding_io as eio
+from lib_sdtrain.core.formats.embedding import Embedding
+from lib_sdtrain.core.formats.fsutil import atomic_write, atomic_write_bytes, resolve_inside, safe_name
+from lib_sdtrain.core.formats.torchfile import host_safe_zip, pickle_globals
 
 TEST_IMAGE = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "test_embedding.png"
 # A1111 v1.10 modules/safe.py: the only zip entries its check lets through...
@@ -608,8 +608,8 @@ def test_files_save_and_load_under_a_host_that_wraps_torch_load(tmp_path, monkey
     (modules/safe.py); sdtrain must neither depend on nor be broken by it."""
     import torch
 
-    from lib_sdtrain.core.embedding import Embedding
-    from lib_sdtrain.core.embedding_io import load_embedding, save_embedding_pt
+    from lib_sdtrain.core.formats.embedding import Embedding
+    from lib_sdtrain.core.formats.embedding_io import load_embedding, save_embedding_pt
 
     def consuming_wrapper(f, *args, **kwargs):
         if hasattr(f, "read"):

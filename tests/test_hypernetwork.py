@@ -15,13 +15,11 @@ import pytest
 import torch
 from recorder import Recorder
 
-from lib_sdtrain.core.config import (
-    HN_ACTIVATIONS,
-    CreateHypernetworkConfig,
-    TrainHypernetworkConfig,
-)
+from lib_sdtrain.core.data.samples import write_sample_dataset
 from lib_sdtrain.core.errors import ConfigError, FormatError, SdtrainError
-from lib_sdtrain.core.hypernetwork import (
+from lib_sdtrain.core.formats.torchfile import load_torch_file, pickle_globals
+from lib_sdtrain.core.hypernetwork.attach import attach_hypernetworks, attention_modules
+from lib_sdtrain.core.hypernetwork.network import (
     ACTIVATIONS,
     UI_ACTIVATIONS,
     Hypernetwork,
@@ -32,11 +30,13 @@ from lib_sdtrain.core.hypernetwork import (
     load_hypernetwork_optim,
     save_hypernetwork,
 )
-from lib_sdtrain.core.hypernetwork_attach import attach_hypernetworks, attention_modules
-from lib_sdtrain.core.hypernetwork_training import create_hypernetwork, train_hypernetwork
-from lib_sdtrain.core.runners import job_config_types, job_runners
-from lib_sdtrain.core.samples import write_sample_dataset
-from lib_sdtrain.core.torchfile import load_torch_file, pickle_globals
+from lib_sdtrain.core.options.config import (
+    HN_ACTIVATIONS,
+    CreateHypernetworkConfig,
+    TrainHypernetworkConfig,
+)
+from lib_sdtrain.core.tasks.hypernetwork import create_hypernetwork, train_hypernetwork
+from lib_sdtrain.core.tasks.registry import job_config_types, job_runners
 from lib_sdtrain.hosts.standalone.host import StandaloneHost
 
 # A1111 v1.10 modules/safe.py: zip entries and unpickler globals its check lets through.
@@ -311,7 +311,7 @@ def test_optim_sidecar_is_paired_by_the_file_sha256(tmp_path):
     with open(path, "rb") as fh:
         digest = hashlib.sha256(fh.read()).hexdigest()[:10]
     assert hypernetwork_hash(path) == digest
-    from lib_sdtrain.core.hypernetwork import save_hypernetwork_optim
+    from lib_sdtrain.core.hypernetwork.network import save_hypernetwork_optim
 
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
@@ -646,7 +646,7 @@ def test_previews_run_in_eval_mode(tiny_sd1, workspace, monkeypatch):
         seen.append(run["kind"].hn.training)
         return real(request)
 
-    from lib_sdtrain.core import hypernetwork_training as ht
+    from lib_sdtrain.core.tasks import hypernetwork as ht
 
     original = ht.HypernetworkTraining.__init__
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from lib_sdtrain.core.config import CreateEmbeddingConfig
 from lib_sdtrain.core.errors import ConfigError, SdtrainError
-from lib_sdtrain.core.jobs import DONE, FAILED, QUEUED, RUNNING, STOPPED, JobService
+from lib_sdtrain.core.jobs.service import DONE, FAILED, QUEUED, RUNNING, STOPPED, JobService
+from lib_sdtrain.core.options.config import CreateEmbeddingConfig
 
 
 def make_service(runner, host=None):

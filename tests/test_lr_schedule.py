@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lib_sdtrain.core.errors import ConfigError
-from lib_sdtrain.core.lr_schedule import (
+from lib_sdtrain.core.options.lr_schedule import (
     ConstantWithWarmupSchedule,
     CosineSchedule,
     Schedule,

@@ -14,16 +14,7 @@ import pytest
 from PIL import Image
 
 from lib_sdtrain.core.errors import ConfigError
-from lib_sdtrain.core.preprocess import (
-    DEBUG_FOLDER,
-    PreprocessConfig,
-    combine_caption,
-    load_image,
-    output_stem,
-    run_preprocess,
-    to_rgb,
-)
-from lib_sdtrain.core.preprocess_crop import (
+from lib_sdtrain.core.preprocess.crop import (
     aspect_error,
     auto_crop_size,
     auto_sized_crop,
@@ -37,6 +28,15 @@ from lib_sdtrain.core.preprocess_crop import (
     split_boxes,
     split_ratio,
     split_tiles,
+)
+from lib_sdtrain.core.preprocess.operations import (
+    DEBUG_FOLDER,
+    PreprocessConfig,
+    combine_caption,
+    load_image,
+    output_stem,
+    run_preprocess,
+    to_rgb,
 )
 
 GRAY = (128, 128, 128)
@@ -626,7 +626,7 @@ def test_faces_need_no_opencv(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 → ImportError
-    from lib_sdtrain.core.preprocess_crop import face_points
+    from lib_sdtrain.core.preprocess.crop import face_points
 
     assert face_points(np.zeros((64, 64, 3), np.uint8)) == []
     crop = focal_crop(marked(1024, 512, 800, 200), 512, 512)
@@ -637,7 +637,7 @@ def test_faces_with_opencv_when_installed():
     pytest.importorskip("cv2")
     from PIL import ImageDraw
 
-    from lib_sdtrain.core.preprocess_crop import face_points
+    from lib_sdtrain.core.preprocess.crop import face_points
 
     im = Image.new("RGB", (1024, 512), GRAY)
     d = ImageDraw.Draw(im)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from recorder import Recorder
 
-from lib_sdtrain.core.config import CreateEmbeddingConfig, TrainEmbeddingConfig
-from lib_sdtrain.core.embedding_io import load_embedding, load_optim
+from lib_sdtrain.core.data.samples import write_sample_dataset
 from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.samples import write_sample_dataset
-from lib_sdtrain.core.textual_inversion import create_embedding, train_embedding
-from lib_sdtrain.core.torchfile import load_torch_file
+from lib_sdtrain.core.formats.embedding_io import load_embedding, load_optim
+from lib_sdtrain.core.formats.torchfile import load_torch_file
+from lib_sdtrain.core.options.config import CreateEmbeddingConfig, TrainEmbeddingConfig
+from lib_sdtrain.core.tasks.textual_inversion import create_embedding, train_embedding
 from lib_sdtrain.hosts.standalone.host import StandaloneHost
 
 
@@ -237,8 +237,8 @@ def test_wrong_width_or_missing_embedding_is_refused_before_training(tiny_sd1, w
     host = StandaloneHost(tiny_sd1)
     with pytest.raises(SdtrainError, match="create it first"):
         train_embedding(host, train_cfg(workspace, name="absent"), Recorder())
-    from lib_sdtrain.core.embedding import Embedding
-    from lib_sdtrain.core.embedding_io import save_embedding_pt
+    from lib_sdtrain.core.formats.embedding import Embedding
+    from lib_sdtrain.core.formats.embedding_io import save_embedding_pt
 
     os.makedirs(workspace["emb"], exist_ok=True)
     save_embedding_pt(

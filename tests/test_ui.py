@@ -5,10 +5,10 @@ from __future__ import annotations
 import gradio as gr
 import pytest
 
-from lib_sdtrain.core.embedding_io import load_embedding
-from lib_sdtrain.core.jobs import JobService
-from lib_sdtrain.core.runners import job_runners
-from lib_sdtrain.core.samples import write_sample_dataset
+from lib_sdtrain.core.data.samples import write_sample_dataset
+from lib_sdtrain.core.formats.embedding_io import load_embedding
+from lib_sdtrain.core.jobs.service import JobService
+from lib_sdtrain.core.tasks.registry import job_runners
 from lib_sdtrain.hosts.standalone.host import StandaloneHost
 from lib_sdtrain.ui.train_tabs import UiContext, build_all_tabs
 

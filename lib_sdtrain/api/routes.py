@@ -17,10 +17,10 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from lib_sdtrain.core.config import ConfigBase
 from lib_sdtrain.core.errors import ConfigError, SdtrainError
-from lib_sdtrain.core.jobs import DONE, FINISHED_STATES, Job, JobService
-from lib_sdtrain.core.runners import job_config_types
+from lib_sdtrain.core.jobs.service import DONE, FINISHED_STATES, Job, JobService
+from lib_sdtrain.core.options.config import ConfigBase
+from lib_sdtrain.core.tasks.registry import job_config_types
 
 _JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array"}
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib_sdtrain.core.config import CreateEmbeddingConfig, TrainEmbeddingConfig
 from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.jobs import DONE, Job, JobService
+from lib_sdtrain.core.jobs.service import DONE, Job, JobService
+from lib_sdtrain.core.options.config import CreateEmbeddingConfig, TrainEmbeddingConfig
 from lib_sdtrain.core.port import TrainingHost
-from lib_sdtrain.core.runners import job_runners
+from lib_sdtrain.core.tasks.registry import job_runners
 
 log = logging.getLogger("lib_sdtrain.cli")
 
@@ -127,7 +127,7 @@ def _run(service: JobService, kind: str, config: dict[str, Any]) -> Job:
 
 
 def demo(args: argparse.Namespace, hosts: HostFactories) -> int:
-    from lib_sdtrain.core.samples import write_sample_dataset
+    from lib_sdtrain.core.data.samples import write_sample_dataset
 
     out = Path(args.out).resolve()
     data = write_sample_dataset(out / "data", count=8, size=64, seed=args.seed)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 if TYPE_CHECKING:
-    from lib_sdtrain.core.hypernetwork import Hypernetwork
+    from lib_sdtrain.core.hypernetwork.network import Hypernetwork
 
 Family = Literal["sd1", "sd2", "sdxl"]
 Prediction = Literal["eps", "v"]

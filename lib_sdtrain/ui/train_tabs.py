@@ -15,16 +15,16 @@ from typing import Any
 
 import gradio as gr
 
-from lib_sdtrain.core.config import (
+from lib_sdtrain.core.errors import SdtrainError
+from lib_sdtrain.core.jobs.service import FINISHED_STATES, Job, JobService
+from lib_sdtrain.core.options.config import (
     CreateEmbeddingConfig,
     CreateHypernetworkConfig,
     TrainEmbeddingConfig,
     TrainHypernetworkConfig,
 )
-from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.jobs import FINISHED_STATES, Job, JobService
-from lib_sdtrain.core.plot import draw_loss_curve
-from lib_sdtrain.core.runners import job_config_types
+from lib_sdtrain.core.tasks.registry import job_config_types
+from lib_sdtrain.core.training.plot import draw_loss_curve
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ PREPROCESS_SECTIONS = (
 
 def build_preprocess_tab(ctx: UiContext) -> None:
     """"Preprocess images (sdtrain)": photos in a folder → a training set in another folder."""
-    from lib_sdtrain.core.preprocess import PreprocessConfig
+    from lib_sdtrain.core.preprocess.operations import PreprocessConfig
 
     specs, kind, prefix = _specs(PreprocessConfig), PreprocessConfig.kind, "sdtrain_preprocess"
     widgets: dict[str, Any] = {}

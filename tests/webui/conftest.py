@@ -88,7 +88,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def webui_assets(tmp_path_factory):
     """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension."""
-    from lib_sdtrain.core.samples import write_sample_dataset
+    from lib_sdtrain.core.data.samples import write_sample_dataset
     from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint, write_tiny_yaml
 
     root = tmp_path_factory.mktemp("webui")

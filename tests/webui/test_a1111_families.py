@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_sdtrain.core.embedding_io import load_embedding
+from lib_sdtrain.core.formats.embedding_io import load_embedding
 
 pytestmark = pytest.mark.webui
 
@@ -67,11 +67,11 @@ def reference_losses(assets: dict, name: str, initial: torch.Tensor, job: dict, 
     """The same training run on sdtrain's standalone host, in this process: the same checkpoint and yaml
     loaded by `lib_sdtrain.hosts.standalone` (its own text encoding, noise schedule and inpainting
     conditioning), the same starting vectors, data, seed and settings; returns the step losses."""
-    from lib_sdtrain.core.config import TrainEmbeddingConfig
-    from lib_sdtrain.core.embedding import Embedding
-    from lib_sdtrain.core.embedding_io import save_embedding_pt
-    from lib_sdtrain.core.jobs import Job
-    from lib_sdtrain.core.textual_inversion import train_embedding
+    from lib_sdtrain.core.formats.embedding import Embedding
+    from lib_sdtrain.core.formats.embedding_io import save_embedding_pt
+    from lib_sdtrain.core.jobs.service import Job
+    from lib_sdtrain.core.options.config import TrainEmbeddingConfig
+    from lib_sdtrain.core.tasks.textual_inversion import train_embedding
     from lib_sdtrain.hosts.standalone.host import StandaloneHost
 
     ckpt = assets["ckpt"]
@@ -125,8 +125,8 @@ def test_sd2_embedding_trains_lists_at_the_openclip_width_and_works_in_a_prompt(
 def test_sd2_embedding_only_fits_its_own_width(sd2_webui, webui_assets):
     """An SD1-wide (768) file in the SD2 server's folder is skipped by the host and refused by sdtrain,
     which names the family the adapter detected."""
-    from lib_sdtrain.core.embedding import Embedding
-    from lib_sdtrain.core.embedding_io import save_embedding_pt
+    from lib_sdtrain.core.formats.embedding import Embedding
+    from lib_sdtrain.core.formats.embedding_io import save_embedding_pt
 
     s = sd2_webui
     save_embedding_pt(Embedding(name="wide", vectors={"*": torch.zeros(1, 768)}, step=0), s.embeddings / "wide.pt")

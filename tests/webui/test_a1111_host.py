@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_sdtrain.core.embedding_io import load_embedding
+from lib_sdtrain.core.formats.embedding_io import load_embedding
 
 pytestmark = pytest.mark.webui
 
@@ -193,7 +193,7 @@ def test_stock_hypernetwork_continued_by_sdtrain_and_back(stock_webui, webui_ass
     assert status == 200, out
     status, out = s.post("/sdapi/v1/train/hypernetwork", stock_body)
     assert "error: None" in out["info"], out
-    from lib_sdtrain.core.hypernetwork import load_hypernetwork
+    from lib_sdtrain.core.hypernetwork.network import load_hypernetwork
 
     assert load_hypernetwork(s.hypernetworks / "hswap.pt").step == 4
     _, out = s.post("/sdtrain/v1/jobs", {"kind": "train_hypernetwork", "config": {

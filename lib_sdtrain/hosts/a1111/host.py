@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lib_sdtrain.core.embedding import SINGLE
 from lib_sdtrain.core.errors import SdtrainError
+from lib_sdtrain.core.formats.embedding import SINGLE
 from lib_sdtrain.core.port import (
     LatentDist,
     ModelInfo,

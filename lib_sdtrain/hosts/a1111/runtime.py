@@ -13,8 +13,8 @@ import os
 import threading
 from typing import Any
 
-from lib_sdtrain.core.jobs import JobControl, JobService
-from lib_sdtrain.core.runners import job_config_types, job_runners
+from lib_sdtrain.core.jobs.service import JobControl, JobService
+from lib_sdtrain.core.tasks.registry import job_config_types, job_runners
 from lib_sdtrain.hosts.a1111.host import A1111Host
 
 log = logging.getLogger(__name__)

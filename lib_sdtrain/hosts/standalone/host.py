@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from lib_sdtrain.core.embedding import SINGLE
-from lib_sdtrain.core.hypernetwork import Hypernetwork
-from lib_sdtrain.core.hypernetwork_attach import attach_hypernetworks
+from lib_sdtrain.core.formats.embedding import SINGLE
+from lib_sdtrain.core.hypernetwork.attach import attach_hypernetworks
+from lib_sdtrain.core.hypernetwork.network import Hypernetwork
 from lib_sdtrain.core.port import (
     LatentDist,
     ModelInfo,

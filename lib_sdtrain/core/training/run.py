@@ -28,9 +28,11 @@ import torch
 from PIL import Image
 
 from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.fsutil import atomic_write
-from lib_sdtrain.core.jobs import JobControl
-from lib_sdtrain.core.loop import (
+from lib_sdtrain.core.formats.fsutil import atomic_write
+from lib_sdtrain.core.jobs.service import JobControl
+from lib_sdtrain.core.port import ModelInfo, PreviewRequest, SessionOptions, TrainingHost
+from lib_sdtrain.core.training.batches import TrainingData, prepare_training_data, validation_loss
+from lib_sdtrain.core.training.loop import (
     LoopHooks,
     LoopState,
     NonFiniteLoss,
@@ -39,9 +41,7 @@ from lib_sdtrain.core.loop import (
     run_loop,
     write_loss_row,
 )
-from lib_sdtrain.core.plot import save_loss_curve
-from lib_sdtrain.core.port import ModelInfo, PreviewRequest, SessionOptions, TrainingHost
-from lib_sdtrain.core.training_data import TrainingData, prepare_training_data, validation_loss
+from lib_sdtrain.core.training.plot import save_loss_curve
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lib_sdtrain.core.config import CreateEmbeddingConfig, TrainEmbeddingConfig
-from lib_sdtrain.core.embedding import Embedding
-from lib_sdtrain.core.embedding_io import (
+from lib_sdtrain.core.errors import SdtrainError
+from lib_sdtrain.core.formats.embedding import Embedding
+from lib_sdtrain.core.formats.embedding_io import (
     load_embedding,
     load_optim,
     save_embedding_image,
@@ -20,12 +20,12 @@ from lib_sdtrain.core.embedding_io import (
     save_embedding_safetensors,
     save_optim,
 )
-from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.fsutil import resolve_inside, safe_name
-from lib_sdtrain.core.jobs import JobControl
-from lib_sdtrain.core.loop import LoopState
+from lib_sdtrain.core.formats.fsutil import resolve_inside, safe_name
+from lib_sdtrain.core.jobs.service import JobControl
+from lib_sdtrain.core.options.config import CreateEmbeddingConfig, TrainEmbeddingConfig
 from lib_sdtrain.core.port import ModelInfo, TrainingHost
-from lib_sdtrain.core.training_run import TrainingKind, TrainingRun, TrainResult, report_text, run_training
+from lib_sdtrain.core.training.loop import LoopState
+from lib_sdtrain.core.training.run import TrainingKind, TrainingRun, TrainResult, report_text, run_training
 
 log = logging.getLogger(__name__)
 

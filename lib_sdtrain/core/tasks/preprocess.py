@@ -1,21 +1,12 @@
-"""Core: every job kind the core provides, for `JobService` (the CLI, the API and the UI use this)."""
+"""Core: preprocessing as a job — the host's lock and progress bar, its captioners when present."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from lib_sdtrain.core.config import (
-    ConfigBase,
-    CreateEmbeddingConfig,
-    CreateHypernetworkConfig,
-    TrainEmbeddingConfig,
-    TrainHypernetworkConfig,
-)
-from lib_sdtrain.core.hypernetwork_training import create_hypernetwork, train_hypernetwork
-from lib_sdtrain.core.jobs import JobControl
+from lib_sdtrain.core.jobs.service import JobControl
 from lib_sdtrain.core.port import SessionOptions, TrainingHost
-from lib_sdtrain.core.preprocess import PreprocessConfig, PreprocessResult, run_preprocess
-from lib_sdtrain.core.textual_inversion import create_embedding, train_embedding
+from lib_sdtrain.core.preprocess.operations import PreprocessConfig, PreprocessResult, run_preprocess
 
 
 class _SessionControl:
@@ -44,19 +35,3 @@ def preprocess(host: TrainingHost, cfg: PreprocessConfig, control: JobControl | 
         found = host.captioners()
         return run_preprocess(cfg, _SessionControl(control, session), captioner=found.get("blip"),
                               deepbooru=found.get("deepbooru"))
-
-
-def job_config_types() -> dict[str, type[ConfigBase]]:
-    """kind → config class, for the surfaces (forms, schemas, validation)."""
-    return {kind: cls for kind, (cls, _) in job_runners().items()}
-
-
-def job_runners() -> dict[str, tuple[type, Any]]:
-    """kind → (config class, runner(host, config, control)): textual inversion, hypernetworks, preprocessing."""
-    return {
-        CreateEmbeddingConfig.kind: (CreateEmbeddingConfig, create_embedding),
-        TrainEmbeddingConfig.kind: (TrainEmbeddingConfig, train_embedding),
-        CreateHypernetworkConfig.kind: (CreateHypernetworkConfig, create_hypernetwork),
-        TrainHypernetworkConfig.kind: (TrainHypernetworkConfig, train_hypernetwork),
-        PreprocessConfig.kind: (PreprocessConfig, preprocess),
-    }

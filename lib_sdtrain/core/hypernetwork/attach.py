@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lib_sdtrain.core.hypernetwork import Hypernetwork
+from lib_sdtrain.core.hypernetwork.network import Hypernetwork
 
 __all__ = ["apply_hypernetworks", "attach_hypernetworks", "attention_modules"]
 

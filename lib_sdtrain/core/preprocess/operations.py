@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image, ImageOps
 
-from lib_sdtrain.core.config import ConfigBase, _opt
 from lib_sdtrain.core.errors import ConfigError, SdtrainError
-from lib_sdtrain.core.fsutil import atomic_write, atomic_write_bytes
-from lib_sdtrain.core.preprocess_crop import (
+from lib_sdtrain.core.formats.fsutil import atomic_write, atomic_write_bytes
+from lib_sdtrain.core.options.config import ConfigBase, _opt
+from lib_sdtrain.core.preprocess.crop import (
     MULTICROP_STEP,
     OBJECTIVES,
     auto_sized_crop,

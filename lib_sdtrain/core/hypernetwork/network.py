@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch.nn.init import kaiming_normal_, kaiming_uniform_, normal_, xavier_normal_, xavier_uniform_, zeros_
 
-from lib_sdtrain.core.embedding_io import load_optim, save_optim
 from lib_sdtrain.core.errors import ConfigError, FormatError
-from lib_sdtrain.core.hypernetwork_spec import HN_WEIGHT_INITS as WEIGHT_INITS
-from lib_sdtrain.core.hypernetwork_spec import check_layer_structure, parse_float_list
-from lib_sdtrain.core.torchfile import load_torch_file, save_torch_file
+from lib_sdtrain.core.formats.embedding_io import load_optim, save_optim
+from lib_sdtrain.core.formats.torchfile import load_torch_file, save_torch_file
+from lib_sdtrain.core.options.hypernetwork_spec import HN_WEIGHT_INITS as WEIGHT_INITS
+from lib_sdtrain.core.options.hypernetwork_spec import check_layer_structure, parse_float_list
+from lib_sdtrain.core.options.optimizers import OPTIMIZERS, optimizer_class
 
 __all__ = [
     "ACTIVATIONS",
@@ -87,29 +88,6 @@ UI_ACTIVATIONS: tuple[str, ...] = tuple(
 )
 DEFAULT_ENABLE_SIZES = (768, 320, 640, 1280)
 DEFAULT_LAYER_STRUCTURE = [1, 2, 1]
-
-
-def _optimizer_table() -> dict[str, type[torch.optim.Optimizer]]:
-    # The host's `optimizer_dict`: every class in torch.optim except the base class.
-    return {n: c for n, c in inspect.getmembers(torch.optim, inspect.isclass) if n != "Optimizer"}
-
-
-#: Optimizers a training run can use by name. The host would also take LBFGS (its step needs a
-#: closure), SparseAdam (sparse gradients only) and, on newer torch, Muon (2-D parameters only, but
-#: every Linear has a bias); all three fail on a hypernetwork, so they are left out.
-OPTIMIZERS: tuple[str, ...] = tuple(
-    n
-    for n, c in _optimizer_table().items()
-    if n not in ("LBFGS", "SparseAdam", "Muon") and issubclass(c, torch.optim.Optimizer)
-)
-
-
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    if name not in OPTIMIZERS:
-        raise ConfigError(
-            "optimizer_name", f"{name!r} is not a torch.optim optimizer ({', '.join(OPTIMIZERS)})"
-        )
-    return _optimizer_table()[name]
 
 
 # --- structure -------------------------------------------------------------------------------------

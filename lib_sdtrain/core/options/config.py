@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lib_sdtrain.core.errors import ConfigError
-from lib_sdtrain.core.hypernetwork_spec import (
+from lib_sdtrain.core.options.hypernetwork_spec import (
     HN_ACTIVATIONS,
     HN_MODULE_SIZES,
     HN_WEIGHT_INITS,
     check_layer_structure,
     parse_float_list,
 )
-from lib_sdtrain.core.lr_schedule import Schedule, make_schedule
+from lib_sdtrain.core.options.lr_schedule import Schedule, make_schedule
 
 #: Our own copy of the host's six prompt templates (same names and placeholders).
-DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parents[2] / "textual_inversion_templates")
+DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parents[3] / "textual_inversion_templates")
 
 CONFIG_VERSION = 1
 
@@ -475,7 +475,7 @@ class TrainHypernetworkConfig(TrainingConfig):
     def validate(self) -> None:
         _check_name("hypernetwork_name", self.hypernetwork_name)
         super().validate()
-        from lib_sdtrain.core.hypernetwork import optimizer_class
+        from lib_sdtrain.core.options.optimizers import optimizer_class
 
         optimizer_class(self.optimizer_name)
         if self.hypernetwork_file:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
-from lib_sdtrain.core.fsutil import atomic_write
+from lib_sdtrain.core.formats.fsutil import atomic_write
 
 
 def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lib_sdtrain.core.errors import FormatError, SdtrainError
-from lib_sdtrain.core.fsutil import atomic_write_bytes
+from lib_sdtrain.core.formats.fsutil import atomic_write_bytes
 
 #: The zip entry names A1111's modules/safe.py (`check_zip_filenames`) lets through; any other
 #: entry makes the stock webui refuse the file unless started with --disable-safe-unpickle.

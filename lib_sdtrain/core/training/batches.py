@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lib_sdtrain.core.dataset import DatasetOptions, TrainDataset
-from lib_sdtrain.core.loop import Batch, autocast_context, diffusion_loss
+from lib_sdtrain.core.data.dataset import DatasetOptions, TrainDataset
 from lib_sdtrain.core.port import NoiseSchedule, TrainingHost
+from lib_sdtrain.core.training.loop import Batch, autocast_context, diffusion_loss
 
 
 @dataclass

@@ -18,8 +18,9 @@ import safetensors.torch
 import torch
 from PIL import Image, PngImagePlugin
 
-from lib_sdtrain.core.embedding import SDXL_KEYS, SINGLE, Embedding
-from lib_sdtrain.core.embedding_image import (
+from lib_sdtrain.core.errors import FormatError, SdtrainError
+from lib_sdtrain.core.formats.embedding import SDXL_KEYS, SINGLE, Embedding
+from lib_sdtrain.core.formats.embedding_image import (
     TEXT_CHUNK_KEY,
     caption_image,
     decode_pixel_data,
@@ -28,9 +29,8 @@ from lib_sdtrain.core.embedding_image import (
     encode_text_chunk,
     read_embedding_image,
 )
-from lib_sdtrain.core.errors import FormatError, SdtrainError
-from lib_sdtrain.core.fsutil import atomic_write
-from lib_sdtrain.core.torchfile import load_torch_file, save_torch_file, to_cpu
+from lib_sdtrain.core.formats.fsutil import atomic_write
+from lib_sdtrain.core.formats.torchfile import load_torch_file, save_torch_file, to_cpu
 
 __all__ = [
     "IMAGE_EXTS",

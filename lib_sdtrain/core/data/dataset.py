@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib_sdtrain.core.errors import DatasetError
-from lib_sdtrain.core.imageset import (
+from lib_sdtrain.core.data.imageset import (
     CROPS,
     LATENT_SAMPLING_METHODS,
     Crop,
@@ -31,6 +30,7 @@ from lib_sdtrain.core.imageset import (
     read_template,
     resolve_seed,
 )
+from lib_sdtrain.core.errors import DatasetError
 from lib_sdtrain.core.port import LatentDist
 
 __all__ = [

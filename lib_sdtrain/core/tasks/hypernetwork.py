@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
-from lib_sdtrain.core.config import CreateHypernetworkConfig, TrainHypernetworkConfig
 from lib_sdtrain.core.errors import ConfigError, SdtrainError
-from lib_sdtrain.core.fsutil import resolve_inside, safe_name
-from lib_sdtrain.core.hypernetwork import (
+from lib_sdtrain.core.formats.fsutil import resolve_inside, safe_name
+from lib_sdtrain.core.hypernetwork.network import (
     Hypernetwork,
     find_hypernetwork_file,
     load_hypernetwork,
@@ -22,9 +21,10 @@ from lib_sdtrain.core.hypernetwork import (
     save_hypernetwork,
     save_hypernetwork_optim,
 )
-from lib_sdtrain.core.jobs import JobControl
+from lib_sdtrain.core.jobs.service import JobControl
+from lib_sdtrain.core.options.config import CreateHypernetworkConfig, TrainHypernetworkConfig
 from lib_sdtrain.core.port import ModelInfo, TrainingHost
-from lib_sdtrain.core.training_run import TrainingKind, TrainResult, run_training
+from lib_sdtrain.core.training.run import TrainingKind, TrainResult, run_training
 
 LOSS_CSV = "hypernetwork_loss.csv"
 

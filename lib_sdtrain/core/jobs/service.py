@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lib_sdtrain.core.config import ConfigBase
 from lib_sdtrain.core.errors import ConfigError, SdtrainError
+from lib_sdtrain.core.options.config import ConfigBase
 from lib_sdtrain.core.port import TrainingHost
 
 log = logging.getLogger(__name__)
