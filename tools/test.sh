@@ -23,6 +23,28 @@ if [ -n "$PY310" ]; then
 else
   echo "[sdtrain] no Python 3.10 here: skipping its syntax check"
 fi
-echo "[sdtrain] tests"
 # One torch thread per worker (2 shared cores); pytest's exit 5 (no tests ran) counts as a failure.
-OMP_NUM_THREADS=1 python -m pytest -n 2 -q "$@"
+if [ "$#" -gt 0 ]; then  # a developer's selection: pytest as asked
+  echo "[sdtrain] tests: $*"
+  OMP_NUM_THREADS=1 python -m pytest -n 2 -q "$@"
+  exit
+fi
+start=$SECONDS
+echo "[sdtrain] unit tests"
+OMP_NUM_THREADS=1 python -m pytest -n 2 -q tests --ignore=tests/webui
+# The host-contract suite inside a real webui: a developer's checkout (SDTRAIN_WEBUI_DIR), or one
+# built from the archive in ../shared/hosts (tools/webui.sh); without either it reports its skip reason.
+HOST="${SDTRAIN_WEBUI_HOST:-a1111}"
+rc=0
+ENV_LINE="$(bash tools/webui.sh "$HOST")" || rc=$?
+if [ "$rc" -eq 0 ]; then
+  eval "$ENV_LINE"
+  echo "[sdtrain] host-contract tests in $HOST: $SDTRAIN_WEBUI_DIR"
+elif [ "$rc" -eq 3 ]; then
+  echo "[sdtrain] host-contract tests: no $HOST webui here (see the line above); they will be skipped"
+else
+  echo "[sdtrain] could not set up the $HOST webui (exit $rc)"; exit "$rc"
+fi
+# Each test module starts its own servers; one module per worker overlaps their start-ups.
+OMP_NUM_THREADS=1 python -m pytest -n 2 --dist loadfile -q -rfEs tests/webui
+echo "[sdtrain] all tests done in $((SECONDS - start)) s"

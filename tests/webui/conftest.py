@@ -1,8 +1,10 @@
-"""Host-contract fixtures: a real AUTOMATIC1111 webui, started with sdtrain installed, on the CPU.
+"""Host-contract fixtures: a real webui, started with sdtrain installed, on the CPU.
 
-Opt-in: set SDTRAIN_WEBUI_DIR to a webui checkout (v1.10.x) whose dependencies are installed in
-the Python named by SDTRAIN_WEBUI_PYTHON (default: <checkout>/venv/bin/python). Without them
-every test here is skipped. Nothing is downloaded: the fixtures write a tiny random SD1 checkpoint
+The host is a parameter (`webui_hosts.py`: how to start it, which model it needs, which capabilities
+it claims), chosen by SDTRAIN_WEBUI_HOST (default a1111). SDTRAIN_WEBUI_DIR names its checkout and
+SDTRAIN_WEBUI_PYTHON the Python its dependencies are installed in (default: <checkout>/venv/bin/python);
+`eval "$(bash tools/webui.sh a1111)"` builds one from ../shared/hosts and sets all three. Without a
+checkout every test here is skipped with that reason (tools/test.sh prints it). Nothing is downloaded: the fixtures write a tiny random SD1 checkpoint
 (768-wide CLIP, so the webui's SD1 code paths apply), its yaml, and the CLIP tokenizer/config in
 the Hugging Face cache layout, into a temporary data dir (--data-dir), and copy this working tree
 into its extensions/ folder, as "Install from URL" would.
@@ -26,7 +28,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from webui_hosts import selected
 
+HOST = selected()
 REPO = Path(__file__).resolve().parents[2]
 WEBUI_DIR = os.environ.get("SDTRAIN_WEBUI_DIR", "")
 CLIP_REV = "0000000000000000000000000000000000tiny01"
@@ -79,10 +83,18 @@ def _skip_reason() -> str | None:
 
 def pytest_collection_modifyitems(config, items):
     reason = _skip_reason()
-    if reason:
-        for item in items:
-            if "tests/webui" in str(item.fspath).replace(os.sep, "/"):
-                item.add_marker(pytest.mark.skip(reason=reason))
+    for item in items:
+        if "tests/webui" not in str(item.fspath).replace(os.sep, "/"):
+            continue
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+            continue
+        needs = {"sd1"}  # every contract test trains on the host's SD1 model unless it says otherwise
+        for mark in item.iter_markers("needs"):
+            needs.update(mark.args)
+        why = [HOST.verdict(capability) for capability in sorted(needs)]  # raises on an undeclared one
+        if any(why):
+            item.add_marker(pytest.mark.skip(reason="; ".join(w for w in why if w)))
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +121,7 @@ def webui_assets(tmp_path_factory):
     data = write_sample_dataset(root / "train", count=4, size=64, seed=5)
     ext = root / "sdtrain-copy"
     shutil.copytree(REPO, ext, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "__pycache__", "*.pyc", "demo_out", ".pytest_cache", ".ruff_cache", "tests"))
+        ".git", ".venv", ".webuis", "__pycache__", "*.pyc", "demo_out", ".pytest_cache", ".ruff_cache", "tests"))
     return {"root": root, "ckpt": ckpt, "hf": root / "hf", "clip_dir": snap, "data": data, "extension": ext}
 
 
@@ -194,16 +206,14 @@ class WebUI:
                "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
-        cmd = [_python(), "launch.py", "--skip-prepare-environment", "--skip-version-check", "--api",
-               "--use-cpu", "all", "--no-half", "--precision", "full", "--skip-torch-cuda-test",
-               "--no-download-sd-model", "--port", str(self.port), "--data-dir", str(self.dir),
+        cmd = [_python(), "launch.py", *HOST.launch_args, "--api", "--port", str(self.port), "--data-dir", str(self.dir),
                "--ckpt", str(assets["ckpt"]), "--embeddings-dir", str(self.embeddings),
                "--hypernetwork-dir", str(self.hypernetworks), *extra_args]
         self._out = open(self.log, "wb")  # noqa: SIM115 — lives as long as the server
         self.proc = subprocess.Popen(cmd, cwd=WEBUI_DIR, env=env, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + 240
-        while "Startup time:" not in self.log_text():
+        while HOST.ready_line not in self.log_text():  # an earlier request can crash start-up
             if self.proc.poll() is not None or time.time() > deadline:
                 self.stop()
                 raise RuntimeError(f"webui did not start:\n{self.log_text()[-4000:]}")

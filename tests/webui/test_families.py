@@ -1,4 +1,4 @@
-"""sdtrain on the other SD1/SD2-era families inside a real AUTOMATIC1111 webui (opt-in; see conftest.py).
+"""sdtrain on the other SD1/SD2-era families inside a real webui (the host is a parameter: see conftest.py and webui_hosts.py).
 
 - SD2: the webui loads a tiny SD2 checkpoint from its yaml (FrozenOpenCLIPEmbedder, v-prediction),
   detects it as SD2 and wraps the OpenCLIP encoder with its hijack
@@ -106,6 +106,7 @@ def assert_clean_log(server, config_name: str) -> None:
 
 
 # -- SD2 --------------------------------------------------------------------------------------------
+@pytest.mark.needs("sd2")
 def test_sd2_embedding_trains_lists_at_the_openclip_width_and_works_in_a_prompt(sd2_webui, sd2_assets):
     s, width = sd2_webui, sd2_assets["text_width"]
     initial, job = create_and_train(s, sd2_assets["data"], "sd2ti")
@@ -122,6 +123,7 @@ def test_sd2_embedding_trains_lists_at_the_openclip_width_and_works_in_a_prompt(
     assert_clean_log(s, "tiny-sd2.yaml")
 
 
+@pytest.mark.needs("sd2")
 def test_sd2_embedding_only_fits_its_own_width(sd2_webui, webui_assets):
     """An SD1-wide (768) file in the SD2 server's folder is skipped by the host and refused by sdtrain,
     which names the family the adapter detected."""
@@ -144,6 +146,7 @@ def test_sd2_embedding_only_fits_its_own_width(sd2_webui, webui_assets):
 
 
 # -- SD1 inpainting ---------------------------------------------------------------------------------
+@pytest.mark.needs("inpainting")
 def test_inpainting_embedding_trains_with_the_concat_conditioning(inpainting_webui, inpainting_assets):
     s, width = inpainting_webui, inpainting_assets["text_width"]
     initial, job = create_and_train(s, inpainting_assets["data"], "inpti")

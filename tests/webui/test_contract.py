@@ -1,4 +1,4 @@
-"""sdtrain inside a real AUTOMATIC1111 webui (opt-in: SDTRAIN_WEBUI_DIR; see conftest.py)."""
+"""sdtrain inside a real webui (the host is a parameter: see conftest.py and webui_hosts.py)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def txt2img(server, prompt: str, seed: int = 7) -> tuple[Image.Image, str]:
     return image, json.loads(out["info"])["infotexts"][0]
 
 
+@pytest.mark.needs("train_tab")
 def test_starts_cleanly_with_the_sub_tabs(webui):
     log = webui.log_text()
     bad = [ln for ln in log.splitlines() if "sdtrain" in ln.lower() and re.search(r"error|warn|traceback", ln, re.I)]
@@ -128,6 +129,7 @@ def test_model_untouched_and_generation_waits_for_the_job(webui, webui_assets):
     assert list(done_at["image"].getdata()) == list(before.getdata())  # same weights, same image
 
 
+@pytest.mark.needs("stock_trainer")
 def test_stock_embedding_continued_by_sdtrain_and_back(stock_webui, webui_assets):
     s = stock_webui
     stock_body = {"id_task": "task(s)", "embedding_name": "swap", "learn_rate": "0.005", "batch_size": 1,
@@ -157,6 +159,7 @@ def test_stock_embedding_continued_by_sdtrain_and_back(stock_webui, webui_assets
     assert load_embedding(s.embeddings / "swap.pt").step == 16
 
 
+@pytest.mark.needs("hypernetwork_prompt")
 def test_hypernetwork_create_train_and_use_in_a_prompt(webui, webui_assets):
     status, out = webui.post("/sdapi/v1/create/hypernetwork", {"name": "cthn", "enable_sizes": ["768", "320"],
                                                                "layer_structure": "1, 2, 1"})
@@ -176,6 +179,7 @@ def test_hypernetwork_create_train_and_use_in_a_prompt(webui, webui_assets):
     assert "cthn" in info
 
 
+@pytest.mark.needs("stock_trainer", "hypernetwork_prompt")
 def test_stock_hypernetwork_continued_by_sdtrain_and_back(stock_webui, webui_assets):
     s = stock_webui
     stock_body = {"id_task": "task(h)", "hypernetwork_name": "hswap", "learn_rate": "0.00001", "batch_size": 1,
@@ -209,6 +213,7 @@ def test_stock_hypernetwork_continued_by_sdtrain_and_back(stock_webui, webui_ass
     assert load_hypernetwork(s.hypernetworks / "hswap.pt").step == 12
 
 
+@pytest.mark.needs("preprocess")
 def test_preprocess_mixed_images_then_train_on_them(webui):
     src = webui.dir / "photos"
     src.mkdir()
