@@ -48,3 +48,48 @@ def tiny_sd2(tmp_path_factory):
     from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd2
 
     return build_tiny_sd2(tmp_path_factory.mktemp("tiny_sd2"), seed=2)
+
+
+#: Where the tests find SDXL's `sgm` code: SDTRAIN_SGM_DIR (a generative-models checkout), or the
+#: A1111 source archive beside this checkout (../shared/hosts), from which it is unpacked.
+HOSTS_DIR = os.environ.get("SDTRAIN_HOSTS_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "hosts")
+A1111_ARCHIVE = "a1111-v1.10.1-src.tar.gz"
+SGM_MEMBER = "stable-diffusion-webui/repositories/generative-models/"
+
+
+@pytest.fixture(scope="session")
+def sgm_dir(tmp_path_factory):
+    """A folder holding the `sgm` package, put on sys.path (skips, saying why, without one)."""
+    import tarfile
+
+    from lib_sdtrain.hosts.standalone.sgm_source import ensure_sgm
+
+    folder = os.environ.get("SDTRAIN_SGM_DIR")
+    if not folder:
+        archive = os.path.join(HOSTS_DIR, A1111_ARCHIVE)
+        if not os.path.isfile(archive):
+            pytest.skip(f"SDXL needs sgm: set SDTRAIN_SGM_DIR, or put {A1111_ARCHIVE} in {HOSTS_DIR}")
+        out = tmp_path_factory.mktemp("sgm")
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(SGM_MEMBER + "sgm/")
+                       or m.name.startswith(SGM_MEMBER + "configs/")]
+            tar.extractall(out, members=members, filter="data")
+        folder = str(out / SGM_MEMBER)
+    os.environ["SDTRAIN_SGM_DIR"] = folder
+    ensure_sgm()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(sgm_dir, tiny_sdxl_dir):
+    """A tiny SDXL DiffusionEngine from the real sgm code (eps): CLIP-L 768 and CLIP-G 1280 wide, two
+    layers each; toy UNet and VAE. Shared by the session: tests leave weights and flags as they were."""
+    from lib_sdtrain.hosts.standalone.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tiny_sdxl_dir, seed=0)

@@ -19,7 +19,7 @@ from lib_sdtrain.core.data.dataset import (
     read_template,
 )
 from lib_sdtrain.core.errors import ConfigError, DatasetError
-from lib_sdtrain.core.port import LatentDist
+from lib_sdtrain.core.port import ImageSize, LatentDist
 
 
 def save(path, size=(64, 64), color=(200, 30, 30), mode="RGB", alpha=None):
@@ -227,6 +227,33 @@ def test_pixels_range_and_crop(data, tmp_path):
     center = TrainDataset.from_options(options(tmp_path, data, crop="center")).pixels(0)
     assert center[:, :, 2].mean() > 0.9 and center[:, :, -3].mean() < -0.9  # left white, right black
     assert torch.equal(ds.pixels(0, flipped=True), x.flip(-1))
+
+
+def test_sdxl_size_conditioning_follows_resize_crop_and_flip(data, tmp_path):
+    """SDXL's (original size, crop top-left, target size) per item, as SDXL was trained: the crop's
+    offset in the resized source, mirrored with the image."""
+    Image.new("RGB", (96, 48), (10, 20, 30)).save(data / "wide.png")  # resized to 64x32, then cropped to 32x32
+    Image.new("RGB", (40, 80), (10, 20, 30)).save(data / "tall.png")  # resized to 32x64
+    stretched = TrainDataset.from_options(options(tmp_path, data))
+    assert stretched.image_size(1) == ImageSize((48, 96), (0, 0), (32, 32))  # the host's stretch: no crop
+    center = TrainDataset.from_options(options(tmp_path, data, crop="center"))
+    assert center.image_size(0) == ImageSize((80, 40), (16, 0), (32, 32))
+    assert center.image_size(1) == ImageSize((48, 96), (0, 16), (32, 32))
+    assert center.image_size(1, flipped=True) == ImageSize((48, 96), (0, 16), (32, 32))  # centred: symmetric
+    lefts = set()
+    for seed in range(12):
+        rnd = TrainDataset.from_options(options(tmp_path, data, crop="random", seed=seed))
+        s, f = rnd.image_size(1), rnd.image_size(1, flipped=True)
+        assert s.original_size == (48, 96) and s.target_size == (32, 32) and s.crop_top_left[0] == 0
+        assert f.crop_top_left[1] == 64 - 32 - s.crop_top_left[1]  # mirrored offset in the 64-wide resize
+        lefts.add(s.crop_top_left[1])
+    assert len(lefts) > 1
+    varsize = TrainDataset.from_options(options(tmp_path, data, varsize=True))
+    assert varsize.image_size(1) == ImageSize((48, 96), (0, 0), (48, 96))
+    ds = TrainDataset.from_options(options(tmp_path, data, crop="center", flip_p=1.0))
+    ds.cache_latents(fake_encode)
+    batch = ds.batch([0, 1])
+    assert batch.sizes == [ds.image_size(0, True), ds.image_size(1, True)]
 
 
 def test_alpha_weights(data, tmp_path):

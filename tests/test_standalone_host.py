@@ -42,8 +42,8 @@ def host(tiny_sd1):
 
 
 def token_row(host, text):
-    (tid,) = host.text.tokenize(text)
-    return host.text.token_embedding.weight[tid].detach()
+    (tid,) = host.texts[0].tokenize(text)
+    return host.texts[0].token_embedding.weight[tid].detach()
 
 
 # -- tokenizer -------------------------------------------------------------------------------------
@@ -197,8 +197,8 @@ def test_splice_positions(host):
         host.use_embedding("sks", {"*": torch.zeros(2, 64)}),
         host.use_embedding("sks sks", {"*": torch.zeros(3, 64)}),
     ):
-        (sks,) = host.text.tokenize("sks")
-        ids, fixes = host._splice("sks sks and sks")
+        (sks,) = host.texts[0].tokenize("sks")
+        ids, fixes = host._splice(host.texts[0], "sks sks and sks")
         # Longest name first: "sks sks" takes 3 slots, then "sks" takes 2.
         assert [(p, n) for p, n, _ in fixes] == [
             (1, "sks sks"),
@@ -208,7 +208,7 @@ def test_splice_positions(host):
             (6, "sks"),
         ]
         assert [k for _, _, k in fixes] == [0, 1, 2, 0, 1] and sks not in ids
-        long_ids, long_fixes = host._splice("word " * 74 + "sks")
+        long_ids, long_fixes = host._splice(host.texts[0], "word " * 74 + "sks")
         assert len(long_ids) == 77 and long_ids[0] == 49406 and long_ids[-1] == 49407
         assert [p for p, _, _ in long_fixes] == [75]  # the second vector falls past the 75-token cut
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SDTRAIN_VENV:-$ROOT/.venv}"
-STAMP="$VENV/.sdtrain-env-v1"
+STAMP="$VENV/.sdtrain-env-v2"
 PY="${SDTRAIN_PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 if [ ! -f "$STAMP" ]; then

@@ -41,6 +41,12 @@ class ModelInfo:
     autocast_dtype: torch.dtype | None = None
     latent_downscale: int = 8
 
+    @property
+    def context_width(self) -> int:
+        """Width of the cross-attention context: the text encoders' outputs side by side
+        (SD1 768, SD2 1024, SDXL 768 + 1280 = 2048)."""
+        return sum(te.width for te in self.text_encoders)
+
 
 @dataclass(frozen=True)
 class NoiseSchedule:
@@ -68,6 +74,22 @@ class LatentDist:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, device="cpu", dtype=self.mean.dtype)
         return self.mean + self.std * noise.to(self.mean.device)
+
+
+@dataclass(frozen=True)
+class ImageSize:
+    """SDXL's size conditioning for one training image, as SDXL was trained: the source image's
+    size, where the crop starts in the source once resized (after any flip), and the size trained at.
+    Pairs are (height, width) and (top, left), the order of sgm's batch keys."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+    @classmethod
+    def plain(cls, height: int, width: int) -> ImageSize:
+        """A picture made at its own size: no crop (what a preview or txt2img asks for)."""
+        return cls((height, width), (0, 0), (height, width))
 
 
 @dataclass(frozen=True)
@@ -111,9 +133,11 @@ class TrainingHost(Protocol):
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
         """Pixels `[B, 3, H, W]` in [-1, 1] → latent distribution (no gradients)."""
 
-    def encode_text(self, prompts: list[str]) -> Any:
+    def encode_text(self, prompts: list[str], sizes: list[ImageSize] | None = None) -> Any:
         """Prompts → conditioning for `predict`. Embeddings made active by `use_embedding`
-        are spliced in wherever their name occurs, and gradients flow back into their vectors."""
+        are spliced in wherever their name occurs, and gradients flow back into their vectors.
+        `sizes` (one per prompt) is the size conditioning of models that take one (SDXL); others
+        ignore it. None means each picture at the latent's size, uncropped."""
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """The denoiser's output for noisy latents `x_t` at integer timesteps `t` (eps or v, as

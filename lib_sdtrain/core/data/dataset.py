@@ -31,7 +31,7 @@ from lib_sdtrain.core.data.imageset import (
     resolve_seed,
 )
 from lib_sdtrain.core.errors import DatasetError
-from lib_sdtrain.core.port import LatentDist
+from lib_sdtrain.core.port import ImageSize, LatentDist
 
 __all__ = [
     "CROPS",
@@ -94,6 +94,7 @@ class Batch:
     latents: torch.Tensor  # [B, C, h, w] float32 on CPU
     weights: torch.Tensor | None  # [B, C, h, w] when use_weight
     flipped: list[bool]
+    sizes: list[ImageSize]  # SDXL's size conditioning of each item
 
 
 class TrainDataset:
@@ -178,12 +179,13 @@ class TrainDataset:
             yield batch
 
     def batch(self, items: Sequence[int]) -> Batch:
-        texts, latents, weights, flips = [], [], [], []
+        texts, latents, weights, flips, sizes = [], [], [], [], []
         for item in items:
             img = self.item_image[item]
             texts.append(self.text(item))
             flip = self.opts.flip_p > 0 and self.rng.random() < self.opts.flip_p
             flips.append(flip)
+            sizes.append(self.image_size(img, flip))
             lat = self.latent(img, flip)
             latents.append(lat)
             if self.opts.use_weight:
@@ -195,7 +197,12 @@ class TrainDataset:
             latents=torch.stack(latents),
             weights=torch.stack(weights) if weights else None,
             flipped=flips,
+            sizes=sizes,
         )
+
+    def image_size(self, image: int, flipped: bool = False) -> ImageSize:
+        """SDXL's size conditioning of one image as trained (mirrored or not)."""
+        return ImageSize(*self.images[image].geometry(flipped))
 
     # -- pixels, weights, latents --
     def pixels(self, image: int, flipped: bool = False) -> torch.Tensor:

@@ -92,6 +92,22 @@ class ImageRecord:
     size: tuple[int, int]  # (width, height) of the training pixels
     rgb: torch.Tensor | None  # uint8 [3, H, W]; None after `release_pixels`
     alpha: np.ndarray | None  # uint8 [H, W], aligned with rgb; only with use_weight and transparency
+    #: where the pixels came from (SDXL's size conditioning): the source's (width, height), its size
+    #: once resized, and the crop's (left, top) in that resized image; defaults: no resize, no crop
+    source_size: tuple[int, int] | None = None
+    resized_size: tuple[int, int] | None = None
+    crop_left_top: tuple[int, int] = (0, 0)
+
+    def geometry(self, flipped: bool = False) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(original (h, w), crop (top, left), target (h, w)) as SDXL takes them; a mirrored
+        image's crop starts as far from the left as the unmirrored one ends from the right."""
+        w, h = self.size
+        src_w, src_h = self.source_size or self.size
+        res_w, _ = self.resized_size or self.size
+        left, top = self.crop_left_top
+        if flipped:
+            left = res_w - left - w
+        return (src_h, src_w), (top, left), (h, w)
 
 
 @dataclass
@@ -145,7 +161,8 @@ def _image_extensions() -> frozenset[str]:
 
 def _read_image(
     path: Path, opts: DatasetOptions, rng: random.Random
-) -> tuple[Image.Image, Image.Image | None]:
+) -> tuple[Image.Image, Image.Image | None, tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(rgb, alpha, source size, size once resized, crop (left, top) in it) of one training image."""
     with Image.open(path) as im:
         im.load()
         try:
@@ -160,11 +177,12 @@ def _read_image(
                 alpha = im.getchannel("A")
         rgb = im.convert("RGB")
     if opts.varsize:
-        return rgb, alpha
+        return rgb, alpha, rgb.size, rgb.size, (0, 0)
     w, h = opts.width, opts.height
     if opts.crop == "resize":
         box = None
         size = (w, h)
+        left = top = 0
     else:
         scale = max(w / rgb.width, h / rgb.height)
         size = (max(w, round(rgb.width * scale)), max(h, round(rgb.height * scale)))
@@ -178,7 +196,7 @@ def _read_image(
         img = img.resize(size, _BICUBIC)
         return img.crop(box) if box else img
 
-    return fit(rgb), (fit(alpha) if alpha is not None else None)
+    return fit(rgb), (fit(alpha) if alpha is not None else None), rgb.size, size, (left, top)
 
 
 def load_images(opts: DatasetOptions) -> ImageSet:
@@ -206,7 +224,7 @@ def load_images(opts: DatasetOptions) -> ImageSet:
             continue
         is_image_ext = path.suffix.lower() in image_exts
         try:
-            rgb, alpha = _read_image(path, opts, rng)
+            rgb, alpha, source_size, resized, crop = _read_image(path, opts, rng)
         except Exception as e:  # corrupt, truncated, unsupported mode, decompression bomb...
             if is_image_ext:
                 reason = f"{type(e).__name__}: {e}"
@@ -221,6 +239,9 @@ def load_images(opts: DatasetOptions) -> ImageSet:
                 size=rgb.size,
                 rgb=pixels,
                 alpha=np.asarray(alpha, dtype=np.uint8).copy() if alpha is not None else None,
+                source_size=source_size,
+                resized_size=resized,
+                crop_left_top=crop,
             )
         )
     if not images:

@@ -358,16 +358,21 @@ def save_optim(
     optimizer_state_dict: Mapping[str, Any],
     checksum: str,
     optimizer_name: str | None = None,
+    step: int | None = None,
 ) -> str:
-    """Core: write `<artifact>.optim` = {'hash', 'optimizer_state_dict'[, 'optimizer_name']}.
+    """Core: write `<artifact>.optim` = {'hash', 'optimizer_state_dict'[, 'optimizer_name'][, 'step']}.
 
     The host's shapes: Embedding.save (hash + state) and Hypernetwork.save (+ optimizer_name).
-    Tensors are moved to the CPU. Host-safe-check compatible, atomic. Returns the path.
+    `step` is sdtrain's addition for files that cannot hold one (an SDXL `.pt` is two tensors and
+    nothing else); the host ignores keys it does not read. Tensors are moved to the CPU.
+    Host-safe-check compatible, atomic. Returns the path.
     """
     target = f"{os.fspath(artifact_path)}.optim"
     saved: dict[str, Any] = {"hash": checksum, "optimizer_state_dict": to_cpu(dict(optimizer_state_dict))}
     if optimizer_name is not None:
         saved["optimizer_name"] = optimizer_name
+    if step is not None:
+        saved["step"] = int(step)
     save_torch_file(saved, target)
     return target
 

@@ -304,6 +304,10 @@ class TrainEmbeddingConfig(TrainingConfig):
         "", "Embedding file", help="Train this file instead of looking the name up in the embeddings folder"
     )
     save_format: str = _opt("pt", "File format of saved embeddings", choices=("pt", "safetensors"))
+    train_encoders: str = _opt(
+        "both", "Text encoders to train (SDXL)", choices=("both", "clip_l", "clip_g"),
+        help="SDXL embeddings hold one vector set per text encoder; the other set is kept as it is",
+    )
 
     def validate(self) -> None:
         _check_name("embedding_name", self.embedding_name)

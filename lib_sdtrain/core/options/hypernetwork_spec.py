@@ -17,7 +17,7 @@ HN_ACTIVATIONS = (
 )  # fmt: skip
 HN_WEIGHT_INITS = ("Normal", "KaimingUniform", "KaimingNormal", "XavierUniform", "XavierNormal")
 #: The sizes the host's "Modules" checkboxes offer (320/640/1280: self-attention; 768/1024: text).
-HN_MODULE_SIZES = (768, 1024, 320, 640, 1280)
+HN_MODULE_SIZES = (768, 1024, 320, 640, 1280, 2048)
 
 
 def parse_float_list(value: Any, field: str) -> list[float]:

@@ -23,7 +23,7 @@ from lib_sdtrain.core.hypernetwork.network import (
 )
 from lib_sdtrain.core.jobs.service import JobControl
 from lib_sdtrain.core.options.config import CreateHypernetworkConfig, TrainHypernetworkConfig
-from lib_sdtrain.core.port import ModelInfo, TrainingHost
+from lib_sdtrain.core.port import ImageSize, ModelInfo, TrainingHost
 from lib_sdtrain.core.training.run import TrainingKind, TrainResult, run_training
 
 LOSS_CSV = "hypernetwork_loss.csv"
@@ -124,10 +124,10 @@ class HypernetworkTraining(TrainingKind):
         }
 
     def notes(self, info: ModelInfo) -> list[str]:
-        widths = {te.width for te in info.text_encoders}
-        if widths and not widths & set(self.hn.layers):
+        width = info.context_width
+        if width and width not in self.hn.layers:
             return [
-                f"{self.name} has no module for this model's text width {sorted(widths)} (it has "
+                f"{self.name} has no module for this model's text width {width} (it has "
                 f"{sorted(self.hn.layers)}): only self-attention layers of those widths are trained"
             ]
         return []
@@ -153,10 +153,10 @@ class HypernetworkTraining(TrainingKind):
             return f"ignored {self.source}.optim: {e}"
         return f"resumed optimizer state from {self.source}.optim"
 
-    def encoder(self, host: TrainingHost) -> Callable[[list[str]], Any]:
-        def encode(prompts: list[str]) -> Any:
+    def encoder(self, host: TrainingHost) -> Callable[[list[str], list[ImageSize] | None], Any]:
+        def encode(prompts: list[str], sizes: list[ImageSize] | None = None) -> Any:
             with torch.no_grad():  # the text side is frozen and has nothing trainable
-                return host.encode_text(prompts)
+                return host.encode_text(prompts, sizes)
 
         return encode
 

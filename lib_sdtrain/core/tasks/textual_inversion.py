@@ -120,6 +120,18 @@ class EmbeddingTraining(TrainingKind):
         self.emb = load_embedding(src)
         check_fits(self.emb, self.info, src)
         self.initial_step = self.emb.step or 0
+        if self.emb.step is None and cfg.save_optimizer_state:
+            # an SDXL .pt holds nothing but its two tensors: its step lives in the .optim sidecar
+            saved = load_optim(src, self.emb.checksum())
+            if saved is not None and isinstance(saved.get("step"), int):
+                self.initial_step = saved["step"]
+        trained = set(self.emb.vectors) if cfg.train_encoders == "both" else {cfg.train_encoders}
+        if not trained <= set(self.emb.vectors):
+            raise SdtrainError(
+                f"train_encoders={cfg.train_encoders!r}: {src} has vector sets {sorted(self.emb.vectors)} "
+                "(choosing an encoder is for SDXL embeddings)"
+            )
+        self.trained_keys = sorted(trained)
         # the final file: the source itself when it is in the chosen format, else <dir>/<name>.<fmt>
         if src.lower().endswith("." + cfg.save_format):
             self.out_file = src
@@ -136,14 +148,15 @@ class EmbeddingTraining(TrainingKind):
             "save_embedding_every": self.cfg.save_embedding_every,
             "save_image_with_stored_embedding": self.cfg.save_image_with_stored_embedding,
             "num_vectors_per_token": self.emb.n_vectors,
+            "train_encoders": self.cfg.train_encoders,
         }
 
     def setup(self, device: torch.device, lr: float) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
         self.vectors = {
-            k: v.detach().to(device, torch.float32).clone().requires_grad_(True)
+            k: v.detach().to(device, torch.float32).clone().requires_grad_(k in self.trained_keys)
             for k, v in self.emb.vectors.items()
         }
-        params = list(self.vectors.values())
+        params = [self.vectors[k] for k in self.trained_keys]
         return params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     def resume(self, optimizer: torch.optim.Optimizer) -> str | None:
@@ -174,7 +187,7 @@ class EmbeddingTraining(TrainingKind):
         emb = self.snapshot(step, stored_name)
         save_embedding_file(emb, path, _metadata(self.cfg, self.info, self.prediction, step))
         if self.cfg.save_optimizer_state:
-            save_optim(path, optimizer.state_dict(), emb.checksum())
+            save_optim(path, optimizer.state_dict(), emb.checksum(), step=step)
 
     def after_intermediate(self, step: int, stored_name: str) -> None:
         self.last_intermediate = self.snapshot(step, stored_name)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lib_sdtrain.core.data.dataset import DatasetOptions, TrainDataset
-from lib_sdtrain.core.port import NoiseSchedule, TrainingHost
+from lib_sdtrain.core.port import ImageSize, NoiseSchedule, TrainingHost
 from lib_sdtrain.core.training.loop import Batch, autocast_context, diffusion_loss
 
 
@@ -16,8 +16,8 @@ from lib_sdtrain.core.training.loop import Batch, autocast_context, diffusion_lo
 class TrainingData:
     dataset: TrainDataset
     validation_count: int
-    #: fixed (latent, prompt, weight) triples for the validation loss, filled by `encode`
-    validation_set: list[tuple[torch.Tensor, str, torch.Tensor | None]] = field(default_factory=list)
+    #: fixed (latent, prompt, weight, size) for the validation loss, filled by `encode`
+    validation_set: list[tuple[torch.Tensor, str, torch.Tensor | None, ImageSize]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -43,14 +43,14 @@ class TrainingData:
         for item in range(min(self.validation_count, len(ds.images))):
             latent = ds.latent(item)
             weight = ds.weight_map(item, tuple(latent.shape[-2:])) if ds.opts.use_weight else None
-            self.validation_set.append((latent.clone(), ds.text(item), weight))
+            self.validation_set.append((latent.clone(), ds.text(item), weight, ds.image_size(item)))
 
     def batches(self, device: torch.device) -> Iterator[Batch]:
         """One epoch of micro-batches, exactly those the host's loop would train on."""
         for items in self.dataset.epoch():
             b = self.dataset.batch(items)
             weight = b.weights.to(device) if b.weights is not None else None
-            yield Batch(latents=b.latents.to(device), prompts=b.texts, weight=weight)
+            yield Batch(latents=b.latents.to(device), prompts=b.texts, weight=weight, sizes=b.sizes)
 
 
 def prepare_training_data(
@@ -96,13 +96,13 @@ def validation_loss(
     g = torch.Generator().manual_seed(seed + 7919)
     total, n = 0.0, 0
     repeats = 4
-    for latent, prompt, weight in data.validation_set:
+    for latent, prompt, weight, size in data.validation_set:
         x0 = latent.unsqueeze(0).expand(repeats, *latent.shape).to(info.device)
         t = torch.linspace(0, schedule.num_timesteps - 1, repeats + 2)[1:-1].round().long()
         noise = torch.randn(x0.shape, generator=g)
         w = weight.unsqueeze(0).expand(repeats, *weight.shape) if weight is not None else None
         with autocast_context(info.device, autocast_dtype):
-            cond = host.encode_text([prompt] * repeats)
+            cond = host.encode_text([prompt] * repeats, [size] * repeats)
             loss = diffusion_loss(host, schedule, x0, cond, weight=w, t=t, noise=noise)
         total += float(loss)
         n += 1

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.port import NoiseSchedule, Session, TrainingHost
+from lib_sdtrain.core.port import ImageSize, NoiseSchedule, Session, TrainingHost
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Batch:
     latents: torch.Tensor  # [B, C, h, w] on the host device
     prompts: list[str]
     weight: torch.Tensor | None = None
+    sizes: list[ImageSize] | None = None  # SDXL's size conditioning, one per latent
 
 
 @dataclass
@@ -85,7 +86,7 @@ class LoopHooks:
     """What the trainable kind supplies. `after_step` runs after every optimizer step (cadences)."""
 
     batches: Callable[[], Iterator[Batch]]  # one epoch of micro-batches
-    encode: Callable[[list[str]], Any]  # prompts → conditioning (through the host)
+    encode: Callable[[list[str], list[ImageSize] | None], Any]  # prompts, sizes → conditioning (the host)
     lr_at: Callable[[int], float]
     finished: Callable[[int], bool]
     clip: Callable[[int], None] | None  # clip gradients for this step, or None
@@ -133,7 +134,7 @@ def run_loop(
             # forward: the conditioning goes through the host's text encoder so the live
             # vectors are spliced in and receive gradients
             with autocast_context(info.device, autocast_dtype):
-                cond = hooks.encode(batch.prompts)
+                cond = hooks.encode(batch.prompts, batch.sizes)
                 loss = (
                     diffusion_loss(
                         host, schedule, batch.latents, cond, weight=batch.weight, generator=generator

@@ -30,7 +30,7 @@ from PIL import Image
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.formats.fsutil import atomic_write
 from lib_sdtrain.core.jobs.service import JobControl
-from lib_sdtrain.core.port import ModelInfo, PreviewRequest, SessionOptions, TrainingHost
+from lib_sdtrain.core.port import ImageSize, ModelInfo, PreviewRequest, SessionOptions, TrainingHost
 from lib_sdtrain.core.training.batches import TrainingData, prepare_training_data, validation_loss
 from lib_sdtrain.core.training.loop import (
     LoopHooks,
@@ -135,8 +135,8 @@ class TrainingKind:
         """Load the saved optimizer state that belongs to `source`; a line for the log, or None."""
         return None
 
-    def encoder(self, host: TrainingHost) -> Callable[[list[str]], Any]:
-        """Prompts → conditioning for the loop."""
+    def encoder(self, host: TrainingHost) -> Callable[[list[str], list[ImageSize] | None], Any]:
+        """(prompts, sizes) → conditioning for the loop."""
         return host.encode_text
 
     def active(self, host: TrainingHost) -> AbstractContextManager[Any]:

@@ -20,6 +20,7 @@ from PIL import Image
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.formats.embedding import SINGLE
 from lib_sdtrain.core.port import (
+    ImageSize,
     LatentDist,
     ModelInfo,
     NoiseSchedule,
@@ -140,7 +141,7 @@ class A1111Host:
         scale = float(m.scale_factor)
         return LatentDist(dist.mean.float() * scale, dist.std.float() * scale)
 
-    def encode_text(self, prompts: list[str]) -> Any:
+    def encode_text(self, prompts: list[str], sizes: list[ImageSize] | None = None) -> Any:
         # the hijacked encoder tokenizes with the host's rules and splices every registered
         # embedding, ours included (modules/sd_hijack_clip.py, sd_hijack.EmbeddingsWithFixes)
         return self.model().cond_stage_model(prompts)

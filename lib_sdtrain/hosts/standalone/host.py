@@ -28,6 +28,7 @@ from lib_sdtrain.core.formats.embedding import SINGLE
 from lib_sdtrain.core.hypernetwork.attach import attach_hypernetworks
 from lib_sdtrain.core.hypernetwork.network import Hypernetwork
 from lib_sdtrain.core.port import (
+    ImageSize,
     LatentDist,
     ModelInfo,
     NoiseSchedule,
@@ -45,51 +46,99 @@ ProgressFn = Callable[[str, int, int, str], None]
 
 @dataclass
 class _TextEncoder:
-    """What the splice needs from one ldm text encoder."""
+    """What the splice needs from one text encoder."""
 
-    family: str
+    key: str  # the Embedding.vectors key it reads: "*" (SD1/SD2), "clip_l" / "clip_g" (SDXL)
     tokenize: Callable[[str], list[int]]  # text -> ids, no start/end tokens, no truncation
     bos: int
     eos: int
     pad: int
     token_embedding: torch.nn.Embedding
-    run: Callable[[torch.Tensor], torch.Tensor]  # [B, 77] ids -> [B, 77, width], what the UNet gets
+    #: [B, 77] ids -> ([B, 77, width] what the UNet gets, [B, dim] pooled output or None)
+    run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+    truncate_init: bool = False  # A1111's SD1 init tokenizes with max_length=n_vectors (truncating)
 
 
-def _text_encoder(cond_stage: torch.nn.Module) -> _TextEncoder:
+def _clip_l(cond_stage: torch.nn.Module, key: str) -> _TextEncoder:
+    """ldm's or sgm's FrozenCLIPEmbedder (HF CLIPTextModel; `layer` "last" or "hidden" + `layer_idx`)."""
+    tok = cond_stage.tokenizer
+
+    def run_clip(ids: torch.Tensor) -> tuple[torch.Tensor, None]:
+        hidden = cond_stage.layer == "hidden"
+        out = cond_stage.transformer(input_ids=ids, output_hidden_states=hidden)
+        return (out.hidden_states[cond_stage.layer_idx] if hidden else out.last_hidden_state), None
+
+    return _TextEncoder(
+        key=key,
+        tokenize=lambda text: tok(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"],
+        bos=tok.bos_token_id,
+        eos=tok.eos_token_id,
+        pad=tok.pad_token_id,  # <|endoftext|>, as A1111 pads SD1 prompts
+        token_embedding=cond_stage.transformer.text_model.embeddings.token_embedding,
+        run=run_clip,
+        truncate_init=key == SINGLE,
+    )
+
+
+def _open_clip(cond_stage: torch.nn.Module, key: str) -> _TextEncoder:
+    """ldm's FrozenOpenCLIPEmbedder (SD2) or sgm's FrozenOpenCLIPEmbedder2 (SDXL's CLIP-G, which also
+    gives the pooled output: the final-norm EOT token through the text projection)."""
+    from open_clip.tokenizer import _tokenizer  # the tokenizer ldm's and sgm's own forwards use
+
+    if type(cond_stage).__name__ == "FrozenOpenCLIPEmbedder2":
+        if cond_stage.legacy:
+            raise ValueError("a legacy FrozenOpenCLIPEmbedder2 (no pooled output) is not an SDXL base encoder")
+
+        def run(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            out = cond_stage.encode_with_transformer(ids)
+            return out[cond_stage.layer], (out["pooled"] if cond_stage.return_pooled else None)
+    else:
+
+        def run(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return cond_stage.encode_with_transformer(ids), None
+
+    return _TextEncoder(
+        key=key,
+        tokenize=_tokenizer.encode,
+        bos=_tokenizer.encoder["<start_of_text>"],
+        eos=_tokenizer.encoder["<end_of_text>"],
+        pad=0,  # open_clip pads with zeros
+        token_embedding=cond_stage.model.token_embedding,
+        run=run,
+    )
+
+
+def _text_side(model: torch.nn.Module) -> tuple[str, list[_TextEncoder], list[tuple[str, Any]]]:
+    """(family, text encoders, SDXL's conditioner parts in order) of an ldm or sgm model.
+
+    For SDXL the parts are ("text", encoder) and ("size", (batch key, embedder)), in the order the
+    GeneralConditioner concatenates their outputs."""
+    if hasattr(model, "conditioner"):  # sgm DiffusionEngine: SDXL
+        encoders: list[_TextEncoder] = []
+        parts: list[tuple[str, Any]] = []
+        for embedder in model.conditioner.embedders:
+            kind = type(embedder).__name__
+            if kind == "FrozenCLIPEmbedder":
+                enc = _clip_l(embedder, "clip_l")
+            elif kind == "FrozenOpenCLIPEmbedder2":
+                enc = _open_clip(embedder, "clip_g")
+            elif kind == "ConcatTimestepEmbedderND":
+                parts.append(("size", (embedder.input_key, embedder)))
+                continue
+            else:
+                raise ValueError(f"unsupported SDXL conditioner part {kind} (the standalone host trains SDXL base models)")
+            encoders.append(enc)
+            parts.append(("text", enc))
+        if sorted(e.key for e in encoders) != ["clip_g", "clip_l"]:
+            raise ValueError("an SDXL base model has a CLIP-L and a CLIP-G text encoder (is this a refiner?)")
+        return "sdxl", encoders, parts
+    cond_stage = model.cond_stage_model
     kind = type(cond_stage).__name__
     if kind == "FrozenCLIPEmbedder":
-        tok = cond_stage.tokenizer
-
-        def run_clip(ids: torch.Tensor) -> torch.Tensor:
-            hidden = cond_stage.layer == "hidden"
-            out = cond_stage.transformer(input_ids=ids, output_hidden_states=hidden)
-            return out.hidden_states[cond_stage.layer_idx] if hidden else out.last_hidden_state
-
-        return _TextEncoder(
-            family="sd1",
-            tokenize=lambda text: tok(text, add_special_tokens=False, truncation=False, verbose=False)[
-                "input_ids"
-            ],
-            bos=tok.bos_token_id,
-            eos=tok.eos_token_id,
-            pad=tok.pad_token_id,  # <|endoftext|>, as A1111 pads SD1 prompts
-            token_embedding=cond_stage.transformer.text_model.embeddings.token_embedding,
-            run=run_clip,
-        )
+        return "sd1", [_clip_l(cond_stage, SINGLE)], []
     if kind == "FrozenOpenCLIPEmbedder":
-        from open_clip.tokenizer import _tokenizer  # the tokenizer ldm's own forward uses
-
-        return _TextEncoder(
-            family="sd2",
-            tokenize=_tokenizer.encode,
-            bos=_tokenizer.encoder["<start_of_text>"],
-            eos=_tokenizer.encoder["<end_of_text>"],
-            pad=0,  # open_clip pads with zeros
-            token_embedding=cond_stage.model.token_embedding,
-            run=cond_stage.encode_with_transformer,
-        )
-    raise ValueError(f"unsupported text encoder {kind}: the standalone host handles SD1 and SD2 models")
+        return "sd2", [_open_clip(cond_stage, SINGLE)], []
+    raise ValueError(f"unsupported text encoder {kind}: the standalone host handles SD1, SD2 and SDXL models")
 
 
 class StandaloneSession:
@@ -112,7 +161,9 @@ class StandaloneSession:
 
 
 class StandaloneHost:
-    """Implements `lib_sdtrain.core.port.TrainingHost` over an ldm `LatentDiffusion`."""
+    """Implements `lib_sdtrain.core.port.TrainingHost` over an ldm `LatentDiffusion` (SD1/SD2) or an sgm
+    `DiffusionEngine` (SDXL base). Both keep the UNet at `model.model.diffusion_model` and the VAE at
+    `model.first_stage_model`; they differ in the text side (`_text_side`) and the schedule's form."""
 
     def __init__(
         self,
@@ -123,16 +174,16 @@ class StandaloneHost:
         progress: ProgressFn | None = None,
     ):
         self.model = model
-        self.text = _text_encoder(model.cond_stage_model)
+        self.family, self.texts, self._xl_parts = _text_side(model)
         self.checkpoint_name = checkpoint_name
         self._hash = checkpoint_hash  # a callable is evaluated once, on first describe()
         self.progress = progress
         # Captured now, in float64, so a later half-precision cast cannot coarsen the schedule.
-        self._alphas = model.alphas_cumprod.detach().to("cpu", torch.float64).clone()
+        self._alphas = self._schedule_of(model)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._embeddings: dict[str, torch.Tensor] = {}
-        self._name_ids: dict[str, list[int]] = {}
+        self._embeddings: dict[str, dict[str, torch.Tensor]] = {}
+        self._name_ids: dict[tuple[str, str], list[int]] = {}
         self._inpaint_cache: dict[tuple, torch.Tensor] = {}
 
     @classmethod
@@ -145,17 +196,42 @@ class StandaloneHost:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         progress: ProgressFn | None = None,
+        webui_dir: str | Path | None = None,
     ) -> StandaloneHost:
-        """A host over a real (or tiny) SD1/SD2 checkpoint; see `loader.load_ldm_model` for the rules."""
-        from lib_sdtrain.hosts.standalone.loader import file_shorthash, load_ldm_model
+        """A host over a real (or tiny) SD1/SD2/SDXL checkpoint; see `loader.load_ldm_model` and
+        `loader.load_sgm_model` for the rules. SDXL (told by the webui's own key test) needs `sgm`,
+        taken from `webui_dir`'s repositories (or SDTRAIN_SGM_DIR); its yaml defaults to that webui's
+        sd_xl_base.yaml."""
+        from lib_sdtrain.hosts.standalone.loader import (
+            file_shorthash,
+            is_sdxl_checkpoint,
+            load_ldm_model,
+            load_sgm_model,
+        )
+        from lib_sdtrain.hosts.standalone.sgm_source import ensure_sgm
 
-        model = load_ldm_model(ckpt_path, yaml_path, clip_dir, device=device, dtype=dtype)
+        if is_sdxl_checkpoint(ckpt_path):
+            sgm_dir = ensure_sgm(webui_dir)
+            if not yaml_path and sgm_dir is not None:
+                yaml_path = sgm_dir / "configs" / "inference" / "sd_xl_base.yaml"
+            model = load_sgm_model(ckpt_path, yaml_path, clip_dir, device=device, dtype=dtype)
+        else:
+            model = load_ldm_model(ckpt_path, yaml_path, clip_dir, device=device, dtype=dtype)
         return cls(
             model,
             checkpoint_name=Path(ckpt_path).stem,
             checkpoint_hash=partial(file_shorthash, ckpt_path),
             progress=progress,
         )
+
+    @staticmethod
+    def _schedule_of(model: torch.nn.Module) -> torch.Tensor:
+        """ᾱ_t in float64. sgm keeps σ_t = sqrt((1-ᾱ_t)/ᾱ_t) instead (its denoiser's table); the UNet
+        sees exactly the DDPM x_t and integer t either way (sgm's c_in = 1/sqrt(1+σ²) = sqrt(ᾱ))."""
+        if hasattr(model, "alphas_cumprod"):
+            return model.alphas_cumprod.detach().to("cpu", torch.float64).clone()
+        sigmas = model.denoiser.sigmas.detach().to("cpu", torch.float64)
+        return 1.0 / (1.0 + sigmas**2)
 
     # -- model facts -------------------------------------------------------------------------------
     @property
@@ -170,10 +246,10 @@ class StandaloneHost:
             self._hash = self._hash()
         dtype = self._unet_dtype()
         return ModelInfo(
-            family=self.text.family,  # type: ignore[arg-type]
+            family=self.family,  # type: ignore[arg-type]
             checkpoint_name=self.checkpoint_name,
             checkpoint_hash=self._hash,
-            text_encoders=(TextEncoderInfo(SINGLE, int(self.text.token_embedding.weight.shape[1])),),
+            text_encoders=tuple(TextEncoderInfo(te.key, int(te.token_embedding.weight.shape[1])) for te in self.texts),
             device=self.device,
             # Half-precision weights need autocast around the trainer's float32 vectors.
             autocast_dtype=dtype if dtype != torch.float32 and self.device.type != "cpu" else None,
@@ -181,10 +257,18 @@ class StandaloneHost:
         )
 
     def _downscale(self) -> int:
-        return 2 ** int(getattr(self.model, "num_downs", 3))  # VAE levels - 1, set by LatentDiffusion
+        levels = self.model.first_stage_model.encoder.num_resolutions  # ldm and sgm alike
+        return 2 ** (int(levels) - 1)
+
+    def _latent_channels(self) -> int:
+        return int(self.model.model.diffusion_model.out_channels)
 
     def noise_schedule(self) -> NoiseSchedule:
-        prediction = "v" if self.model.parameterization == "v" else "eps"
+        if hasattr(self.model, "parameterization"):
+            v = self.model.parameterization == "v"
+        else:  # sgm: the denoiser's scaling says it (VScaling: v-prediction), as the webui reads it
+            v = type(self.model.denoiser.scaling).__name__ == "VScaling"
+        prediction = "v" if v else "eps"
         return NoiseSchedule(alphas_cumprod=self._alphas.to(torch.float32), prediction=prediction)
 
     # -- images ----------------------------------------------------------------------------------
@@ -195,36 +279,41 @@ class StandaloneHost:
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
         vae = self.model.first_stage_model
         x = pixels.to(self._vae_device(), next(vae.parameters()).dtype)
-        dist = self.model.encode_first_stage(x)
+        # The posterior as both ldm's and sgm's AutoencoderKL define it (encoder, quant_conv, a
+        # diagonal Gaussian with log-variance clamped to [-30, 20]); sgm's own encode_first_stage
+        # would only hand back one sample.
+        mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         scale = float(self.model.scale_factor)
-        mean = (dist.mean * scale).to(self.device, torch.float32)
-        return LatentDist(mean=mean, std=(dist.std * scale).to(self.device, torch.float32))
+        return LatentDist(mean=(mean * scale).to(self.device, torch.float32),
+                          std=(std * scale).to(self.device, torch.float32))
 
     # -- text --------------------------------------------------------------------------------------
-    def _ids_of(self, name: str) -> list[int]:
-        if name not in self._name_ids:
-            self._name_ids[name] = list(self.text.tokenize(name))
-        return self._name_ids[name]
+    def _ids_of(self, te: _TextEncoder, name: str) -> list[int]:
+        if (te.key, name) not in self._name_ids:
+            self._name_ids[(te.key, name)] = list(te.tokenize(name))
+        return self._name_ids[(te.key, name)]
 
-    def _splice(self, prompt: str) -> tuple[list[int], list[tuple[int, str, int]]]:
-        """Token ids (77) and the fixes (position, embedding name, vector index) for one prompt.
+    def _splice(self, te: _TextEncoder, prompt: str) -> tuple[list[int], list[tuple[int, str, int]]]:
+        """Token ids (77) and the fixes (position, embedding name, vector index) for one prompt in one
+        encoder's tokenization.
 
         Names are matched on token ids, longest name first, as A1111's embedding database does. Content
         beyond 75 tokens is cut (A1111 would open a second 77-token chunk instead), which can cut an
         embedding's tail too.
         """
         names = sorted(
-            (n for n in self._embeddings if self._ids_of(n)), key=lambda n: len(self._ids_of(n)), reverse=True
+            (n for n in self._embeddings if self._ids_of(te, n)), key=lambda n: len(self._ids_of(te, n)), reverse=True
         )
-        ids = self.text.tokenize(prompt)
+        ids = te.tokenize(prompt)
         content: list[int] = []
         fixes: list[tuple[int, str, int]] = []
         i = 0
         while i < len(ids):
             for name in names:
-                seq = self._ids_of(name)
+                seq = self._ids_of(te, name)
                 if ids[i : i + len(seq)] == seq:
-                    for k in range(self._embeddings[name].shape[0]):
+                    for k in range(self._embeddings[name][te.key].shape[0]):
                         fixes.append((1 + len(content), name, k))
                         content.append(0)  # placeholder id; the hook overwrites its row
                     i += len(seq)
@@ -234,21 +323,18 @@ class StandaloneHost:
                 i += 1
         content = content[: MAX_LENGTH - 2]
         fixes = [f for f in fixes if f[0] <= MAX_LENGTH - 2]
-        tokens = [self.text.bos, *content, self.text.eos]
-        return tokens + [self.text.pad] * (MAX_LENGTH - len(tokens)), fixes
+        tokens = [te.bos, *content, te.eos]
+        return tokens + [te.pad] * (MAX_LENGTH - len(tokens)), fixes
 
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """`[B, 77, width]` conditioning (the encoder's output, in its dtype, on the model device)."""
-        spliced = [self._splice(p) for p in prompts]
-        ids = torch.tensor(
-            [s[0] for s in spliced], dtype=torch.long, device=self.text.token_embedding.weight.device
-        )
+    def _encode_with(self, te: _TextEncoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        spliced = [self._splice(te, p) for p in prompts]
+        ids = torch.tensor([s[0] for s in spliced], dtype=torch.long, device=te.token_embedding.weight.device)
         fixes = [(b, pos, name, k) for b, (_, fx) in enumerate(spliced) for pos, name, k in fx]
         if not fixes:
-            return self.text.run(ids)
+            return te.run(ids)
 
         def swap_rows(_module: torch.nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
-            rows = torch.stack([self._embeddings[name][k] for _, _, name, k in fixes]).to(
+            rows = torch.stack([self._embeddings[name][te.key][k] for _, _, name, k in fixes]).to(
                 out.device, out.dtype
             )
             b_idx = torch.tensor([f[0] for f in fixes], device=out.device)
@@ -259,34 +345,74 @@ class StandaloneHost:
             mask[b_idx, p_idx] = True
             return torch.where(mask.unsqueeze(-1), filled, out)
 
-        handle = self.text.token_embedding.register_forward_hook(swap_rows)
+        handle = te.token_embedding.register_forward_hook(swap_rows)
         try:
-            return self.text.run(ids)
+            return te.run(ids)
         finally:
             handle.remove()
 
+    def encode_text(self, prompts: list[str], sizes: list[ImageSize] | None = None) -> Any:
+        """SD1/SD2: `[B, 77, width]`, the encoder's output in its dtype on the model device.
+        SDXL: `{"crossattn": [B, 77, 2048], "vector": [B, 2816]}` as sgm's GeneralConditioner builds
+        them — CLIP-L and CLIP-G hidden states side by side; CLIP-G's pooled output and the size
+        conditioning (`sizes`, default 1024×1024 uncropped as the webui's) in the conditioner's order."""
+        outs = {te.key: self._encode_with(te, prompts) for te in self.texts}
+        if self.family != "sdxl":
+            return outs[SINGLE][0]
+        if sizes is None:
+            sizes = [ImageSize.plain(1024, 1024)] * len(prompts)
+        if len(sizes) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sizes)} sizes")
+        fields = {"original_size_as_tuple": [s.original_size for s in sizes],
+                  "crop_coords_top_left": [s.crop_top_left for s in sizes],
+                  "target_size_as_tuple": [s.target_size for s in sizes]}
+        hidden, vector = [], []
+        for kind, part in self._xl_parts:
+            if kind == "text":
+                z, pooled = outs[part.key]
+                hidden.append(z)
+                if pooled is not None:
+                    vector.append(pooled)
+            else:
+                key, embedder = part
+                device = self.texts[0].token_embedding.weight.device
+                vector.append(embedder(torch.tensor(fields[key], dtype=torch.float32, device=device)))
+        dtype = hidden[0].dtype
+        return {"crossattn": torch.cat([h.to(dtype) for h in hidden], dim=2),
+                "vector": torch.cat([v.to(dtype) for v in vector], dim=1)}
+
     @torch.no_grad()
     def initial_vectors(self, init_text: str, n_vectors: int) -> dict[str, torch.Tensor]:
-        weight = self.text.token_embedding.weight
-        vec = torch.zeros((n_vectors, weight.shape[1]), dtype=torch.float32)
-        ids = self.text.tokenize(init_text) if init_text else []
-        if self.text.family == "sd1":
-            ids = ids[:n_vectors]  # A1111's SD1 init tokenizes with max_length=n_vectors (truncating)
-        if ids:
-            rows = weight[torch.tensor(ids, device=weight.device)].detach().to("cpu", torch.float32)
-            for i in range(n_vectors):
-                vec[i] = rows[i * rows.shape[0] // n_vectors]
-        return {SINGLE: vec}
+        """Per encoder, the token embeddings of `init_text` spread over `n_vectors` rows. SD1 truncates
+        the text to `n_vectors` tokens as A1111 does; SD2 and SDXL spread all of its tokens (the same
+        tokens in both SDXL encoders, whose vocabularies are one BPE)."""
+        out = {}
+        for te in self.texts:
+            weight = te.token_embedding.weight
+            vec = torch.zeros((n_vectors, weight.shape[1]), dtype=torch.float32)
+            ids = te.tokenize(init_text) if init_text else []
+            if te.truncate_init:
+                ids = ids[:n_vectors]
+            if ids:
+                rows = weight[torch.tensor(ids, device=weight.device)].detach().to("cpu", torch.float32)
+                for i in range(n_vectors):
+                    vec[i] = rows[i * rows.shape[0] // n_vectors]
+            out[te.key] = vec
+        return out
 
     @contextlib.contextmanager
     def use_embedding(self, name: str, vectors: dict[str, torch.Tensor]) -> Iterator[None]:
-        vec = vectors.get(SINGLE)
-        width = int(self.text.token_embedding.weight.shape[1])
-        if vec is None or vec.ndim != 2 or vec.shape[1] != width:
+        need = {te.key: int(te.token_embedding.weight.shape[1]) for te in self.texts}
+        ok = set(vectors) == set(need) and all(
+            vectors[k].ndim == 2 and vectors[k].shape[1] == w and vectors[k].shape[0] == vectors[next(iter(need))].shape[0]
+            for k, w in need.items()
+        )
+        if not ok:
             got = {k: tuple(v.shape) for k, v in vectors.items()}
-            raise ValueError(f"embedding {name!r} has vectors {got}, this model needs {{'*': [n, {width}]}}")
+            want = ", ".join(f"'{k}': [n, {w}]" for k, w in need.items())
+            raise ValueError(f"embedding {name!r} has vectors {got}, this model needs {{{want}}}")
         previous = self._embeddings.get(name)
-        self._embeddings[name] = vec
+        self._embeddings[name] = dict(vectors)
         try:
             yield
         finally:
@@ -318,12 +444,16 @@ class StandaloneHost:
         """UNet output (float32) for `x_t` at integer `t`; `cond` is what `encode_text` returned."""
         dtype = self._unet_dtype()
         x = x_t.to(self.device, dtype)
+        t = t.to(self.device).long()
+        if self.family == "sdxl":  # sgm's OpenAIWrapper: context = crossattn, y = vector
+            c = {k: v.to(self.device, dtype) for k, v in cond.items()}
+            return self.model.model(x, t, c).float()
         c = cond.to(self.device, dtype)
         key = self.model.model.conditioning_key
         full: Any = c
         if key == "hybrid":
             full = {"c_concat": [self._inpaint_conditioning(x)], "c_crossattn": [c]}
-        out = self.model.apply_model(x, t.to(self.device).long(), full)
+        out = self.model.apply_model(x, t, full)
         return out.float()
 
     # -- jobs ----------------------------------------------------------------------------------
@@ -407,12 +537,13 @@ class StandaloneHost:
         width, height = max(f, request.width // f * f), max(f, request.height // f * f)
         seed = request.seed if request.seed >= 0 else secrets.randbits(32)
         gen = torch.Generator().manual_seed(int(seed))
-        x = torch.randn((1, int(self.model.channels), height // f, width // f), generator=gen).to(self.device)
+        x = torch.randn((1, self._latent_channels(), height // f, width // f), generator=gen).to(self.device)
         steps = max(1, min(int(request.steps), len(self._alphas)))
         ts = torch.linspace(len(self._alphas) - 1, 0, steps).round().long().unique_consecutive()
         v_pred = self.noise_schedule().prediction == "v"
         with self._modes_kept():
-            cond = self.encode_text([request.negative_prompt, request.prompt])
+            size = ImageSize.plain(height, width)
+            cond = self.encode_text([request.negative_prompt, request.prompt], [size, size])
             for i, t in enumerate(ts.tolist()):
                 a = float(self._alphas[t])
                 a_prev = float(self._alphas[int(ts[i + 1])]) if i + 1 < len(ts) else 1.0

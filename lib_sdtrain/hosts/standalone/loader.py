@@ -72,13 +72,13 @@ def file_shorthash(path: str | Path) -> str:
     return digest.hexdigest()[:10]
 
 
-def clip_config_from_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """CLIPTextConfig fields read off the weights. Heads are width/64, true of every released SD1
-    text encoder (ViT-L/14: 768/12); a toy encoder needs a clip_dir with its own config.json."""
-    width = int(state[CLIP_PREFIX + "embeddings.token_embedding.weight"].shape[1])
-    layer_keys = [k for k in state if k.startswith(CLIP_PREFIX + "encoder.layers.")]
-    layers = 1 + max(int(k[len(CLIP_PREFIX + "encoder.layers.") :].split(".")[0]) for k in layer_keys)
-    inner = int(state[CLIP_PREFIX + "encoder.layers.0.mlp.fc1.weight"].shape[0])
+def clip_config_from_state(state: dict[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict[str, Any]:
+    """CLIPTextConfig fields read off the weights. Heads are width/64, true of every released SD1/SDXL
+    CLIP-L text encoder (ViT-L/14: 768/12); a toy encoder needs a clip_dir with its own config.json."""
+    width = int(state[prefix + "embeddings.token_embedding.weight"].shape[1])
+    layer_keys = [k for k in state if k.startswith(prefix + "encoder.layers.")]
+    layers = 1 + max(int(k[len(prefix + "encoder.layers.") :].split(".")[0]) for k in layer_keys)
+    inner = int(state[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0])
     return {
         "vocab_size": VOCAB_SIZE, "hidden_size": width, "intermediate_size": inner, "projection_dim": width,
         "num_hidden_layers": layers, "num_attention_heads": max(1, width // 64),
@@ -105,10 +105,15 @@ def _skip_weight_init() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _clip_text_model_from_config(state: dict[str, torch.Tensor]) -> Iterator[None]:
+def _clip_text_model_from_config(
+    state: dict[str, torch.Tensor], prefix: str = CLIP_PREFIX, module: str = "ldm.modules.encoders.modules"
+) -> Iterator[None]:
     """Make FrozenCLIPEmbedder build its CLIPTextModel from a config instead of loading hub weights."""
-    import ldm.modules.encoders.modules as encoders
+    import importlib
+
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    encoders = importlib.import_module(module)
 
     class _FromConfig:
         @staticmethod
@@ -116,7 +121,7 @@ def _clip_text_model_from_config(state: dict[str, torch.Tensor]) -> Iterator[Non
             cfg_file = Path(version) / "config.json"
             if cfg_file.is_file():
                 return CLIPTextModel(CLIPTextConfig.from_pretrained(version))
-            return CLIPTextModel(CLIPTextConfig(**clip_config_from_state(state)))
+            return CLIPTextModel(CLIPTextConfig(**clip_config_from_state(state, prefix)))
 
     original = encoders.CLIPTextModel
     encoders.CLIPTextModel = _FromConfig  # type: ignore[assignment,misc]
@@ -191,5 +196,96 @@ def load_ldm_model(
     model = model.to(device).eval()
     if dtype != torch.float32:
         for part in (model.model, model.first_stage_model, model.cond_stage_model):
+            part.to(dtype)
+    return model
+
+
+#: the webui's sign of an SDXL base checkpoint (modules/sd_models_config.py): CLIP-G's final norm
+SDXL_MARKER = "conditioner.embedders.1.model.ln_final.weight"
+_SDXL_REQUIRED = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")
+_SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+
+
+def is_sdxl_checkpoint(state_or_path: dict[str, torch.Tensor] | str | Path) -> bool:
+    if isinstance(state_or_path, dict):
+        return SDXL_MARKER in state_or_path
+    if Path(state_or_path).suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(state_or_path), framework="pt") as f:
+                return SDXL_MARKER in set(f.keys())
+        except Exception:  # not a safetensors file: the full reader names the problem
+            pass
+    return SDXL_MARKER in read_state_dict(state_or_path)
+
+
+def load_sgm_model(
+    ckpt_path: str | Path,
+    yaml_path: str | Path,
+    clip_dir: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """An sgm DiffusionEngine (SDXL base) in eval mode with the checkpoint's weights, on `device`; `sgm`
+    must be importable (`sgm_source.ensure_sgm`). As the webui loads it: sgm's own gradient
+    checkpointing off (it cannot differentiate through frozen weights), xformers attention only where
+    xformers is installed; offline: CLIP-L from `clip_dir` / the yaml's local `version` / a generated
+    tokenizer with the shape read off the weights, CLIP-G with `version: null` (no pretrained download)."""
+    from lib_sdtrain.hosts.standalone.tiny_sdxl import instantiate_sgm
+
+    state = read_state_dict(ckpt_path)
+    try:
+        config = OmegaConf.load(yaml_path)
+        params = config.model.params
+        embedders = params.conditioner_config.params.emb_models
+        unet = params.network_config.params
+    except Exception as e:
+        raise FormatError(str(yaml_path), f"not an sgm (SDXL) model config: {e}") from e
+    unet.use_checkpoint = False
+    try:
+        import xformers  # noqa: F401
+
+        has_xformers = True
+    except ImportError:
+        has_xformers = False
+    if not has_xformers:
+        ddconfig = params.first_stage_config.params.ddconfig
+        if str(ddconfig.get("attn_type", "")) == "vanilla-xformers":
+            ddconfig.attn_type = "vanilla"
+    for emb in embedders:
+        target = str(emb.target)
+        if "params" not in emb or emb.params is None:
+            emb.params = {}
+        if target.endswith(".FrozenOpenCLIPEmbedder2"):
+            emb.params.version = None
+        if target.endswith(".FrozenCLIPEmbedder") or target.endswith(".FrozenOpenCLIPEmbedder2"):
+            emb.params.device = str(device)
+    with tempfile.TemporaryDirectory(prefix="sdtrain-clip-") as tmp, _skip_weight_init():
+        for emb in embedders:
+            if str(emb.target).endswith(".FrozenCLIPEmbedder"):
+                version = _local_dir(clip_dir) or _local_dir(emb.params.get("version"))
+                if version is None:
+                    version = write_clip_tokenizer(tmp)
+                    cfg = clip_config_from_state(state, _SDXL_CLIP_L_PREFIX)
+                    (version / "config.json").write_text(json.dumps(cfg))
+                emb.params.version = str(version)
+        with _clip_text_model_from_config(state, _SDXL_CLIP_L_PREFIX, "sgm.modules.encoders.modules"):
+            model = instantiate_sgm(config)
+    try:
+        missing, _unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise FormatError(str(ckpt_path), f"does not fit {Path(yaml_path).name}: {e}") from e
+    missing = [k for k in missing if k.startswith(_SDXL_REQUIRED) and not k.endswith("position_ids")]
+    if missing:
+        raise FormatError(str(ckpt_path), f"{len(missing)} weights missing for this config, e.g. {missing[:3]}")
+    del state
+    model = model.to(device).eval()
+    for emb in model.conditioner.embedders:
+        if hasattr(emb, "device"):
+            emb.device = str(device)
+    if dtype != torch.float32:
+        for part in (model.model, model.first_stage_model, model.conditioner):
             part.to(dtype)
     return model
