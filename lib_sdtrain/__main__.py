@@ -7,10 +7,10 @@ import sys
 from lib_sdtrain.cli import HostFactories, main
 
 
-def _checkpoint(ckpt: str, yaml: str | None, clip_dir: str | None):
+def _checkpoint(ckpt: str, yaml: str | None, clip_dir: str | None, webui: str | None = None):
     from lib_sdtrain.hosts.standalone.host import StandaloneHost
 
-    return StandaloneHost.load_checkpoint(ckpt, yaml, clip_dir)
+    return StandaloneHost.load_checkpoint(ckpt, yaml, clip_dir, webui_dir=webui)
 
 
 def _tiny(workdir: str):

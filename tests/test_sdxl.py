@@ -195,3 +195,36 @@ def test_checkpoint_and_yaml_load_as_the_webui_loads_them(sgm_dir, tiny_sdxl, ti
         a = loaded.encode_text(["a dog"], size)
         b = StandaloneHost(tiny_sdxl).encode_text(["a dog"], size)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_trains_an_sdxl_embedding_given_the_webui_folder(sgm_dir, tiny_sdxl, tiny_sdxl_dir, tmp_path, ws, capsys):
+    """`python -m lib_sdtrain train-embedding --ckpt ... --webui DIR`: sgm comes from the webui's
+    repositories (the checkout the tests unpacked), the files are the webui's SDXL form."""
+    import sys
+    from pathlib import Path
+
+    from lib_sdtrain.__main__ import _checkpoint, _tiny
+    from lib_sdtrain.cli import HostFactories, main
+    from lib_sdtrain.hosts.standalone.tiny import save_tiny_checkpoint
+    from lib_sdtrain.hosts.standalone.tiny_sdxl import write_tiny_sdxl_yaml
+
+    webui = Path(sgm_dir).parents[1]
+    assert (webui / "repositories" / "generative-models" / "sgm").is_dir()
+    ckpt = save_tiny_checkpoint(tiny_sdxl, tmp_path / "xl.safetensors")
+    yaml = write_tiny_sdxl_yaml(tmp_path / "xl.yaml", str(tiny_sdxl_dir / "clip"))
+    common = ["--ckpt", str(ckpt), "--yaml", str(yaml), "--webui", str(webui), "--embeddings-dir", ws["emb"]]
+    hosts = HostFactories(checkpoint=_checkpoint, tiny=_tiny)
+    saved_path = list(sys.path)
+    try:
+        assert main(["create-embedding", *common, "--name", "clixl", "--num-vectors-per-token", "1",
+                     "--save-format", "safetensors"], hosts) == 0
+        assert main(["train-embedding", *common, "--embedding-name", "clixl", "--data-root", ws["data"],
+                     "--steps", "3", "--training-width", "64", "--training-height", "64", "--save-format",
+                     "safetensors", "--create-image-every", "0", "--save-embedding-every", "0",
+                     "--log-directory", ws["log"], "--train-encoders", "clip_g"], hosts) == 0
+    finally:
+        sys.path[:] = saved_path
+    emb = load_embedding(os.path.join(ws["emb"], "clixl.safetensors"))
+    assert emb.step == 3 and {k: tuple(v.shape) for k, v in emb.vectors.items()} == {"clip_l": (1, 768),
+                                                                                    "clip_g": (1, 1280)}
+    assert "done:" in capsys.readouterr().out

@@ -27,8 +27,9 @@ log = logging.getLogger("lib_sdtrain.cli")
 
 @dataclass
 class HostFactories:
-    #: (checkpoint, yaml or None, clip dir or None) → host over a real SD1/SD2 checkpoint
-    checkpoint: Callable[[str, str | None, str | None], TrainingHost]
+    #: (checkpoint, yaml or None, clip dir or None, webui folder or None) → host over a real
+    #: SD1/SD2/SDXL checkpoint (SDXL's model code and default yaml come from the webui folder)
+    checkpoint: Callable[[str, str | None, str | None, str | None], TrainingHost]
     #: work dir → host over a tiny randomly initialised SD1-architecture model (no download)
     tiny: Callable[[str], TrainingHost]
 
@@ -87,9 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cls in (("create-embedding", CreateEmbeddingConfig), ("train-embedding", TrainEmbeddingConfig)):
         s = sub.add_parser(name, help=f"{cls.__doc__.splitlines()[0]}")
         s.add_argument(
-            "--ckpt", required=True, help="Stable Diffusion 1.x/2.x checkpoint (.safetensors or .ckpt)"
+            "--ckpt", required=True, help="Stable Diffusion 1.x/2.x/XL checkpoint (.safetensors or .ckpt)"
         )
-        s.add_argument("--yaml", help="model config, like the webui's configs/v1-inference.yaml")
+        s.add_argument("--yaml", help="model config, like the webui's configs/v1-inference.yaml (default: "
+                       "the webui's config for the checkpoint's family, with --webui)")
+        s.add_argument("--webui", help="an installed webui's folder: SDXL's model code (its repositories/"
+                       "generative-models) and default configs come from there")
         s.add_argument(
             "--clip-dir", help="local folder with the CLIP tokenizer and text-model config (no download)"
         )
@@ -201,7 +205,7 @@ def main(argv: list[str] | None, hosts: HostFactories) -> int:
         cls = CreateEmbeddingConfig if args.command == "create-embedding" else TrainEmbeddingConfig
         base = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
         config = cls.from_dict(_config_from_args(cls, args, base))  # refuse bad input before loading a model
-        host = hosts.checkpoint(args.ckpt, args.yaml, args.clip_dir)
+        host = hosts.checkpoint(args.ckpt, args.yaml, args.clip_dir, args.webui)
         service = JobService(lambda: host, job_runners())
         job = _run(service, cls.kind, config)
         service.shutdown()

@@ -223,6 +223,7 @@ def _create_tab(ctx: UiContext, tk: TabKind) -> None:
     specs = _specs(tk.create)
     kind, prefix = tk.create.kind, f"sdtrain_create_{tk.noun}"
     with gr.Tab(label=f"Create {tk.noun} (sdtrain)", id=prefix, elem_id=prefix):
+        gr.HTML(value=ctx.model_note, elem_id=f"{prefix}_model_note")  # the family and what a file holds
         inputs = [_widget(specs[n], f"{prefix}_{n}") for n in tk.create_fields]
         button = gr.Button(value=f"Create {tk.noun}", variant="primary", elem_id=f"{prefix}_button")
         out = gr.Textbox(show_label=False, elem_id=f"{prefix}_output", interactive=False)

@@ -155,6 +155,32 @@ def sd2_assets(webui_assets):
 
 
 @pytest.fixture(scope="session")
+def sdxl_assets(webui_assets):
+    """`webui_assets` with a tiny SDXL base instead, built from the webui's own `sgm` code
+    (repositories/generative-models): CLIP-L by its hub name (the offline cache's 768-wide, 2-layer
+    config; hidden layer 1 = the penultimate), a toy CLIP-G 1280 wide registered with open_clip by a
+    test-only extension (as for SD2), sd_xl_base.yaml's parts at toy sizes. Live previews are off:
+    their SDXL approximation model would be downloaded."""
+    from lib_sdtrain.hosts.standalone.sgm_source import ensure_sgm
+    from lib_sdtrain.hosts.standalone.tiny import save_tiny_checkpoint
+    from lib_sdtrain.hosts.standalone.tiny_sdxl import build_tiny_sdxl, write_tiny_sdxl_yaml
+
+    ensure_sgm(WEBUI_DIR)
+    root = webui_assets["root"]
+    build = root / "build-sdxl"
+    model = build_tiny_sdxl(build, seed=3)
+    ckpt_dir = root / "models-sdxl"
+    ckpt_dir.mkdir()
+    ckpt = save_tiny_checkpoint(model, ckpt_dir / "tiny-sdxl.safetensors")
+    write_tiny_sdxl_yaml(ckpt_dir / "tiny-sdxl.yaml", "openai/clip-vit-large-patch14")
+    shim = {"scripts/register_arch.py": OPEN_CLIP_ARCH_SCRIPT,
+            **{f"open_clip_configs/{f.name}": f.read_text() for f in (build / "open_clip_configs").glob("*.json")}}
+    shutil.rmtree(build)
+    return {**webui_assets, "ckpt": ckpt, "shims": {"sdtrain-test-open-clip-arch": shim},
+            "settings": {"live_previews_enable": False}}
+
+
+@pytest.fixture(scope="session")
 def inpainting_assets(webui_assets):
     """`webui_assets` with a tiny SD1 inpainting model instead (LatentInpaintDiffusion, hybrid
     conditioning, 9 UNet input channels: configs/v1-inpainting-inference.yaml at toy sizes); its CLIP
@@ -268,6 +294,13 @@ def webui(webui_assets):
 @pytest.fixture(scope="module")
 def sd2_webui(sd2_assets):
     server = WebUI(sd2_assets, "sd2")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sdxl_webui(sdxl_assets):
+    server = WebUI(sdxl_assets, "sdxl", settings=sdxl_assets["settings"])
     yield server
     server.stop()
 

@@ -19,6 +19,7 @@ CAPABILITIES = {
     "train_tab": "the host has a Train tab: sdtrain's sub-tabs go inside it",
     "sd2": "loads an SD2 checkpoint (OpenCLIP text encoder, v-prediction) that sdtrain trains",
     "inpainting": "loads an SD1 inpainting checkpoint (9-channel UNet, hybrid conditioning)",
+    "sdxl": "loads an SDXL base checkpoint (sgm DiffusionEngine, CLIP-L + CLIP-G) that sdtrain trains",
     "stock_trainer": "the host's own (in-tree) trainer runs, to exchange files with it",
     "hypernetwork_prompt": "the host applies `<hypernet:name:m>` in generation",
     "preprocess": "sdtrain's preprocess route and sub-tab",

@@ -1,4 +1,4 @@
-"""Host(A1111): gradient checkpointing for the ldm UNet blocks, reversible.
+"""Host(A1111): gradient checkpointing for the UNet blocks (ldm for SD1/SD2, sgm for SDXL), reversible.
 
 The host's own `sd_hijack_checkpoint` uses reentrant `torch.utils.checkpoint`, under which a
 block's output requires grad only if one of its *inputs* does. With the model weights frozen
@@ -27,10 +27,16 @@ def enabled(on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    import ldm.modules.attention as attention
-    import ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import importlib
 
-    targets = [attention.BasicTransformerBlock, openaimodel.ResBlock, openaimodel.AttentionBlock]
+    targets = []
+    for package in ("ldm", "sgm"):  # SD1/SD2 blocks, and SDXL's (sgm), where the webui has it
+        try:
+            attention = importlib.import_module(f"{package}.modules.attention")
+            openaimodel = importlib.import_module(f"{package}.modules.diffusionmodules.openaimodel")
+        except ImportError:
+            continue
+        targets += [attention.BasicTransformerBlock, openaimodel.ResBlock, openaimodel.AttentionBlock]
     saved = [(cls, cls.__dict__["forward"]) for cls in targets if "forward" in cls.__dict__]
     try:
         for cls, forward in saved:

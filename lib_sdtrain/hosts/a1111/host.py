@@ -72,6 +72,41 @@ def captioner_status() -> dict[str, str]:
     return status
 
 
+def _sdxl_text_wrappers(m) -> list[tuple[str, Any]]:
+    """SDXL's hijacked text embedders as (Embedding.vectors key, wrapper): the key is the one the
+    host's EmbeddingsWithFixes reads from a dict `vec` (its `textual_inversion_key`: clip_l, clip_g)."""
+    out = []
+    for embedder in m.conditioner.embedders:
+        if not hasattr(embedder, "encode_embedding_init_text"):
+            continue  # the size embedders
+        key = next((mod.textual_inversion_key for mod in embedder.modules()
+                    if hasattr(mod, "textual_inversion_key")), None)
+        if key is not None:
+            out.append((key, embedder))
+    return out
+
+
+@contextlib.contextmanager
+def _trainable_conditioner(m) -> Iterator[None]:
+    """sgm's GeneralConditioner runs every embedder not marked trainable under no_grad, which would
+    cut the live vectors off from the loss; mark the two text wrappers trainable while inside (their
+    weights stay frozen). ucg_rate 0, as the host's own get_learned_conditioning sets it."""
+    saved = [(e, getattr(e, "is_trainable", False), getattr(e, "ucg_rate", None)) for e in m.conditioner.embedders]
+    try:
+        for e, _, _ in saved:
+            e.ucg_rate = 0.0
+        for _, e in _sdxl_text_wrappers(m):
+            e.is_trainable = True
+        yield
+    finally:
+        for e, trainable, ucg in saved:
+            e.is_trainable = trainable
+            if ucg is None:
+                e.__dict__.pop("ucg_rate", None)
+            else:
+                e.ucg_rate = ucg
+
+
 class A1111Session:
     def __init__(self, label: str):
         self.label = label
@@ -104,18 +139,28 @@ class A1111Host:
         m = shared.sd_model
         if m is None:
             raise SdtrainError("no checkpoint is loaded in the webui")
-        if getattr(m, "is_sdxl", False) or getattr(m, "is_sd3", False):
-            raise SdtrainError("training on SDXL/SD3 checkpoints is not supported yet; load an SD1.x or SD2.x checkpoint")
+        if getattr(m, "is_sd3", False):
+            raise SdtrainError("training on SD3 checkpoints is not supported; load an SD1.x, SD2.x or SDXL checkpoint")
+        if getattr(m, "is_sdxl", False):
+            if len(_sdxl_text_wrappers(m)) != 2:
+                raise SdtrainError("the loaded SDXL checkpoint is a refiner (one text encoder); train on an SDXL base model")
+            if getattr(m, "is_sdxl_inpaint", False):
+                raise SdtrainError("training on SDXL inpainting checkpoints is not supported yet")
         if not hasattr(m, "apply_model") or not hasattr(m, "cond_stage_model"):
-            raise SdtrainError("the loaded model is not an ldm LatentDiffusion (SD1/SD2); this webui is not supported")
+            raise SdtrainError("the loaded model is not an ldm LatentDiffusion or sgm DiffusionEngine; this webui is not supported")
         return m
 
     def describe(self) -> ModelInfo:
         _, devices, _, _, shared, _ = _modules()
         m = self.model()
         info = getattr(m, "sd_checkpoint_info", None)
-        width = int(m.cond_stage_model.encode_embedding_init_text(",", 1).shape[1])
-        family = "sd2" if getattr(m, "is_sd2", False) else "sd1"
+        if getattr(m, "is_sdxl", False):
+            family = "sdxl"
+            encoders = tuple(TextEncoderInfo(key, int(w.encode_embedding_init_text(",", 1).shape[1]))
+                             for key, w in _sdxl_text_wrappers(m))
+        else:
+            family = "sd2" if getattr(m, "is_sd2", False) else "sd1"
+            encoders = (TextEncoderInfo(SINGLE, int(m.cond_stage_model.encode_embedding_init_text(",", 1).shape[1])),)
         autocast = None
         if devices.device.type == "cuda" and devices.dtype != torch.float32 and not shared.cmd_opts.no_half:
             autocast = devices.dtype
@@ -123,7 +168,7 @@ class A1111Host:
             family=family,
             checkpoint_name=getattr(info, "model_name", "") or "",
             checkpoint_hash=(info.calculate_shorthash() or "") if info is not None else "",
-            text_encoders=(TextEncoderInfo(SINGLE, width),),
+            text_encoders=encoders,
             device=devices.device,
             autocast_dtype=autocast,
         )
@@ -136,15 +181,43 @@ class A1111Host:
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
         _, devices, _, _, _, _ = _modules()
         m = self.model()
+        scale = float(m.scale_factor)
+        if getattr(m, "is_sdxl", False):
+            # sgm's encode_first_stage hands back one sample; the posterior as its AutoencoderKL
+            # defines it (encoder, quant_conv, log-variance clamped to [-30, 20]), without autocast
+            # as the model asks (disable_first_stage_autocast)
+            vae = m.first_stage_model
+            with torch.no_grad():
+                x = pixels.to(devices.device, devices.dtype_vae)
+                mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)
+            std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
+            return LatentDist(mean.float() * scale, std * scale)
         with torch.no_grad(), devices.autocast():
             dist = m.encode_first_stage(pixels.to(devices.device, devices.dtype_vae))
-        scale = float(m.scale_factor)
         return LatentDist(dist.mean.float() * scale, dist.std.float() * scale)
 
     def encode_text(self, prompts: list[str], sizes: list[ImageSize] | None = None) -> Any:
         # the hijacked encoder tokenizes with the host's rules and splices every registered
         # embedding, ours included (modules/sd_hijack_clip.py, sd_hijack.EmbeddingsWithFixes)
-        return self.model().cond_stage_model(prompts)
+        m = self.model()
+        if not getattr(m, "is_sdxl", False):
+            return m.cond_stage_model(prompts)
+        # SDXL: the batch the host's get_learned_conditioning builds (modules/sd_models_xl.py), but
+        # with each image's own size conditioning instead of one width/height for all
+        _, devices, _, _, _, _ = _modules()
+        if sizes is None:
+            sizes = [ImageSize.plain(1024, 1024)] * len(prompts)
+
+        def pairs(values: list[tuple[int, int]]) -> torch.Tensor:
+            return torch.tensor(values, device=devices.device, dtype=devices.dtype)
+
+        batch = {"txt": list(prompts),
+                 "original_size_as_tuple": pairs([s.original_size for s in sizes]),
+                 "crop_coords_top_left": pairs([s.crop_top_left for s in sizes]),
+                 "target_size_as_tuple": pairs([s.target_size for s in sizes]),
+                 "aesthetic_score": torch.full((len(prompts), 1), 6.0, device=devices.device, dtype=devices.dtype)}
+        with _trainable_conditioner(m):
+            return m.conditioner(batch, force_zero_embeddings=[])
 
     def _inpaint_conditioning(self, x_t: torch.Tensor) -> torch.Tensor:
         """What an inpainting UNet takes besides the noisy latents: the whole image masked, as the
@@ -161,6 +234,8 @@ class A1111Host:
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         m = self.model()
+        if getattr(m, "is_sdxl", False):  # DiffusionEngine.apply_model: the UNet on {crossattn, vector}
+            return m.apply_model(x_t, t, cond).float()
         if m.model.conditioning_key in {"hybrid", "concat"}:  # inpainting checkpoints
             cond = {"c_concat": [self._inpaint_conditioning(x_t)], "c_crossattn": [cond]}
         return m.apply_model(x_t, t, cond).float()
@@ -168,15 +243,27 @@ class A1111Host:
     def initial_vectors(self, init_text: str, n_vectors: int) -> dict[str, torch.Tensor]:
         """The host's create_embedding (modules/textual_inversion/textual_inversion.py)."""
         _, devices, _, _, _, _ = _modules()
-        cond_model = self.model().cond_stage_model
-        with torch.no_grad(), devices.autocast():
-            cond_model([""])  # moves the text encoder to the GPU under --medvram/--lowvram
-            embedded = cond_model.encode_embedding_init_text(init_text or "*", n_vectors)
-        vec = torch.zeros((n_vectors, embedded.shape[1]), dtype=torch.float32)
-        if init_text:
-            for i in range(n_vectors):
-                vec[i] = embedded[i * int(embedded.shape[0]) // n_vectors].float().cpu()
-        return {SINGLE: vec}
+        m = self.model()
+        if getattr(m, "is_sdxl", False):
+            # per encoder, the same spread; the host's own create_embedding fails on SDXL
+            # (it calls the conditioner with a list), so there is no host rule to follow beyond it
+            with torch.no_grad(), devices.autocast():
+                m.get_learned_conditioning([""])  # moves the encoders to the GPU under --medvram
+                embedded = {key: w.encode_embedding_init_text(init_text or "*", n_vectors)
+                            for key, w in _sdxl_text_wrappers(m)}
+        else:
+            cond_model = m.cond_stage_model
+            with torch.no_grad(), devices.autocast():
+                cond_model([""])  # moves the text encoder to the GPU under --medvram/--lowvram
+                embedded = {SINGLE: cond_model.encode_embedding_init_text(init_text or "*", n_vectors)}
+        out = {}
+        for key, rows in embedded.items():
+            vec = torch.zeros((n_vectors, rows.shape[1]), dtype=torch.float32)
+            if init_text:
+                for i in range(n_vectors):
+                    vec[i] = rows[i * int(rows.shape[0]) // n_vectors].float().cpu()
+            out[key] = vec
+        return out
 
     # -- reversible state ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -186,9 +273,15 @@ class A1111Host:
         _, _, _, sd_hijack, _, ti = _modules()
         m = self.model()
         db = sd_hijack.model_hijack.embedding_db
-        vec = vectors[SINGLE]
-        emb = ti.Embedding(vec, name)
-        emb.vectors, emb.shape = int(vec.shape[0]), int(vec.shape[1])
+        if getattr(m, "is_sdxl", False):  # the host's SDXL form: vec = {"clip_l": ..., "clip_g": ...}
+            vec: Any = dict(vectors)
+            emb = ti.Embedding(vec, name)
+            emb.vectors = int(vectors["clip_l"].shape[0])
+            emb.shape = sum(int(v.shape[1]) for v in vectors.values())
+        else:
+            vec = vectors[SINGLE]
+            emb = ti.Embedding(vec, name)
+            emb.vectors, emb.shape = int(vec.shape[0]), int(vec.shape[1])
         previous = db.word_embeddings.get(name)
         db.register_embedding_by_name(emb, m, name)
         clear_cond_caches()

@@ -220,6 +220,22 @@ def captioner_note() -> str:
 
 _model_note = ""
 
+#: per family: what an embedding trained on it holds, and the hypernetwork module sizes it uses
+_FAMILIES = {
+    "sdxl": ("SDXL", "an embedding holds two vector sets, clip_l [n, 768] and clip_g [n, 1280]; "
+             "hypernetwork modules 2048 (cross-attention) and 640/1280 (self-attention)"),
+    "sd2": ("SD2", "an embedding holds one vector set [n, 1024]; hypernetwork modules 1024, 320/640/1280"),
+    "sd1": ("SD1", "an embedding holds one vector set [n, 768]; hypernetwork modules 768, 320/640/1280"),
+}
+
+
+def family_note(sd_model) -> str:
+    family = "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+    if getattr(sd_model, "is_sd3", False):
+        return "SD3: not trainable by sdtrain"
+    title, what = _FAMILIES[family]
+    return f"{title}: {what}"
+
 
 def model_loaded(sd_model) -> None:
     """on_model_loaded: note which embeddings fit the new checkpoint and which the host skipped."""
@@ -227,7 +243,8 @@ def model_loaded(sd_model) -> None:
     try:
         info = getattr(sd_model, "sd_checkpoint_info", None)
         skipped = skipped_embeddings()
-        _model_note = f"Checkpoint {getattr(info, 'model_name', '?')}: {len(embedding_names())} embeddings fit"
+        _model_note = (f"Checkpoint {getattr(info, 'model_name', '?')} — {family_note(sd_model)}; "
+                       f"{len(embedding_names())} embeddings fit")
         if skipped:
             _model_note += "; skipped (other width): " + ", ".join(f"{n} ({w})" for n, w in sorted(skipped.items()))
     except Exception as e:  # never break the host's model load

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.formats.embedding import SINGLE
 from lib_sdtrain.core.hypernetwork.attach import attach_hypernetworks
 from lib_sdtrain.core.hypernetwork.network import Hypernetwork
@@ -214,8 +215,14 @@ class StandaloneHost:
             sgm_dir = ensure_sgm(webui_dir)
             if not yaml_path and sgm_dir is not None:
                 yaml_path = sgm_dir / "configs" / "inference" / "sd_xl_base.yaml"
+            if not yaml_path:
+                raise SdtrainError(f"{ckpt_path} is an SDXL checkpoint: give its yaml (--yaml) or the webui (--webui)")
             model = load_sgm_model(ckpt_path, yaml_path, clip_dir, device=device, dtype=dtype)
         else:
+            if not yaml_path and webui_dir:  # the webui's own default for SD1 checkpoints
+                yaml_path = Path(webui_dir) / "configs" / "v1-inference.yaml"
+            if not yaml_path:
+                raise SdtrainError(f"{ckpt_path}: give the checkpoint's yaml (--yaml) or the webui (--webui)")
             model = load_ldm_model(ckpt_path, yaml_path, clip_dir, device=device, dtype=dtype)
         return cls(
             model,

@@ -1,0 +1,140 @@
+"""SDXL inside a real webui (the host is a parameter: see conftest.py and webui_hosts.py).
+
+The webui loads a tiny SDXL base (sgm DiffusionEngine from its own repositories/generative-models,
+the hijacked CLIP-L and CLIP-G embedders) from the yaml next to the checkpoint. No webui trainer has
+trained SDXL: the stock create_embedding answers HTTP 500 on it and the stock trainer dies. Here the
+host's own routes create and train SDXL embeddings and hypernetworks, the host's EmbeddingDatabase
+loads the files as SDXL embeddings, and txt2img uses them. What cannot be seen over HTTP (the size
+conditioning, the pooled CLIP-G output, eps vs v) is pinned by the standalone host, which builds the
+conditioning as sgm's GeneralConditioner does: the same job must give the same step losses.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from lib_sdtrain.core.formats.embedding_io import load_embedding
+from lib_sdtrain.core.formats.torchfile import load_torch_file
+
+pytestmark = [pytest.mark.webui, pytest.mark.needs("sdxl")]
+
+
+def txt2img(server, prompt: str, seed: int = 7) -> tuple[Image.Image, str]:
+    status, out = server.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 4, "width": 64, "height": 64,
+                                                    "sampler_name": "Euler", "seed": seed})
+    assert status == 200, out
+    image = Image.open(io.BytesIO(base64.b64decode(out["images"][0])))
+    return image, json.loads(out["info"])["infotexts"][0]
+
+
+def train_fields(name: str, data, log_dir, **kw) -> dict:
+    return {"embedding_name": name, "data_root": str(data), "steps": 10, "training_width": 64,
+            "training_height": 64, "learn_rate": "0.01", "template_filename": "subject_filewords.txt",
+            "create_image_every": 10, "save_embedding_every": 5, "preview_steps": 4, "seed": 3,
+            "log_directory": str(log_dir), **kw}
+
+
+def test_sdxl_embedding_created_trained_listed_and_used_through_the_host_routes(sdxl_webui, sdxl_assets):
+    s = sdxl_webui
+    before, _ = txt2img(s, "a red circle", seed=11)
+    status, out = s.post("/sdapi/v1/create/embedding", {"name": "xlti", "num_vectors_per_token": 2,
+                                                        "init_text": "shape"})
+    assert status == 200 and out["info"] == f"create embedding filename: {s.embeddings / 'xlti.pt'}", out
+    # the host's SDXL form: two tensors and nothing else (its loader calls .detach() on every value)
+    raw = load_torch_file(s.embeddings / "xlti.pt")
+    assert {k: tuple(v.shape) for k, v in raw.items()} == {"clip_l": (2, 768), "clip_g": (2, 1280)}
+    created = load_embedding(s.embeddings / "xlti.pt")
+    # the host's own EmbeddingDatabase loaded it as an SDXL embedding (2048 = 768 + 1280), not skipped
+    _, listed = s.get("/sdapi/v1/embeddings")
+    assert listed["loaded"]["xlti"]["shape"] == 2048 and listed["loaded"]["xlti"]["vectors"] == 2, listed
+    assert "xlti" not in listed["skipped"]
+
+    status, out = s.post("/sdapi/v1/train/embedding", train_fields("xlti", sdxl_assets["data"], s.dir / "ti_log"))
+    assert status == 200, out
+    assert out["info"] == f"train embedding complete: filename: {s.embeddings / 'xlti.pt'} error: None", out
+    trained = load_embedding(s.embeddings / "xlti.pt")
+    for key in ("clip_l", "clip_g"):
+        assert torch.isfinite(trained.vectors[key]).all()
+        assert not torch.equal(trained.vectors[key], created.vectors[key]), key
+    _, listed = s.get("/sdapi/v1/embeddings")
+    assert listed["loaded"]["xlti"]["shape"] == 2048, listed
+    # used in a prompt at once: the host's infotext names it with the file's hash
+    _, info = txt2img(s, "a photo of xlti")
+    assert re.search(r'TI hashes: "[^"]*xlti: [0-9a-f]{12}', info), info
+    # the model's weights are as they were: the same seed gives the same image
+    after, _ = txt2img(s, "a red circle", seed=11)
+    assert list(after.getdata()) == list(before.getdata())
+
+
+def test_sdxl_job_matches_the_standalone_conditioning(sdxl_webui, sdxl_assets):
+    """A .safetensors SDXL embedding through the job routes; the same run on the standalone host (the
+    same checkpoint and yaml, conditioning built as sgm's conditioner builds it) gives the same losses:
+    the adapter fed the pooled CLIP-G output, the per-image size conditioning and the eps target."""
+    from lib_sdtrain.core.formats.embedding import Embedding
+    from lib_sdtrain.core.formats.embedding_io import save_embedding_safetensors
+    from lib_sdtrain.core.jobs.service import Job
+    from lib_sdtrain.core.options.config import TrainEmbeddingConfig
+    from lib_sdtrain.core.tasks.textual_inversion import train_embedding
+    from lib_sdtrain.hosts.standalone.host import StandaloneHost
+
+    s = sdxl_webui
+    _, out = s.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {
+        "name": "xljob", "num_vectors_per_token": 2, "init_text": "shape", "save_format": "safetensors"}})
+    assert s.wait_job(out["id"])["state"] == "done"
+    initial = load_embedding(s.embeddings / "xljob.safetensors").vectors
+    # wide pictures, randomly cropped and flipped: every item has its own crop offset to condition on
+    wide = s.dir / "wide_data"
+    wide.mkdir()
+    for src in sorted(sdxl_assets["data"].iterdir()):
+        if src.suffix == ".png":
+            Image.open(src).resize((112, 64)).save(wide / src.name)
+        else:
+            (wide / src.name).write_bytes(src.read_bytes())
+    fields = train_fields("xljob", wide, s.dir / "job_log", save_format="safetensors", crop="random",
+                          flip_p=0.5, create_image_every=0, save_embedding_every=0)
+    status, out = s.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": fields})
+    assert status == 202, out
+    job = s.wait_job(out["id"])
+    assert job["state"] == "done" and job["step"] == 10, job
+    losses = [h[1] for h in job["loss_history"]]
+    assert all(math.isfinite(v) for v in losses)
+
+    work = s.dir / "reference"
+    (work / "emb").mkdir(parents=True)
+    save_embedding_safetensors(Embedding(name="xljob", vectors=initial, step=0), work / "emb" / "xljob.safetensors")
+    ckpt = sdxl_assets["ckpt"]
+    host = StandaloneHost.load_checkpoint(ckpt, ckpt.with_suffix(".yaml"))
+    cfg = TrainEmbeddingConfig.from_dict({**job["config"], "embeddings_dir": str(work / "emb"),
+                                          "log_directory": str(work / "log")})
+    ref = Job(id="reference", kind="train_embedding", config=cfg)
+    train_embedding(host, cfg, ref.control)
+    assert losses == pytest.approx([loss for _step, loss, _lr in ref.loss], rel=1e-4)
+
+
+@pytest.mark.needs("hypernetwork_prompt")
+def test_sdxl_hypernetwork_created_trained_and_applied_in_a_prompt(sdxl_webui, sdxl_assets):
+    s = sdxl_webui
+    status, out = s.post("/sdapi/v1/create/hypernetwork", {"name": "xlhn", "enable_sizes": ["2048", "64"],
+                                                           "layer_structure": "1, 1"})
+    assert status == 200 and out["info"] == f"create hypernetwork filename: {s.hypernetworks / 'xlhn.pt'}", out
+    status, out = s.post("/sdapi/v1/train/hypernetwork", {
+        "hypernetwork_name": "xlhn", "data_root": str(sdxl_assets["data"]), "steps": 10, "training_width": 64,
+        "training_height": 64, "learn_rate": "0.001", "template_filename": "style_filewords.txt",
+        "create_image_every": 0, "save_hypernetwork_every": 0, "log_directory": str(s.dir / "hn_log")})
+    assert out["info"] == f"train hypernetwork complete: filename: {s.hypernetworks / 'xlhn.pt'} error: None", out
+    _, listed = s.get("/sdapi/v1/hypernetworks")
+    assert "xlhn" in [h["name"] for h in listed], listed
+    plain, _ = txt2img(s, "a red circle", seed=3)
+    with_hn, info = txt2img(s, "a red circle <hypernet:xlhn:1>", seed=3)
+    zero, _ = txt2img(s, "a red circle <hypernet:xlhn:0>", seed=3)
+    assert list(with_hn.getdata()) != list(plain.getdata())
+    assert list(zero.getdata()) == list(plain.getdata())
+    assert "xlhn" in info, info
