@@ -258,8 +258,9 @@ class StandaloneHost:
             checkpoint_hash=self._hash,
             text_encoders=tuple(TextEncoderInfo(te.key, int(te.token_embedding.weight.shape[1])) for te in self.texts),
             device=self.device,
-            # Half-precision weights need autocast around the trainer's float32 vectors.
-            autocast_dtype=dtype if dtype != torch.float32 and self.device.type != "cpu" else None,
+            # Half-precision weights need autocast around the trainer's float32 vectors (CUDA, and the
+            # CPU too: its autocast takes fp16 and bf16, with norm layers kept in float32)
+            autocast_dtype=dtype if dtype != torch.float32 else None,
             latent_downscale=self._downscale(),
         )
 
@@ -548,7 +549,9 @@ class StandaloneHost:
         steps = max(1, min(int(request.steps), len(self._alphas)))
         ts = torch.linspace(len(self._alphas) - 1, 0, steps).round().long().unique_consecutive()
         v_pred = self.noise_schedule().prediction == "v"
-        with self._modes_kept():
+        half = self.describe().autocast_dtype
+        amp = torch.autocast(self.device.type, dtype=half) if half else contextlib.nullcontext()
+        with self._modes_kept(), amp:
             size = ImageSize.plain(height, width)
             cond = self.encode_text([request.negative_prompt, request.prompt], [size, size])
             for i, t in enumerate(ts.tolist()):
