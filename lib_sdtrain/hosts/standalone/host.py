@@ -41,6 +41,9 @@ from lib_sdtrain.core.port import (
 log = logging.getLogger(__name__)
 MAX_LENGTH = 77
 
+#: UNet modules run under gradient checkpointing, one unit each (ldm's and sgm's class names)
+CHECKPOINT_UNITS = ("ResBlock", "BasicTransformerBlock", "AttentionBlock")
+
 #: progress(label, step, total, text), called on every `Session.report`.
 ProgressFn = Callable[[str, int, int, str], None]
 
@@ -482,8 +485,10 @@ class StandaloneHost:
 
     def _checkpointing(self, enable: bool) -> Callable[[], None]:
         """Turn ldm's own checkpoint flags off (its CheckpointFunction asks autograd for gradients of
-        frozen weights and fails) and, if `enable`, run each UNet block under torch's non-reentrant
-        checkpoint instead. Returns the undo."""
+        frozen weights and fails) and, if `enable`, run each residual and transformer block under
+        torch's non-reentrant checkpoint instead (the units the webui checkpoints; SDXL's deepest
+        level stacks ten transformer blocks in one UNet block, so finer units keep far less in
+        memory while one is recomputed). Returns the undo."""
         unet = self.model.model.diffusion_model
         undo: list[Callable[[], None]] = []
         for m in unet.modules():
@@ -492,7 +497,7 @@ class StandaloneHost:
                     undo.append(partial(setattr, m, attr, getattr(m, attr)))
                     setattr(m, attr, False)
         if enable:
-            for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+            for block in [m for m in unet.modules() if type(m).__name__ in CHECKPOINT_UNITS]:
                 bound = type(block).forward.__get__(block)
                 block.forward = partial(torch_checkpoint, bound, use_reentrant=False)
                 undo.append(partial(block.__dict__.pop, "forward", None))
