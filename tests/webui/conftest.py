@@ -274,6 +274,22 @@ class WebUI:
     def post(self, path, body=None, **kw):
         return self.request("POST", path, body if body is not None else {}, **kw)
 
+    def interrupt_training(self, config: dict, after_step: int = 3) -> dict:
+        """Start a long train_embedding job, wait for `after_step`, check the host's progress bar shows
+        it, press the host's Interrupt; returns the finished job once it has stopped within one step."""
+        _, out = self.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": config})
+        deadline = time.time() + 120
+        while self.get(f"/sdtrain/v1/jobs/{out['id']}")[1]["step"] < after_step and time.time() < deadline:
+            time.sleep(0.1)
+        _, progress = self.get("/sdapi/v1/progress")
+        assert progress["state"]["job"].startswith("sdtrain"), progress
+        assert progress["state"]["job_count"] == config["steps"], progress
+        self.post("/sdapi/v1/interrupt")
+        at_interrupt = self.get(f"/sdtrain/v1/jobs/{out['id']}")[1]["step"]
+        job = self.wait_job(out["id"], timeout=60)
+        assert job["state"] == "stopped" and at_interrupt <= job["step"] <= at_interrupt + 1, job
+        return job
+
     def wait_job(self, job_id: str, timeout: float = 300) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -90,17 +90,7 @@ def test_job_routes_poll_to_done(webui, webui_assets):
 
 def test_interrupt_stops_within_a_step_and_keeps_a_loadable_file(webui, webui_assets):
     webui.wait_job(webui.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {"name": "intti"}})[1]["id"])
-    _, out = webui.post("/sdtrain/v1/jobs", {"kind": "train_embedding",
-                                             "config": train_body("intti", webui_assets["data"], steps=100000)})
-    deadline = time.time() + 120
-    while webui.get(f"/sdtrain/v1/jobs/{out['id']}")[1]["step"] < 3 and time.time() < deadline:
-        time.sleep(0.1)
-    _, progress = webui.get("/sdapi/v1/progress")
-    assert progress["state"]["job"].startswith("sdtrain") and progress["state"]["job_count"] == 100000
-    webui.post("/sdapi/v1/interrupt")
-    at_interrupt = webui.get(f"/sdtrain/v1/jobs/{out['id']}")[1]["step"]
-    job = webui.wait_job(out["id"], timeout=60)
-    assert job["state"] == "stopped" and at_interrupt <= job["step"] <= at_interrupt + 1
+    job = webui.interrupt_training(train_body("intti", webui_assets["data"], steps=100000))
     saved = load_embedding(webui.embeddings / "intti.pt")
     assert saved.step == job["step"] and torch.isfinite(saved.vectors["*"]).all()
 

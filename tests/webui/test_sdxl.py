@@ -143,24 +143,13 @@ def test_sdxl_hypernetwork_created_trained_and_applied_in_a_prompt(sdxl_webui, s
 def test_sdxl_interrupt_stops_within_a_step_and_keeps_a_loadable_file(sdxl_webui, sdxl_assets):
     """The host's progress bar and Interrupt drive an SDXL job as they drive an SD1 one; the file saved
     at the stop holds both vector sets (and, as a .pt, its step in the .optim)."""
-    import time
-
     from lib_sdtrain.core.formats.embedding_io import load_optim
 
     s = sdxl_webui
     assert s.wait_job(s.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {"name": "xlint"}})[1]["id"])[
         "state"] == "done"
-    _, out = s.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": train_fields(
-        "xlint", sdxl_assets["data"], s.dir / "int_log", steps=100000, create_image_every=0, save_embedding_every=0)})
-    deadline = time.time() + 120
-    while s.get(f"/sdtrain/v1/jobs/{out['id']}")[1]["step"] < 2 and time.time() < deadline:
-        time.sleep(0.1)
-    _, progress = s.get("/sdapi/v1/progress")
-    assert progress["state"]["job"].startswith("sdtrain") and progress["state"]["job_count"] == 100000
-    s.post("/sdapi/v1/interrupt")
-    at_interrupt = s.get(f"/sdtrain/v1/jobs/{out['id']}")[1]["step"]
-    job = s.wait_job(out["id"], timeout=60)
-    assert job["state"] == "stopped" and at_interrupt <= job["step"] <= at_interrupt + 1
+    job = s.interrupt_training(train_fields("xlint", sdxl_assets["data"], s.dir / "int_log", steps=100000,
+                                            create_image_every=0, save_embedding_every=0), after_step=2)
     saved = load_embedding(s.embeddings / "xlint.pt")
     assert saved.is_sdxl and all(torch.isfinite(v).all() for v in saved.vectors.values())
     assert load_optim(s.embeddings / "xlint.pt", saved.checksum())["step"] == job["step"]

@@ -131,6 +131,19 @@ def _clip_text_model_from_config(
         encoders.CLIPTextModel = original  # type: ignore[misc]
 
 
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], ckpt_path: str | Path,
+                  yaml_path: str | Path, required: tuple[str, ...]) -> None:
+    """Non-strict load, as the webui's; a shape mismatch or a missing weight under `required` means the
+    yaml does not describe this checkpoint."""
+    try:
+        missing, _unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise FormatError(str(ckpt_path), f"does not fit {Path(yaml_path).name}: {e}") from e
+    missing = [k for k in missing if k.startswith(required) and not k.endswith("position_ids")]
+    if missing:
+        raise FormatError(str(ckpt_path), f"{len(missing)} weights missing for this config, e.g. {missing[:3]}")
+
+
 def _local_dir(value: Any) -> Path | None:
     return Path(str(value)) if value and Path(str(value)).is_dir() else None
 
@@ -183,15 +196,7 @@ def load_ldm_model(
     # The schedule buffers (betas, alphas_cumprod, ...: the only top-level keys) are recomputed from the
     # yaml, in float32, rather than taken from the file, where fp16-pruned checkpoints store them rounded.
     state = {k: v for k, v in state.items() if "." in k}
-    try:
-        missing, _unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches: the yaml does not describe this checkpoint
-        raise FormatError(str(ckpt_path), f"does not fit {Path(yaml_path).name}: {e}") from e
-    missing = [k for k in missing if k.startswith(_REQUIRED) and not k.endswith("position_ids")]
-    if missing:
-        raise FormatError(
-            str(ckpt_path), f"{len(missing)} weights missing for this config, e.g. {missing[:3]}"
-        )
+    _load_weights(model, state, ckpt_path, yaml_path, _REQUIRED)
     del state
     model = model.to(device).eval()
     if dtype != torch.float32:
@@ -273,13 +278,7 @@ def load_sgm_model(
                 emb.params.version = str(version)
         with _clip_text_model_from_config(state, _SDXL_CLIP_L_PREFIX, "sgm.modules.encoders.modules"):
             model = instantiate_sgm(config)
-    try:
-        missing, _unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise FormatError(str(ckpt_path), f"does not fit {Path(yaml_path).name}: {e}") from e
-    missing = [k for k in missing if k.startswith(_SDXL_REQUIRED) and not k.endswith("position_ids")]
-    if missing:
-        raise FormatError(str(ckpt_path), f"{len(missing)} weights missing for this config, e.g. {missing[:3]}")
+    _load_weights(model, state, ckpt_path, yaml_path, _SDXL_REQUIRED)
     del state
     model = model.to(device).eval()
     for emb in model.conditioner.embedders:
