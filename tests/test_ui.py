@@ -1,4 +1,5 @@
-"""The Train sub-tabs (gradio 3.41, as in A1111): structure, ids, and the handlers over a real job."""
+"""The Train sub-tabs (gradio 3.41 as in A1111/reForge, and 4.40 as in Forge): structure, ids, and the
+handlers over a real job."""
 
 from __future__ import annotations
 
@@ -32,11 +33,17 @@ def ui(tiny_sd1, tmp_path):
 
 
 def handler(demo, elem_id):
+    """(function, input components) of the event on `elem_id`: gradio 3 keeps dependencies as dicts
+    beside `fns`, gradio 4 keeps BlockFunction objects holding their own inputs and targets."""
     comp = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
-    for dep, fn in zip(demo.dependencies, demo.fns):
-        if comp._id in dep["targets"]:
-            inputs = [demo.blocks[i] for i in dep["inputs"]]
-            return fn.fn, inputs
+    if hasattr(demo, "dependencies"):  # gradio 3
+        for dep, fn in zip(demo.dependencies, demo.fns):
+            if comp._id in dep["targets"]:
+                return fn.fn, [demo.blocks[i] for i in dep["inputs"]]
+    else:  # gradio 4: fns maps ids to BlockFunction; targets are (block id, event name)
+        for fn in demo.fns.values():
+            if any(target[0] == comp._id for target in fn.targets):
+                return fn.fn, list(fn.inputs)
     raise AssertionError(f"no handler on {elem_id}")
 
 
@@ -125,3 +132,15 @@ def test_preprocess_tab_prepares_a_folder(ui):
     assert error == "" and "done" in status and len(gallery) == 3
     assert all(Image.open(f).size == (64, 64) for f in gallery)
     assert service.get(job_id).kind == "preprocess" and files.count(".png") == 3
+
+
+def test_streaming_handlers_do_not_block_each_other(ui):
+    """gradio 4 runs one call of each event at a time unless told otherwise: a second browser's Train,
+    Show latest job or Stop would wait for the whole job."""
+    demo, _, _ = ui
+    if hasattr(demo, "dependencies"):
+        pytest.skip("gradio 3 has no per-event concurrency limit (the A1111 / reForge stack)")
+    for suffix in ("train_embedding_button", "train_embedding_stop"):
+        comp = next(b for b in demo.blocks.values() if getattr(b, "elem_id", "") == f"sdtrain_{suffix}")
+        fns = [fn for fn in demo.fns.values() if any(t[0] == comp._id for t in fn.targets)]
+        assert fns and all(fn.concurrency_limit is None for fn in fns), suffix

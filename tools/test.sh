@@ -32,6 +32,10 @@ fi
 start=$SECONDS
 echo "[sdtrain] unit tests"
 OMP_NUM_THREADS=1 python -m pytest -n 2 -q tests --ignore=tests/webui
+# One UI and API code base for both gradio majors: the same tests on Forge's package set.
+echo "[sdtrain] UI and API tests on Forge's package set (gradio 4.40, fastapi 0.104, pydantic 2)"
+FORGE_PY="$(bash tools/env_forge.sh)"
+OMP_NUM_THREADS=1 "$FORGE_PY" -m pytest -n 2 -q tests/test_ui.py tests/test_api.py
 # The host-contract suite inside a real webui: a developer's checkout (SDTRAIN_WEBUI_DIR), or one
 # built from the archive in ../shared/hosts (tools/webui.sh); without either it reports its skip reason.
 HOST="${SDTRAIN_WEBUI_HOST:-a1111}"

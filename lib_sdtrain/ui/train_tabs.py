@@ -108,6 +108,12 @@ def _widget(spec: dict[str, Any], eid: str, choices: list[str] | None = None):
     return gr.Textbox(label=label, value=default, elem_id=eid)
 
 
+#: Event options for handlers that stream a job's progress for as long as it runs. gradio 4 lets one
+#: run of each event at a time by default, so a second browser (or a Stop while streaming) would wait
+#: for the whole job; gradio 3 has no per-event limit (its queue's worker count applies).
+_STREAMING: dict[str, Any] = {"concurrency_limit": None} if int(gr.__version__.split(".")[0]) >= 4 else {}
+
+
 def _has_custom_values() -> bool:
     import inspect
 
@@ -303,7 +309,7 @@ def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs
             ctx.service.stop(j.id)
 
     start_button.click(start, inputs=[widgets[n] for n in names] + preview_inputs, outputs=outputs,
-                       show_progress=False)
+                       show_progress=False, **_STREAMING)
     if show_button is not None:
-        show_button.click(latest, outputs=outputs, show_progress=False)
-    stop_button.click(stop_job, inputs=[job_id], outputs=[])
+        show_button.click(latest, outputs=outputs, show_progress=False, **_STREAMING)
+    stop_button.click(stop_job, inputs=[job_id], outputs=[], **_STREAMING)
