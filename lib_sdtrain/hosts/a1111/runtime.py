@@ -7,7 +7,6 @@ service created here survives a reload: one worker, whatever the number of reloa
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import logging
 import os
 import threading
@@ -188,8 +187,16 @@ def serve_host_routes() -> bool:
 
 
 def is_forge() -> bool:
-    """Forge has no Train tab and no ldm model to train through (its own adapter comes later)."""
-    return importlib.util.find_spec("modules_forge") is not None
+    """lllyasviel's Forge (2.x), by its own markers: its version module says 2.x and its models load
+    through `sd_models.forge_model_reload`. Forge has no Train tab and no ldm model to train through
+    (its own adapter comes later). reForge also ships `modules_forge` (version 1.x) but keeps A1111's
+    Train tab and objects, so a `modules_forge` folder alone says nothing."""
+    try:
+        from modules import sd_models
+        from modules_forge import forge_version
+    except ImportError:
+        return False
+    return str(getattr(forge_version, "version", "")).startswith("2.") and hasattr(sd_models, "forge_model_reload")
 
 
 def host_api_enabled() -> bool:
