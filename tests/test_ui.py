@@ -144,3 +144,39 @@ def test_streaming_handlers_do_not_block_each_other(ui):
         comp = next(b for b in demo.blocks.values() if getattr(b, "elem_id", "") == f"sdtrain_{suffix}")
         fns = [fn for fn in demo.fns.values() if any(t[0] == comp._id for t in fn.targets)]
         assert fns and all(fn.concurrency_limit is None for fn in fns), suffix
+
+
+def test_a_host_difference_does_not_take_the_tabs_down(tiny_sd1, tmp_path):
+    """Forge has no embedding database: the list is empty and the tab says why; a sub-tab whose build
+    fails shows its error in its place; the other sub-tabs are all there."""
+    from lib_sdtrain.ui import train_tabs
+
+    service = JobService(lambda: StandaloneHost(tiny_sd1), job_runners())
+
+    def no_db():
+        raise AttributeError("'StableDiffusionModelHijack' object has no attribute 'embedding_db'")
+
+    ctx = UiContext(service=service, embedding_names=no_db, refresh_embeddings=no_db,
+                    template_names=lambda: ["subject_filewords.txt"], model_note=lambda: "SD1 model")
+    real = train_tabs.build_preprocess_tab
+
+    def broken(_ctx):
+        raise RuntimeError("preprocess cannot build here")
+
+    train_tabs.build_preprocess_tab = broken
+    try:
+        with gr.Blocks() as demo, gr.Tabs():
+            build_all_tabs(ctx)
+    finally:
+        train_tabs.build_preprocess_tab = real
+        service.shutdown()
+    ids = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert "sdtrain_train_embedding_button" in ids and "sdtrain_train_hypernetwork_button" in ids
+    assert ids["sdtrain_train_embedding_embedding_name"].choices in ([], None) or not ids[
+        "sdtrain_train_embedding_embedding_name"].choices
+    assert "sdtrain_preprocess_failed" in ids
+    errors = [b.value for b in demo.blocks.values() if isinstance(b, gr.HTML) and "preprocess cannot build" in str(b.value)]
+    assert errors
+    note = ids["sdtrain_train_embedding_model_note"].value
+    note = note() if callable(note) else note
+    assert "SD1 model" in note and "embedding_db" in note

@@ -8,7 +8,9 @@ through `UiContext`, filled by the composition root.
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +27,8 @@ from lib_sdtrain.core.options.config import (
 )
 from lib_sdtrain.core.tasks.registry import job_config_types
 from lib_sdtrain.core.training.plot import draw_loss_curve
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -183,9 +187,57 @@ def build_hypernetwork_tabs(ctx: UiContext) -> None:
 
 
 def build_all_tabs(ctx: UiContext) -> None:
-    build_embedding_tabs(ctx)
-    build_hypernetwork_tabs(ctx)
-    build_preprocess_tab(ctx)
+    """Every sub-tab. A host difference must not take the whole UI down: a list the host cannot give
+    is empty (and said so in the tab), and a sub-tab that fails to build is replaced by one that shows
+    the error, while the others work."""
+    problems: list[str] = []
+    safe = dataclasses.replace(
+        ctx,
+        embedding_names=_guarded(ctx.embedding_names, [], problems),
+        refresh_embeddings=_guarded(ctx.refresh_embeddings, [], problems),
+        hypernetwork_names=_guarded(ctx.hypernetwork_names, [], problems),
+        refresh_hypernetworks=_guarded(ctx.refresh_hypernetworks, [], problems),
+        template_names=_guarded(ctx.template_names, [], problems),
+        model_note=_guarded_note(ctx.model_note, problems),
+        captioner_note=_guarded(ctx.captioner_note, "", problems),
+    )
+    for listing in (safe.embedding_names, safe.hypernetwork_names, safe.template_names):
+        listing()  # ask once up front, so the notes built below already say what is missing
+    for title, build in (("Embedding", build_embedding_tabs), ("Hypernetwork", build_hypernetwork_tabs),
+                         ("Preprocess images", build_preprocess_tab)):
+        try:
+            build(safe)
+        except Exception as e:  # shown in its place; the other tabs still build
+            log.exception("sdtrain: the %s tabs failed to build", title)
+            with gr.Tab(label=f"{title} (sdtrain)", elem_id=f"sdtrain_{title.split()[0].lower()}_failed"):
+                gr.HTML(value=_error(e))
+
+
+def _guarded(fn: Callable[..., Any], default: Any, problems: list[str]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:  # a host without this list (e.g. no embedding database)
+            log.warning("sdtrain: %s failed: %s", getattr(fn, "__name__", fn), e)
+            text = f"{getattr(fn, '__name__', 'host')}: {type(e).__name__}: {e}"
+            if text not in problems:
+                problems.append(text)
+            return default
+
+    return call
+
+
+def _guarded_note(fn: Callable[[], str], problems: list[str]) -> Callable[[], str]:
+    """The model note, followed by what the host could not give (so an empty list is explained)."""
+    inner = _guarded(fn, "", problems)
+
+    def note() -> str:
+        text = inner()
+        if problems:
+            text += "".join(f"<br>Not available from this webui — {html.escape(p)}" for p in problems)
+        return text
+
+    return note
 
 
 PREPROCESS_SECTIONS = (

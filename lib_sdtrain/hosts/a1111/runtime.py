@@ -100,14 +100,14 @@ def job_defaults(kind: str) -> dict[str, Any]:
     opts, cmd = shared.opts, shared.cmd_opts
     out: dict[str, Any] = {"embeddings_dir": cmd.embeddings_dir}
     if kind.startswith("train_"):
-        out.update(
-            templates_dir=cmd.textual_inversion_templates_dir,
-            dataset_filename_word_regex=opts.dataset_filename_word_regex,
-            dataset_filename_join_string=opts.dataset_filename_join_string,
-            training_write_csv_every=int(opts.training_write_csv_every),
-            save_training_settings_to_txt=bool(opts.save_training_settings_to_txt),
-            training_image_repeats_per_epoch=int(opts.training_image_repeats_per_epoch),
-        )
+        # hosts that dropped training (Forge) have neither the folder nor these settings: sdtrain's own
+        # templates and the in-tree trainer's defaults then apply
+        out["templates_dir"] = templates_dir()
+        for key, cast in (("dataset_filename_word_regex", str), ("dataset_filename_join_string", str),
+                          ("training_write_csv_every", int), ("save_training_settings_to_txt", bool),
+                          ("training_image_repeats_per_epoch", int)):
+            if key in getattr(opts, "data_labels", {}):  # the host registers the setting
+                out[key] = cast(getattr(opts, key))
     if "hypernetwork" in kind:
         out.pop("embeddings_dir", None)
         out["hypernetwork_dir"] = cmd.hypernetwork_dir
@@ -138,11 +138,19 @@ def refresh_hypernetworks() -> list[str]:
     return hypernetwork_names()
 
 
-def template_names() -> list[str]:
+def templates_dir() -> str:
+    """The host's prompt-template folder, or sdtrain's own copy where the host has none (Forge)."""
     from modules import shared
 
+    from lib_sdtrain.core.options.config import DEFAULT_TEMPLATES_DIR
+
+    folder = getattr(shared.cmd_opts, "textual_inversion_templates_dir", None)
+    return folder if folder and os.path.isdir(folder) else DEFAULT_TEMPLATES_DIR
+
+
+def template_names() -> list[str]:
     names = set()
-    for _root, _dirs, files in os.walk(shared.cmd_opts.textual_inversion_templates_dir, followlinks=True):
+    for _root, _dirs, files in os.walk(templates_dir(), followlinks=True):
         names.update(f for f in files if f.endswith(".txt"))
     return sorted(names)
 
