@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real webui for the host-contract tests (tests/webui), built from a source archive.
 #
-#   bash tools/webui.sh a1111          # build once (cached by a stamp), print the variables
+#   bash tools/webui.sh a1111          # build once (cached by a stamp), print the variables (hosts: a1111, reforge)
 #   eval "$(bash tools/webui.sh a1111)" # ... and export them into this shell
 #
 # Prints `export SDTRAIN_WEBUI_HOST=… SDTRAIN_WEBUI_DIR=… SDTRAIN_WEBUI_PYTHON=…` on stdout (progress
@@ -39,7 +39,18 @@ case "$HOST" in
                  "gradio==3.41.2" "fastapi==0.94.0" "pytorch_lightning==1.9.4")
     NODEPS=("open-clip-torch==2.20.0")
     ;;
-  *) say "unknown host '$HOST' (known: a1111)"; exit 2 ;;
+  reforge)
+    ARCHIVE=reforge-main-src.tar.gz TOP=stable-diffusion-webui-reForge
+    # reForge's pins (gradio 3.41 / pydantic 1 like A1111, transformers 4.48, open-clip 2.30, timm 1.0),
+    # with the same changes for current torch: setuptools 69 lacks what torch 2.13 needs, torch is the
+    # local CPU build, open-clip comes without its dependencies; its pydantic is a wheel on a release
+    # page (a 1.10.15 fork, not reachable here): the registry's 1.10.15 stands in.
+    DROP='^(setuptools|torch|open-clip-torch|https?://)\b'
+    EXTRA=("setuptools>=77.0.3,<81" "pydantic==1.10.15" ftfy regex tqdm sentencepiece)
+    CONSTRAINTS=("torch==2.13.0+cpu" "torchvision==0.28.0" "pydantic<2")
+    NODEPS=("open-clip-torch==2.30.0")
+    ;;
+  *) say "unknown host '$HOST' (known: a1111, reforge)"; exit 2 ;;
 esac
 
 HOSTS_DIR="${SDTRAIN_HOSTS_DIR:-$ROOT/../shared/hosts}"

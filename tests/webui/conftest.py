@@ -97,19 +97,99 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="; ".join(w for w in why if w)))
 
 
+def write_random_sd15(path: Path, clip_dir: Path, *, seed: int = 0) -> Path:
+    """A randomly initialised SD1.5 at its real shapes, for hosts whose model detector accepts nothing
+    smaller (reForge: see webui_hosts.REFORGE): ldm's UNetModel and AutoencoderKL with
+    configs/v1-inference.yaml's values and a 12-layer, 768-wide CLIPTextModel, each with its own default
+    initialisation, in the original ldm key layout (686 UNet, 248 VAE, 197 CLIP keys + the DDPM schedule
+    buffers), fp16 safetensors (2.0 GiB). No yaml is written: the host picks v1-inference.yaml itself,
+    as for a real SD1.5 file. `clip_dir` gets the text model's config and the generated tokenizer, for
+    the offline Hugging Face cache. Two changes to the default init, both as for the tiny models
+    (lib_sdtrain.hosts.standalone.tiny): ldm's zero-initialised convs get a random init (or a TI
+    gradient is exactly 0), and the CLIP LayerNorms a random affine (or the conditioning is zero-mean
+    and the emphasis rescale divides by ~0). Takes about 30 s and 6 GB of memory at its peak."""
+    import contextlib
+    import io
+
+    import numpy as np
+    import torch
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lib_sdtrain.hosts.standalone.tiny import unzero_init
+    from lib_sdtrain.hosts.standalone.tokenizer import write_clip_tokenizer
+
+    write_clip_tokenizer(clip_dir)
+    text_config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+                                 num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                 hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    text_config.save_pretrained(clip_dir)
+    state: dict = {}
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()):
+        torch.manual_seed(seed)
+        parts = (
+            ("model.diffusion_model.", lambda: UNetModel(
+                image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+                num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+                transformer_depth=1, context_dim=768, use_checkpoint=False, legacy=False)),
+            ("first_stage_model.", lambda: AutoencoderKL(
+                ddconfig={"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                          "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                          "dropout": 0.0},
+                lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)),
+            ("cond_stage_model.transformer.", lambda: CLIPTextModel(text_config)),
+        )
+        for prefix, make in parts:
+            module = make()
+            unzero_init(module)
+            if prefix.startswith("cond_stage"):
+                with torch.no_grad():
+                    for m in module.modules():
+                        if isinstance(m, torch.nn.LayerNorm):
+                            m.weight.add_(0.2 * torch.randn_like(m.weight))
+                            m.bias.add_(0.2 * torch.randn_like(m.bias))
+            for k, v in module.state_dict().items():
+                state[prefix + k] = v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+            del module
+    # LatentDiffusion's registered schedule (linear, 0.00085 .. 0.012, 1000 steps), as a real file holds it
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+    schedule = {
+        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": np.sqrt(ac), "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - ac), "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1), "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+    }  # fmt: skip
+    state.update({k: torch.tensor(v, dtype=torch.float32) for k, v in schedule.items()})
+    save_file(state, str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def webui_assets(tmp_path_factory):
-    """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension."""
+    """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension.
+    For a host whose detector needs SD1.5 at its real shapes (`sd1_model="full"`): `write_random_sd15`."""
     from lib_sdtrain.core.data.samples import write_sample_dataset
     from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint, write_tiny_yaml
 
     root = tmp_path_factory.mktemp("webui")
     build = root / "build"
-    model = build_tiny_sd1(build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=0)
     ckpt_dir = root / "models" / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True)
-    ckpt = save_tiny_checkpoint(model, ckpt_dir / "tiny-sd1.safetensors")
-    write_tiny_yaml(ckpt_dir / "tiny-sd1.yaml", text_width=768, unet_channels=32)  # CLIP by its hub name
+    if HOST.sd1_model == "full":
+        ckpt = write_random_sd15(ckpt_dir / "random-sd15.safetensors", build / "clip", seed=0)
+    else:
+        model = build_tiny_sd1(build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=0)
+        ckpt = save_tiny_checkpoint(model, ckpt_dir / "tiny-sd1.safetensors")
+        write_tiny_yaml(ckpt_dir / "tiny-sd1.yaml", text_width=768, unet_channels=32)  # CLIP by its hub name
     snap = root / "hf" / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / CLIP_REV
     snap.mkdir(parents=True)
     (snap.parents[1] / "refs").mkdir()
@@ -219,6 +299,7 @@ class WebUI:
             for rel, text in files.items():
                 (ext_dir / shim / rel).parent.mkdir(parents=True, exist_ok=True)
                 (ext_dir / shim / rel).write_text(text)
+        settings = {**HOST.settings, **(settings or {})}  # the host's own first, the server's win
         if settings:
             (self.dir / "config.json").write_text(json.dumps(settings))
         self.embeddings = self.dir / "embeddings"

@@ -42,6 +42,8 @@ class HostSpec:
     clip_in_hf_cache: bool = True
     #: the log line that says the server is ready for requests
     ready_line: str = "Startup time:"
+    #: settings (config.json entries) every server of this host starts with; a server's own win
+    settings: dict = field(default_factory=dict)
 
     def verdict(self, capability: str) -> str | None:
         """None when the host claims `capability`; else why a test needing it cannot run here."""
@@ -64,7 +66,56 @@ A1111 = HostSpec(
     claims=frozenset(CAPABILITIES),
 )
 
-HOSTS = {spec.name: spec for spec in (A1111,)}
+#: reForge (Panchovix/stable-diffusion-webui-reForge, main 3b56b268): A1111's front end (gradio 3.41,
+#: pydantic 1, the Train tab, the stock trainer and its routes) over a ComfyUI-derived backend
+#: (ldm_patched/, modules_forge/): the model comes from ldm_patched's detector, and the A1111-side
+#: LatentDiffusion built from the yaml only holds it (modules_forge/forge_loader.py:387-553).
+REFORGE = HostSpec(
+    name="reforge",
+    title="reForge 3b56b268",
+    # --always-cpu is reForge's own (ldm_patched) flag: without it ldm_patched/modules/model_management.py
+    # asks CUDA for the device at import (torch.cuda.current_device(), line 173). --clip-in-fp32: on the
+    # CPU the text encoder is otherwise kept in fp16 (model_management.py:919-920); --no-half/--precision
+    # full are A1111's and barely read here, the UNet and VAE are fp32 on the CPU anyway.
+    launch_args=("--skip-prepare-environment", "--skip-version-check", "--use-cpu", "all", "--always-cpu",
+                 "--clip-in-fp32", "--no-half", "--precision", "full", "--skip-torch-cuda-test",
+                 "--no-download-sd-model"),
+    # The detector takes no tiny SD1: SD15 matches only model_channels 320 + context_dim 768
+    # (ldm_patched/modules/supported_models.py:30-37, matched in supported_models_base.py:41-49; "no match"
+    # in model_detection.py:608-614, then forge_loader.py:246-252 and :231 "Could not detect model
+    # type"), and the VAE and CLIP-L are built at fixed SD shapes whatever the file holds
+    # (ldm_patched/modules/sd.py:395-406; sd1_clip.py:95-96 with sd1_clip_config.json, 12 x 768).
+    sd1_model="full",
+    # live previews would download the SD1 Approx-NN model (reForge ships only vaeapprox-sdxl.pt;
+    # modules/sd_vae_approx.py:53-59). The stock trainer's routes call sd_hijack.undo_optimizations(),
+    # which reForge commented out (modules/sd_hijack.py:63-64; modules/api/api.py:812, :834), unless
+    # "Use cross attention optimizations while training" is on.
+    settings={"live_previews_enable": False, "training_xattention_optimizations": True},
+    claims=frozenset({"train_tab", "stock_trainer", "preprocess"}),
+    cannot={
+        "sd1": "sdtrain's adapter takes the VAE posterior from sd_model.encode_first_stage() "
+               "(lib_sdtrain/hosts/a1111/host.py:196-197), which reForge replaces with one returning a scaled "
+               "latent sample (modules_forge/forge_loader.py:540-549): every job that encodes images fails "
+               "with AttributeError: 'builtin_function_or_method' object has no attribute 'float'",
+        "hypernetwork_prompt": "reForge never applies shared.loaded_hypernetworks (A1111's attention overrides are "
+                               "commented out: modules/sd_hijack_optimizations.py:44-47, 186, ...): <hypernet:...> "
+                               "changes nothing, and sdtrain's hypernetwork training (host.py:295-310) gets a loss "
+                               "without grad_fn (lib_sdtrain/core/training/loop.py:145); with attention_optimization "
+                               "off (HN's default) host.py:326-332 also call sd_hijack.undo/apply_optimizations, "
+                               "which reForge commented out (modules/sd_hijack.py:59-64)",
+        "sd2": "the detector takes SD2 only at real shapes (ldm_patched/modules/supported_models.py:76-83; OpenCLIP-H "
+               "text encoder fixed at 1024 x 24 layers), not the tiny one; the tests also expect A1111's "
+               "'Creating model from config:' / 'Model loaded in' log lines, which reForge never prints",
+        "inpainting": "the detector refuses the tiny inpainting model as it refuses the tiny SD1 (an SD1.5-shaped one "
+                      "with 9 input channels would match); the test also expects A1111's 'Creating model from "
+                      "config:' / 'Model loaded in' log lines, which reForge never prints",
+        "sdxl": "the detector takes SDXL only at real shapes (ldm_patched/modules/supported_models.py:189-197; CLIP-G "
+                "fixed at 1280 x 32 layers): 3.5 B parameters, ~14 GB in fp32 in the server and as much again for "
+                "the standalone reference in the test process, beyond this machine's 23 GB",
+    },
+)
+
+HOSTS = {spec.name: spec for spec in (A1111, REFORGE)}
 
 
 def selected() -> HostSpec:
