@@ -36,19 +36,27 @@ OMP_NUM_THREADS=1 python -m pytest -n 2 -q tests --ignore=tests/webui
 echo "[sdtrain] UI and API tests on Forge's package set (gradio 4.40, fastapi 0.104, pydantic 2)"
 FORGE_PY="$(bash tools/env_forge.sh)"
 OMP_NUM_THREADS=1 "$FORGE_PY" -m pytest -n 2 -q tests/test_ui.py tests/test_api.py
-# The host-contract suite inside a real webui: a developer's checkout (SDTRAIN_WEBUI_DIR), or one
-# built from the archive in ../shared/hosts (tools/webui.sh); without either it reports its skip reason.
-HOST="${SDTRAIN_WEBUI_HOST:-a1111}"
-rc=0
-ENV_LINE="$(bash tools/webui.sh "$HOST")" || rc=$?
-if [ "$rc" -eq 0 ]; then
-  eval "$ENV_LINE"
-  echo "[sdtrain] host-contract tests in $HOST: $SDTRAIN_WEBUI_DIR"
-elif [ "$rc" -eq 3 ]; then
-  echo "[sdtrain] host-contract tests: no $HOST webui here (see the line above); they will be skipped"
-else
-  echo "[sdtrain] could not set up the $HOST webui (exit $rc)"; exit "$rc"
-fi
-# Each test module starts its own servers; one module per worker overlaps their start-ups.
-OMP_NUM_THREADS=1 python -m pytest -n 2 --dist loadfile -q -rfEs tests/webui
+# The host-contract suite inside real webuis: a developer's checkout (SDTRAIN_WEBUI_DIR, with
+# SDTRAIN_WEBUI_HOST naming its kind), or each host built from its archive in ../shared/hosts
+# (tools/webui.sh); a host whose archive is absent reports its tests as skipped, with the reason.
+if [ -n "${SDTRAIN_WEBUI_DIR:-}" ]; then HOSTS="${SDTRAIN_WEBUI_HOST:-a1111}"; else HOSTS="${SDTRAIN_WEBUI_HOSTS:-a1111 reforge}"; fi
+for HOST in $HOSTS; do
+  host_start=$SECONDS
+  rc=0
+  ENV_LINE="$(bash tools/webui.sh "$HOST")" || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    eval "$ENV_LINE"
+    echo "[sdtrain] host-contract tests in $HOST: $SDTRAIN_WEBUI_DIR"
+  elif [ "$rc" -eq 3 ]; then
+    echo "[sdtrain] host-contract tests: no $HOST webui here (see the line above); they will be skipped"
+    unset SDTRAIN_WEBUI_DIR SDTRAIN_WEBUI_PYTHON
+    export SDTRAIN_WEBUI_HOST="$HOST"
+  else
+    echo "[sdtrain] could not set up the $HOST webui (exit $rc)"; exit "$rc"
+  fi
+  # Each test module starts its own servers; one module per worker overlaps their start-ups.
+  OMP_NUM_THREADS=1 python -m pytest -n 2 --dist loadfile -q -rfEs tests/webui
+  echo "[sdtrain] $HOST: $((SECONDS - host_start)) s"
+  unset SDTRAIN_WEBUI_DIR SDTRAIN_WEBUI_PYTHON
+done
 echo "[sdtrain] all tests done in $((SECONDS - start)) s"

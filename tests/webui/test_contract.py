@@ -149,6 +149,29 @@ def test_stock_embedding_continued_by_sdtrain_and_back(stock_webui, webui_assets
     assert load_embedding(s.embeddings / "swap.pt").step == 16
 
 
+def test_hypernetwork_trains_its_modules_only(webui, webui_assets):
+    """On every host, whether or not its attention applies hypernetworks itself (reForge does not:
+    sdtrain attaches them there): the modules move, the model does not."""
+    from lib_sdtrain.core.hypernetwork.network import load_hypernetwork
+
+    before, _ = txt2img(webui, "a red circle", seed=5)
+    status, out = webui.post("/sdapi/v1/create/hypernetwork", {"name": "onlyhn", "enable_sizes": ["768"]})
+    assert status == 200, out
+    created = load_hypernetwork(webui.hypernetworks / "onlyhn.pt")
+    status, out = webui.post("/sdtrain/v1/jobs", {"kind": "train_hypernetwork", "config": {
+        "hypernetwork_name": "onlyhn", "data_root": str(webui_assets["data"]), "steps": 6, "training_width": 64,
+        "training_height": 64, "learn_rate": "0.001", "create_image_every": 0, "save_hypernetwork_every": 0,
+        "log_directory": str(webui.dir / "onlyhn_log")}})
+    assert status == 202, out
+    job = webui.wait_job(out["id"])
+    assert job["state"] == "done" and job["step"] == 6, job
+    trained = load_hypernetwork(webui.hypernetworks / "onlyhn.pt")
+    moved = [not torch.equal(a, b) for a, b in zip(created.trainable_params(), trained.trainable_params())]
+    assert moved and all(moved)
+    after, _ = txt2img(webui, "a red circle", seed=5)
+    assert list(after.getdata()) == list(before.getdata())
+
+
 @pytest.mark.needs("hypernetwork_prompt")
 def test_hypernetwork_create_train_and_use_in_a_prompt(webui, webui_assets):
     status, out = webui.post("/sdapi/v1/create/hypernetwork", {"name": "cthn", "enable_sizes": ["768", "320"],

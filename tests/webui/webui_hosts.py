@@ -91,18 +91,12 @@ REFORGE = HostSpec(
     # which reForge commented out (modules/sd_hijack.py:63-64; modules/api/api.py:812, :834), unless
     # "Use cross attention optimizations while training" is on.
     settings={"live_previews_enable": False, "training_xattention_optimizations": True},
-    claims=frozenset({"train_tab", "stock_trainer", "preprocess"}),
+    claims=frozenset({"sd1", "train_tab", "stock_trainer", "preprocess"}),
     cannot={
-        "sd1": "sdtrain's adapter takes the VAE posterior from sd_model.encode_first_stage() "
-               "(lib_sdtrain/hosts/a1111/host.py:196-197), which reForge replaces with one returning a scaled "
-               "latent sample (modules_forge/forge_loader.py:540-549): every job that encodes images fails "
-               "with AttributeError: 'builtin_function_or_method' object has no attribute 'float'",
-        "hypernetwork_prompt": "reForge never applies shared.loaded_hypernetworks (A1111's attention overrides are "
-                               "commented out: modules/sd_hijack_optimizations.py:44-47, 186, ...): <hypernet:...> "
-                               "changes nothing, and sdtrain's hypernetwork training (host.py:295-310) gets a loss "
-                               "without grad_fn (lib_sdtrain/core/training/loop.py:145); with attention_optimization "
-                               "off (HN's default) host.py:326-332 also call sd_hijack.undo/apply_optimizations, "
-                               "which reForge commented out (modules/sd_hijack.py:59-64)",
+        "hypernetwork_prompt": "reForge never applies shared.loaded_hypernetworks in generation (A1111's attention "
+                               "overrides are commented out: modules/sd_hijack_optimizations.py:44-47, 186, ...), so "
+                               "<hypernet:...> changes nothing there; sdtrain trains hypernetworks on reForge by "
+                               "attaching them itself, applying them at generation is not built yet",
         "sd2": "the detector takes SD2 only at real shapes (ldm_patched/modules/supported_models.py:76-83; OpenCLIP-H "
                "text encoder fixed at 1024 x 24 layers), not the tiny one; the tests also expect A1111's "
                "'Creating model from config:' / 'Model loaded in' log lines, which reForge never prints",

@@ -19,6 +19,7 @@ from PIL import Image
 
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.formats.embedding import SINGLE
+from lib_sdtrain.core.hypernetwork.attach import attach_hypernetworks
 from lib_sdtrain.core.port import (
     ImageSize,
     LatentDist,
@@ -107,6 +108,16 @@ def _trainable_conditioner(m) -> Iterator[None]:
                 e.ucg_rate = ucg
 
 
+def host_applies_hypernetworks(unet: torch.nn.Module) -> bool:
+    """Whether the host's attention forward applies `shared.loaded_hypernetworks`: A1111 replaces the
+    forward of ldm's and sgm's CrossAttention with its own (modules.sd_hijack_optimizations, or
+    modules.hypernetworks.hypernetwork when optimizations are off), each of which applies them."""
+    for module in unet.modules():
+        if hasattr(module, "to_k") and hasattr(module, "to_v"):
+            return getattr(type(module).forward, "__module__", "").startswith("modules.")
+    return False
+
+
 class A1111Session:
     def __init__(self, label: str):
         self.label = label
@@ -182,19 +193,19 @@ class A1111Host:
         _, devices, _, _, _, _ = _modules()
         m = self.model()
         scale = float(m.scale_factor)
-        if getattr(m, "is_sdxl", False):
-            # sgm's encode_first_stage hands back one sample; the posterior as its AutoencoderKL
-            # defines it (encoder, quant_conv, log-variance clamped to [-30, 20]), without autocast
-            # as the model asks (disable_first_stage_autocast)
-            vae = m.first_stage_model
-            with torch.no_grad():
-                x = pixels.to(devices.device, devices.dtype_vae)
-                mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)
-            std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
-            return LatentDist(mean.float() * scale, std * scale)
-        with torch.no_grad(), devices.autocast():
-            dist = m.encode_first_stage(pixels.to(devices.device, devices.dtype_vae))
-        return LatentDist(dist.mean.float() * scale, dist.std.float() * scale)
+        if not getattr(m, "is_sdxl", False) and not hasattr(m, "forge_objects"):
+            with torch.no_grad(), devices.autocast():  # ldm: the posterior itself
+                dist = m.encode_first_stage(pixels.to(devices.device, devices.dtype_vae))
+            return LatentDist(dist.mean.float() * scale, dist.std.float() * scale)
+        # sgm's encode_first_stage (SDXL), like reForge's replacement of it, hands back one scaled
+        # sample; the posterior as both AutoencoderKLs define it (encoder, quant_conv, log-variance
+        # clamped to [-30, 20]), on the VAE's own device and dtype, without autocast
+        vae = m.first_stage_model
+        weight = next(vae.parameters())
+        with torch.no_grad():
+            mean, logvar = vae.quant_conv(vae.encoder(pixels.to(weight.device, weight.dtype))).chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
+        return LatentDist((mean.float() * scale).to(devices.device), (std * scale).to(devices.device))
 
     def encode_text(self, prompts: list[str], sizes: list[ImageSize] | None = None) -> Any:
         # the hijacked encoder tokenizes with the host's rules and splices every registered
@@ -296,14 +307,21 @@ class A1111Host:
         """Make exactly these hypernetworks active through the host's own mechanism:
         `shared.loaded_hypernetworks`, which every attention forward of the host applies
         (modules/hypernetworks/hypernetwork.py, apply_hypernetworks). Our objects have the host's
-        `layers` shape ({context width: (k module, v module)}), so the host runs them as they are."""
+        `layers` shape ({context width: (k module, v module)}), so the host runs them as they are.
+        Where the host's attention does not apply them (reForge: its UNet is ldm_patched's and its
+        calls to apply_hypernetworks are commented out), they are attached by hooks instead
+        (core.hypernetwork.attach), for training and previews alike."""
         _, _, _, _, shared, _ = _modules()
         previous = list(getattr(shared, "loaded_hypernetworks", []))
-        shared.loaded_hypernetworks = list(hypernetworks)
+        unet = self.model().model.diffusion_model
+        attach = contextlib.nullcontext() if host_applies_hypernetworks(unet) else attach_hypernetworks(
+            unet, list(hypernetworks))
+        shared.loaded_hypernetworks = list(hypernetworks) if isinstance(attach, contextlib.nullcontext) else []
         self._hypernetworks = list(hypernetworks)
         clear_cond_caches()
         try:
-            yield
+            with attach:
+                yield
         finally:
             shared.loaded_hypernetworks = previous
             self._hypernetworks = []
@@ -317,7 +335,8 @@ class A1111Host:
             shared.state.textinfo = f"sdtrain: {label}"
             flags = [(p, p.requires_grad) for p in m.parameters()]
             hypernetworks = list(getattr(shared, "loaded_hypernetworks", []))
-            undo_attention = not options.attention_optimization
+            # reForge has no undo_optimizations (its sd_hijack keeps the attention as it is)
+            undo_attention = not options.attention_optimization and hasattr(sd_hijack, "undo_optimizations")
             try:
                 # the host computes UNet and CLIP weight gradients it never uses; we freeze them
                 for p, _ in flags:
