@@ -10,16 +10,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 
-if TYPE_CHECKING:
-    from lib_sdtrain.core.hypernetwork.network import Hypernetwork
-
 Family = Literal["sd1", "sd2", "sdxl"]
 Prediction = Literal["eps", "v"]
+
+
+class Hypernetwork(Protocol):
+    """What a host needs of a hypernetwork to apply it (core.hypernetwork.network.Hypernetwork is one):
+    its name and, per attention input width, the modules for the K and the V input — the webui's own
+    `layers` shape, so the webui can run the objects as they are."""
+
+    name: str
+    layers: dict[int, tuple[torch.nn.Module, torch.nn.Module]]
 
 
 @dataclass(frozen=True)
