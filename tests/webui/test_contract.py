@@ -149,6 +149,23 @@ def test_stock_embedding_continued_by_sdtrain_and_back(stock_webui, webui_assets
     assert load_embedding(s.embeddings / "swap.pt").step == 16
 
 
+def test_gradient_checkpointing_trains_the_same(webui, webui_assets):
+    """With the option on, the host's UNet blocks run checkpointed (the adapter refuses a UNet whose
+    blocks it does not know, so this cannot pass as a silent no-op) and the losses are the same."""
+    losses = {}
+    for on in (False, True):
+        name = f"ckpt{int(on)}"
+        assert webui.wait_job(webui.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {
+            "name": name, "init_text": "shape"}})[1]["id"])["state"] == "done"
+        _, out = webui.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": train_body(
+            name, webui_assets["data"], steps=4, seed=9, gradient_checkpointing=on,
+            save_embedding_every=0, log_directory=str(webui.dir / f"{name}_log"))})
+        job = webui.wait_job(out["id"])
+        assert job["state"] == "done", job
+        losses[on] = [h[1] for h in job["loss_history"]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5) and len(losses[True]) == 4
+
+
 def test_hypernetwork_trains_its_modules_only(webui, webui_assets):
     """On every host, whether or not its attention applies hypernetworks itself (reForge does not:
     sdtrain attaches them there): the modules move, the model does not."""

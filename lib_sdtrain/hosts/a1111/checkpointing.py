@@ -1,4 +1,5 @@
-"""Host(A1111): gradient checkpointing for the UNet blocks (ldm for SD1/SD2, sgm for SDXL), reversible.
+"""Host(A1111): gradient checkpointing for the UNet blocks (ldm for SD1/SD2, sgm for SDXL, ldm_patched
+in reForge), reversible.
 
 The host's own `sd_hijack_checkpoint` uses reentrant `torch.utils.checkpoint`, under which a
 block's output requires grad only if one of its *inputs* does. With the model weights frozen
@@ -11,7 +12,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch.utils.checkpoint import checkpoint
+
+from lib_sdtrain.core.errors import SdtrainError
 
 
 def _wrap(forward):
@@ -22,22 +26,40 @@ def _wrap(forward):
     return checkpointed
 
 
+#: The UNet block classes of the model code each webui runs: ldm (SD1/SD2), sgm (SDXL), ldm_patched (reForge)
+PACKAGES = ("ldm", "sgm", "ldm_patched.ldm")
+UNITS = (("modules.attention", "BasicTransformerBlock"), ("modules.diffusionmodules.openaimodel", "ResBlock"),
+         ("modules.diffusionmodules.openaimodel", "AttentionBlock"))
+
+
+def _block_classes() -> list[type]:
+    import importlib
+
+    found = []
+    for package in PACKAGES:
+        for module, name in UNITS:
+            try:
+                cls = getattr(importlib.import_module(f"{package}.{module}"), name, None)
+            except ImportError:
+                continue
+            if cls is not None and "forward" in cls.__dict__:
+                found.append(cls)
+    return found
+
+
 @contextlib.contextmanager
-def enabled(on: bool) -> Iterator[None]:
+def enabled(on: bool, unet: torch.nn.Module | None = None) -> Iterator[None]:
+    """Run every residual and transformer block under non-reentrant checkpointing while inside. With
+    `unet`, refuse loudly when none of its blocks is of a known class (a silent no-op would only show
+    as an out-of-memory error on the GPU)."""
     if not on:
         yield
         return
-    import importlib
-
-    targets = []
-    for package in ("ldm", "sgm"):  # SD1/SD2 blocks, and SDXL's (sgm), where the webui has it
-        try:
-            attention = importlib.import_module(f"{package}.modules.attention")
-            openaimodel = importlib.import_module(f"{package}.modules.diffusionmodules.openaimodel")
-        except ImportError:
-            continue
-        targets += [attention.BasicTransformerBlock, openaimodel.ResBlock, openaimodel.AttentionBlock]
-    saved = [(cls, cls.__dict__["forward"]) for cls in targets if "forward" in cls.__dict__]
+    targets = _block_classes()
+    if unet is not None and not any(isinstance(m, tuple(targets)) for m in unet.modules()):
+        kinds = sorted({type(m).__module__ + "." + type(m).__name__ for m in unet.children()})
+        raise SdtrainError(f"gradient checkpointing: this webui's UNet blocks are of no known class ({', '.join(kinds)})")
+    saved = [(cls, cls.__dict__["forward"]) for cls in targets]
     try:
         for cls, forward in saved:
             if not hasattr(forward, "__sdtrain_original__"):

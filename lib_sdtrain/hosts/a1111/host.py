@@ -344,7 +344,7 @@ class A1111Host:
                 shared.loaded_hypernetworks = []  # the prompt's <hypernet:...> must not leak into TI
                 if undo_attention:
                     sd_hijack.undo_optimizations()
-                with checkpointing.enabled(options.gradient_checkpointing):
+                with checkpointing.enabled(options.gradient_checkpointing, m.model.diffusion_model):
                     yield A1111Session(label)
             finally:
                 if undo_attention:
