@@ -355,6 +355,19 @@ class WebUI:
     def post(self, path, body=None, **kw):
         return self.request("POST", path, body if body is not None else {}, **kw)
 
+    def txt2img(self, prompt: str, seed: int = 7):
+        """(PIL image, infotext) of a 64x64, 4-step Euler txt2img through the host's API."""
+        import base64
+        import io
+
+        from PIL import Image
+
+        status, out = self.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 4, "width": 64, "height": 64,
+                                                      "sampler_name": "Euler", "seed": seed})
+        assert status == 200, out
+        image = Image.open(io.BytesIO(base64.b64decode(out["images"][0])))
+        return image, json.loads(out["info"])["infotexts"][0]
+
     def interrupt_training(self, config: dict, after_step: int = 3) -> dict:
         """Start a long train_embedding job, wait for `after_step`, check the host's progress bar shows
         it, press the host's Interrupt; returns the finished job once it has stopped within one step."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import re
 import threading
 import time
@@ -26,16 +24,6 @@ def train_body(name: str, data, **kw) -> dict:
             "log_directory": log_dir,
             "training_height": 64, "learn_rate": "0.01", "template_filename": "subject_filewords.txt",
             "create_image_every": 0, "save_embedding_every": 10, "preview_steps": 4, **kw}
-
-
-def txt2img(server, prompt: str, seed: int = 7) -> tuple[Image.Image, str]:
-    status, out = server.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 4, "width": 64, "height": 64,
-                                                    "sampler_name": "Euler", "seed": seed})
-    assert status == 200, out
-    image = Image.open(io.BytesIO(base64.b64decode(out["images"][0])))
-    import json
-
-    return image, json.loads(out["info"])["infotexts"][0]
 
 
 @pytest.mark.needs("train_tab")
@@ -67,7 +55,7 @@ def test_create_and_train_through_the_host_routes(webui, webui_assets):
     # listed with its step at once, and usable in a prompt, with its hash in the infotext
     _, listed = webui.get("/sdapi/v1/embeddings")
     assert listed["loaded"]["ctti"]["step"] == 30 and listed["loaded"]["ctti"]["vectors"] == 2
-    _, info = txt2img(webui, "a photo of ctti")
+    _, info = webui.txt2img("a photo of ctti")
     assert re.search(r'TI hashes: "[^"]*ctti: [0-9a-f]{12}', info), info
     # a bad field is a 422 naming it
     status, out = webui.post("/sdapi/v1/train/embedding", train_body("ctti", webui_assets["data"], batch_size=0))
@@ -96,7 +84,7 @@ def test_interrupt_stops_within_a_step_and_keeps_a_loadable_file(webui, webui_as
 
 
 def test_model_untouched_and_generation_waits_for_the_job(webui, webui_assets):
-    before, _ = txt2img(webui, "a red circle", seed=11)
+    before, _ = webui.txt2img("a red circle", seed=11)
     webui.wait_job(webui.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {"name": "lockti"}})[1]["id"])
     _, out = webui.post("/sdtrain/v1/jobs", {"kind": "train_embedding",
                                              "config": train_body("lockti", webui_assets["data"], steps=60)})
@@ -106,7 +94,7 @@ def test_model_untouched_and_generation_waits_for_the_job(webui, webui_assets):
     done_at = {}
 
     def generate():
-        done_at["image"], _ = txt2img(webui, "a red circle", seed=11)
+        done_at["image"], _ = webui.txt2img("a red circle", seed=11)
         done_at["t"] = time.time()
 
     t = threading.Thread(target=generate)
@@ -171,7 +159,7 @@ def test_hypernetwork_trains_its_modules_only(webui, webui_assets):
     sdtrain attaches them there): the modules move, the model does not."""
     from lib_sdtrain.core.hypernetwork.network import load_hypernetwork
 
-    before, _ = txt2img(webui, "a red circle", seed=5)
+    before, _ = webui.txt2img("a red circle", seed=5)
     status, out = webui.post("/sdapi/v1/create/hypernetwork", {"name": "onlyhn", "enable_sizes": ["768"]})
     assert status == 200, out
     created = load_hypernetwork(webui.hypernetworks / "onlyhn.pt")
@@ -185,7 +173,7 @@ def test_hypernetwork_trains_its_modules_only(webui, webui_assets):
     trained = load_hypernetwork(webui.hypernetworks / "onlyhn.pt")
     moved = [not torch.equal(a, b) for a, b in zip(created.trainable_params(), trained.trainable_params())]
     assert moved and all(moved)
-    after, _ = txt2img(webui, "a red circle", seed=5)
+    after, _ = webui.txt2img("a red circle", seed=5)
     assert list(after.getdata()) == list(before.getdata())
 
 
@@ -201,9 +189,9 @@ def test_hypernetwork_create_train_and_use_in_a_prompt(webui, webui_assets):
     assert out["info"] == f"train hypernetwork complete: filename: {webui.hypernetworks / 'cthn.pt'} error: None"
     _, listed = webui.get("/sdapi/v1/hypernetworks")
     assert "cthn" in [h["name"] for h in listed]
-    plain, _ = txt2img(webui, "a red circle", seed=3)
-    with_hn, info = txt2img(webui, "a red circle <hypernet:cthn:1>", seed=3)
-    zero, _ = txt2img(webui, "a red circle <hypernet:cthn:0>", seed=3)
+    plain, _ = webui.txt2img("a red circle", seed=3)
+    with_hn, info = webui.txt2img("a red circle <hypernet:cthn:1>", seed=3)
+    zero, _ = webui.txt2img("a red circle <hypernet:cthn:0>", seed=3)
     assert list(with_hn.getdata()) != list(plain.getdata())
     assert list(zero.getdata()) == list(plain.getdata())
     assert "cthn" in info

@@ -11,9 +11,6 @@ conditioning as sgm's GeneralConditioner does: the same job must give the same s
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import math
 import re
 
@@ -27,14 +24,6 @@ from lib_sdtrain.core.formats.torchfile import load_torch_file
 pytestmark = [pytest.mark.webui, pytest.mark.needs("sdxl")]
 
 
-def txt2img(server, prompt: str, seed: int = 7) -> tuple[Image.Image, str]:
-    status, out = server.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 4, "width": 64, "height": 64,
-                                                    "sampler_name": "Euler", "seed": seed})
-    assert status == 200, out
-    image = Image.open(io.BytesIO(base64.b64decode(out["images"][0])))
-    return image, json.loads(out["info"])["infotexts"][0]
-
-
 def train_fields(name: str, data, log_dir, **kw) -> dict:
     return {"embedding_name": name, "data_root": str(data), "steps": 10, "training_width": 64,
             "training_height": 64, "learn_rate": "0.01", "template_filename": "subject_filewords.txt",
@@ -44,7 +33,7 @@ def train_fields(name: str, data, log_dir, **kw) -> dict:
 
 def test_sdxl_embedding_created_trained_listed_and_used_through_the_host_routes(sdxl_webui, sdxl_assets):
     s = sdxl_webui
-    before, _ = txt2img(s, "a red circle", seed=11)
+    before, _ = s.txt2img("a red circle", seed=11)
     status, out = s.post("/sdapi/v1/create/embedding", {"name": "xlti", "num_vectors_per_token": 2,
                                                         "init_text": "shape"})
     assert status == 200 and out["info"] == f"create embedding filename: {s.embeddings / 'xlti.pt'}", out
@@ -67,10 +56,10 @@ def test_sdxl_embedding_created_trained_listed_and_used_through_the_host_routes(
     _, listed = s.get("/sdapi/v1/embeddings")
     assert listed["loaded"]["xlti"]["shape"] == 2048, listed
     # used in a prompt at once: the host's infotext names it with the file's hash
-    _, info = txt2img(s, "a photo of xlti")
+    _, info = s.txt2img("a photo of xlti")
     assert re.search(r'TI hashes: "[^"]*xlti: [0-9a-f]{12}', info), info
     # the model's weights are as they were: the same seed gives the same image
-    after, _ = txt2img(s, "a red circle", seed=11)
+    after, _ = s.txt2img("a red circle", seed=11)
     assert list(after.getdata()) == list(before.getdata())
 
 
@@ -132,9 +121,9 @@ def test_sdxl_hypernetwork_created_trained_and_applied_in_a_prompt(sdxl_webui, s
     assert out["info"] == f"train hypernetwork complete: filename: {s.hypernetworks / 'xlhn.pt'} error: None", out
     _, listed = s.get("/sdapi/v1/hypernetworks")
     assert "xlhn" in [h["name"] for h in listed], listed
-    plain, _ = txt2img(s, "a red circle", seed=3)
-    with_hn, info = txt2img(s, "a red circle <hypernet:xlhn:1>", seed=3)
-    zero, _ = txt2img(s, "a red circle <hypernet:xlhn:0>", seed=3)
+    plain, _ = s.txt2img("a red circle", seed=3)
+    with_hn, info = s.txt2img("a red circle <hypernet:xlhn:1>", seed=3)
+    zero, _ = s.txt2img("a red circle <hypernet:xlhn:0>", seed=3)
     assert list(with_hn.getdata()) != list(plain.getdata())
     assert list(zero.getdata()) == list(plain.getdata())
     assert "xlhn" in info, info
