@@ -81,6 +81,16 @@ class LatentDist:
         noise = torch.randn(self.mean.shape, generator=generator, device="cpu", dtype=self.mean.dtype)
         return self.mean + self.std * noise.to(self.mean.device)
 
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor, scale: float, device: torch.device | str) -> LatentDist:
+        """The posterior as ldm's and sgm's AutoencoderKL define it, from its `quant_conv` output
+        `[B, 2C, h, w]` (mean and log-variance, the latter clamped to [-30, 20]), in float32 on
+        `device`, times the model's latent scale. Hosts use it where the model's own encode hands
+        back only a sample (sgm, reForge)."""
+        mean, logvar = moments.float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return cls(mean=(mean * scale).to(device), std=(std * scale).to(device))
+
 
 @dataclass(frozen=True)
 class ImageSize:

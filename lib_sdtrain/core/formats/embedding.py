@@ -12,6 +12,16 @@ SINGLE = "*"
 SDXL_KEYS = ("clip_l", "clip_g")
 
 
+def spread_rows(rows: torch.Tensor | None, n_vectors: int, width: int) -> torch.Tensor:
+    """The host's create_embedding rule: `n_vectors` rows picked evenly from the init text's token
+    embeddings (row i takes token i·len/n), float32 on the CPU; zeros for an empty init text."""
+    vec = torch.zeros((n_vectors, width), dtype=torch.float32)
+    if rows is not None and rows.shape[0]:
+        for i in range(n_vectors):
+            vec[i] = rows[i * int(rows.shape[0]) // n_vectors].detach().float().cpu()
+    return vec
+
+
 @dataclass
 class Embedding:
     """A textual-inversion embedding.

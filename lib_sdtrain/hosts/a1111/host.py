@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.formats.embedding import SINGLE
+from lib_sdtrain.core.formats.embedding import SINGLE, spread_rows
 from lib_sdtrain.core.hypernetwork.attach import attach_hypernetworks
 from lib_sdtrain.core.port import (
     ImageSize,
@@ -203,9 +203,8 @@ class A1111Host:
         vae = m.first_stage_model
         weight = next(vae.parameters())
         with torch.no_grad():
-            mean, logvar = vae.quant_conv(vae.encoder(pixels.to(weight.device, weight.dtype))).chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
-        return LatentDist((mean.float() * scale).to(devices.device), (std * scale).to(devices.device))
+            moments = vae.quant_conv(vae.encoder(pixels.to(weight.device, weight.dtype)))
+        return LatentDist.from_moments(moments, scale, devices.device)
 
     def encode_text(self, prompts: list[str], sizes: list[ImageSize] | None = None) -> Any:
         # the hijacked encoder tokenizes with the host's rules and splices every registered
@@ -267,14 +266,8 @@ class A1111Host:
             with torch.no_grad(), devices.autocast():
                 cond_model([""])  # moves the text encoder to the GPU under --medvram/--lowvram
                 embedded = {SINGLE: cond_model.encode_embedding_init_text(init_text or "*", n_vectors)}
-        out = {}
-        for key, rows in embedded.items():
-            vec = torch.zeros((n_vectors, rows.shape[1]), dtype=torch.float32)
-            if init_text:
-                for i in range(n_vectors):
-                    vec[i] = rows[i * int(rows.shape[0]) // n_vectors].float().cpu()
-            out[key] = vec
-        return out
+        return {key: spread_rows(rows if init_text else None, n_vectors, int(rows.shape[1]))
+                for key, rows in embedded.items()}
 
     # -- reversible state ------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.formats.embedding import SINGLE
+from lib_sdtrain.core.formats.embedding import SINGLE, spread_rows
 from lib_sdtrain.core.hypernetwork.attach import attach_hypernetworks
 from lib_sdtrain.core.hypernetwork.network import Hypernetwork
 from lib_sdtrain.core.port import (
@@ -290,14 +290,8 @@ class StandaloneHost:
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
         vae = self.model.first_stage_model
         x = pixels.to(self._vae_device(), next(vae.parameters()).dtype)
-        # The posterior as both ldm's and sgm's AutoencoderKL define it (encoder, quant_conv, a
-        # diagonal Gaussian with log-variance clamped to [-30, 20]); sgm's own encode_first_stage
-        # would only hand back one sample.
-        mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        scale = float(self.model.scale_factor)
-        return LatentDist(mean=(mean * scale).to(self.device, torch.float32),
-                          std=(std * scale).to(self.device, torch.float32))
+        # the posterior from the VAE itself: sgm's own encode_first_stage hands back one sample
+        return LatentDist.from_moments(vae.quant_conv(vae.encoder(x)), float(self.model.scale_factor), self.device)
 
     # -- text --------------------------------------------------------------------------------------
     def _ids_of(self, te: _TextEncoder, name: str) -> list[int]:
@@ -400,15 +394,11 @@ class StandaloneHost:
         out = {}
         for te in self.texts:
             weight = te.token_embedding.weight
-            vec = torch.zeros((n_vectors, weight.shape[1]), dtype=torch.float32)
             ids = te.tokenize(init_text) if init_text else []
             if te.truncate_init:
                 ids = ids[:n_vectors]
-            if ids:
-                rows = weight[torch.tensor(ids, device=weight.device)].detach().to("cpu", torch.float32)
-                for i in range(n_vectors):
-                    vec[i] = rows[i * rows.shape[0] // n_vectors]
-            out[te.key] = vec
+            rows = weight[torch.tensor(ids, device=weight.device)] if ids else None
+            out[te.key] = spread_rows(rows, n_vectors, int(weight.shape[1]))
         return out
 
     @contextlib.contextmanager
