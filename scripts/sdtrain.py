@@ -11,6 +11,10 @@ from lib_sdtrain.api.routes import ApiOptions, mount
 from lib_sdtrain.hosts.a1111 import runtime
 from lib_sdtrain.ui.train_tabs import UiContext, build_all_tabs
 
+if runtime.has_unet_patcher():  # Forge, reForge: `<hypernet:...>` through their UNet patcher
+    # the webui registers the Script classes it finds in this file
+    from lib_sdtrain.hosts.forge.generation import HypernetworksInGeneration  # noqa: F401
+
 
 def _ui_context(preview_params=None) -> UiContext:
     return UiContext(
@@ -41,10 +45,11 @@ def on_ui_tabs():
 
 
 def on_app_started(_demo, app):
+    runtime.remember_app(app)
     if runtime.sdtrain_api_disabled():
         return
     mount(app, runtime.service(), ApiOptions(defaults=runtime.job_defaults, credentials=runtime.api_credentials(),
-                                             host_routes=runtime.serve_host_routes()))
+                                             host_routes=runtime.serve_host_routes(), refresh=runtime.refresh_lists))
 
 
 if hasattr(script_callbacks, "on_ui_train_tabs") and not runtime.is_forge():
@@ -52,5 +57,6 @@ if hasattr(script_callbacks, "on_ui_train_tabs") and not runtime.is_forge():
 else:
     script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_ui_settings(runtime.register_settings)
+script_callbacks.on_before_ui(runtime.before_ui)
 script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_model_loaded(runtime.model_loaded)

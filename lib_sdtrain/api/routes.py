@@ -89,6 +89,9 @@ class ApiOptions:
     credentials: dict[str, str] | None = None
     #: serve the host's /sdapi/v1/{create,train}/embedding routes
     host_routes: bool = True
+    #: reload the host's embedding and hypernetwork lists from disk (every list the host keeps);
+    #: returns what is listed now. None: no /sdtrain/v1/refresh route
+    refresh: Callable[[], dict[str, list[str]]] | None = None
 
 
 def replace_routes(app: FastAPI, routes: list[tuple[str, str]]) -> int:
@@ -205,6 +208,15 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
     router.add_api_route("/sdtrain/v1/jobs/{job_id}", get_job, methods=["GET"])
     router.add_api_route("/sdtrain/v1/jobs/{job_id}/stop", stop_job, methods=["POST"])
     router.add_api_route("/sdtrain/v1/schema", schema, methods=["GET"])
+    if options.refresh is not None:
+        refresh = options.refresh
+
+        def refresh_lists():
+            """Reload the webui's embeddings and hypernetworks from their folders — every list the host
+            keeps (Forge: its text engines' too, which its own refresh leaves stale) — and answer the names."""
+            return refresh()
+
+        router.add_api_route("/sdtrain/v1/refresh", refresh_lists, methods=["POST"])
     return router
 
 

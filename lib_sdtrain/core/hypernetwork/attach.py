@@ -41,7 +41,8 @@ def apply_hypernetworks(
     hypernetworks: Sequence[Hypernetwork], context: torch.Tensor, which: int
 ) -> torch.Tensor:
     """`context` through the K (`which`=0) or V (1) module of each hypernetwork having one for its
-    width, in order. Computed in the modules' dtype and cast back, like the host's cond casts."""
+    width, in order. Computed in the modules' dtype and on their device, and cast back, like the
+    host's cond casts."""
     out = context
     for hn in hypernetworks:
         pair = hn.layers.get(out.shape[-1])
@@ -49,7 +50,8 @@ def apply_hypernetworks(
             continue
         module = pair[which]
         param = next(module.parameters(), None)
-        out = module(out.to(param.dtype) if param is not None else out).to(context.dtype)
+        x = out.to(param.device, param.dtype) if param is not None else out
+        out = module(x).to(context.device, context.dtype)
     return out
 
 

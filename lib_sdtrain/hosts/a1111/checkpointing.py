@@ -18,9 +18,14 @@ from torch.utils.checkpoint import checkpoint
 from lib_sdtrain.core.errors import SdtrainError
 
 
-def _wrap(forward):
+def _wrap(forward, clone_input: bool = False):
+    def on_a_copy(self, x, *args, **kwargs):
+        # a block that adds into its own input (Forge's BasicTransformerBlock: `x += n`) would overwrite
+        # the input checkpoint saved for the recomputation: the block gets a copy, inside the checkpoint
+        return forward(self, x.clone() if isinstance(x, torch.Tensor) else x, *args, **kwargs)
+
     def checkpointed(self, *args, **kwargs):
-        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+        return checkpoint(on_a_copy if clone_input else forward, self, *args, use_reentrant=False, **kwargs)
 
     checkpointed.__sdtrain_original__ = forward
     return checkpointed
@@ -48,14 +53,16 @@ def _block_classes() -> list[type]:
 
 
 @contextlib.contextmanager
-def enabled(on: bool, unet: torch.nn.Module | None = None) -> Iterator[None]:
+def enabled(on: bool, unet: torch.nn.Module | None = None, classes: list[type] | None = None,
+            clone_input: bool = False) -> Iterator[None]:
     """Run every residual and transformer block under non-reentrant checkpointing while inside. With
     `unet`, refuse loudly when none of its blocks is of a known class (a silent no-op would only show
-    as an out-of-memory error on the GPU)."""
+    as an out-of-memory error on the GPU). `classes` replaces the ldm/sgm/ldm_patched block classes
+    (another host's model code); `clone_input` for blocks that modify their input in place."""
     if not on:
         yield
         return
-    targets = _block_classes()
+    targets = list(classes) if classes is not None else _block_classes()
     if unet is not None and not any(isinstance(m, tuple(targets)) for m in unet.modules()):
         kinds = sorted({type(m).__module__ + "." + type(m).__name__ for m in unet.children()})
         raise SdtrainError(f"gradient checkpointing: this webui's UNet blocks are of no known class ({', '.join(kinds)})")
@@ -63,7 +70,7 @@ def enabled(on: bool, unet: torch.nn.Module | None = None) -> Iterator[None]:
     try:
         for cls, forward in saved:
             if not hasattr(forward, "__sdtrain_original__"):
-                cls.forward = _wrap(forward)
+                cls.forward = _wrap(forward, clone_input)
         yield
     finally:
         for cls, forward in saved:

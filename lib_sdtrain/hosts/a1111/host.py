@@ -44,11 +44,13 @@ def _modules():
 
 def clear_cond_caches() -> None:
     """The host caches prompt conditionings across generations (opts.persistent_cond_cache); a
-    trained embedding changes what a prompt means, so the cache must go (A1111 issue #11993)."""
+    trained embedding changes what a prompt means, so the cache must go (A1111 issue #11993). Forge's
+    entries have a third slot (infotext parameters): the length stays as the host made it."""
     from modules import processing
 
-    processing.StableDiffusionProcessing.cached_c = [None, None]
-    processing.StableDiffusionProcessing.cached_uc = [None, None]
+    cls = processing.StableDiffusionProcessing
+    cls.cached_c = [None] * max(2, len(getattr(cls, "cached_c", None) or ()))
+    cls.cached_uc = [None] * max(2, len(getattr(cls, "cached_uc", None) or ()))
 
 
 def captioner_status() -> dict[str, str]:

@@ -24,14 +24,26 @@ _host: A1111Host | None = None
 
 
 def host() -> A1111Host:
+    """The adapter for this webui: Forge's own backend, or A1111's objects (A1111, reForge)."""
     global _host
     if _host is None:
-        _host = A1111Host()
+        if is_forge():
+            from lib_sdtrain.hosts.forge.host import ForgeHost
+
+            _host = ForgeHost()
+        else:
+            _host = A1111Host()
     return _host
 
 
 def _refresh_embeddings() -> None:
     from modules import call_queue, sd_hijack
+
+    if is_forge():
+        from lib_sdtrain.hosts.forge import webui
+
+        webui.refresh_embeddings()
+        return
 
     with call_queue.queue_lock:
         sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
@@ -118,11 +130,21 @@ def job_defaults(kind: str) -> dict[str, Any]:
 def embedding_names() -> list[str]:
     from modules import sd_hijack
 
+    if is_forge():
+        from lib_sdtrain.hosts.forge import webui
+
+        return webui.embedding_names()
+
     return sorted(sd_hijack.model_hijack.embedding_db.word_embeddings.keys(), key=str.lower)
 
 
 def skipped_embeddings() -> dict[str, int]:
     from modules import sd_hijack
+
+    if is_forge():
+        from lib_sdtrain.hosts.forge import webui
+
+        return webui.skipped_embeddings()
 
     return {name: int(e.shape or 0) for name, e in sd_hijack.model_hijack.embedding_db.skipped_embeddings.items()}
 
@@ -158,6 +180,11 @@ def template_names() -> list[str]:
 def refresh_embeddings() -> list[str]:
     _refresh_embeddings()
     return embedding_names()
+
+
+def refresh_lists() -> dict[str, list[str]]:
+    """Embeddings and hypernetworks reloaded from disk, for /sdtrain/v1/refresh."""
+    return {"embeddings": refresh_embeddings(), "hypernetworks": refresh_hypernetworks()}
 
 
 def api_credentials() -> dict[str, str] | None:
@@ -196,15 +223,42 @@ def serve_host_routes() -> bool:
 
 def is_forge() -> bool:
     """lllyasviel's Forge (2.x), by its own markers: its version module says 2.x and its models load
-    through `sd_models.forge_model_reload`. Forge has no Train tab and no ldm model to train through
-    (its own adapter comes later). reForge also ships `modules_forge` (version 1.x) but keeps A1111's
-    Train tab and objects, so a `modules_forge` folder alone says nothing."""
+    through `sd_models.forge_model_reload`. Forge has no Train tab and its own backend (adapter:
+    hosts/forge). reForge also ships `modules_forge` (version 1.x) but keeps A1111's
+    Train tab and A1111's objects, so a `modules_forge` folder alone says nothing."""
     try:
         from modules import sd_models
         from modules_forge import forge_version
     except ImportError:
         return False
     return str(getattr(forge_version, "version", "")).startswith("2.") and hasattr(sd_models, "forge_model_reload")
+
+
+def has_unet_patcher() -> bool:
+    """Forge and reForge generate through a UNet patcher (modules_forge) whose UNet ignores
+    `shared.loaded_hypernetworks`; A1111 applies them in its own attention forward."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("modules_forge") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def remember_app(app) -> None:
+    """on_app_started: Forge's API keeps its own embedding list, reached through the app."""
+    if is_forge():
+        from lib_sdtrain.hosts.forge import webui
+
+        webui.remember_app(app)
+
+
+def before_ui() -> None:
+    """on_before_ui: Forge stopped registering the Hypernetworks cards page; sdtrain brings it back."""
+    if is_forge():
+        from lib_sdtrain.hosts.forge import webui
+
+        webui.register_hypernetwork_page()
 
 
 def host_api_enabled() -> bool:
@@ -245,6 +299,13 @@ _FAMILIES = {
 
 
 def family_note(sd_model) -> str:
+    if is_forge():
+        from lib_sdtrain.hosts.forge.host import FAMILIES
+
+        if not hasattr(sd_model, "forge_objects"):
+            return "no model loaded yet (Forge loads it at the first generation or training job)"
+        if type(sd_model).__name__ not in FAMILIES:
+            return f"{type(sd_model).__name__}: not trainable by sdtrain"
     family = "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
     if getattr(sd_model, "is_sd3", False):
         return "SD3: not trainable by sdtrain"
