@@ -47,3 +47,40 @@ def test_unknown_blocks_are_refused_not_ignored():
         pass
     with checkpointing.enabled(False, torch.nn.Sequential(torch.nn.Linear(2, 2))):
         pass  # off: nothing to check
+
+
+class _AddsIntoItsInput(torch.nn.Module):
+    """A block shaped like Forge's BasicTransformerBlock: it adds into the tensor it was given
+    (`n = norm(x); x += f(n)`), which overwrites what checkpoint saved for the recomputation."""
+
+    def __init__(self, width: int, in_place: bool = True):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.f = torch.nn.Linear(width, width)
+        self.in_place = in_place
+
+    def forward(self, x):
+        n = self.f(self.norm(x))
+        if self.in_place:
+            x += n
+            return x
+        return x + n
+
+
+def test_blocks_that_add_into_their_input_get_a_copy_under_checkpointing():
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(_AddsIntoItsInput(8), _AddsIntoItsInput(8))
+    reference = torch.nn.Sequential(_AddsIntoItsInput(8, in_place=False), _AddsIntoItsInput(8, in_place=False))
+    reference.load_state_dict(blocks.state_dict())
+
+    def grad(model, **enable):
+        x0 = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with checkpointing.enabled(bool(enable), classes=[_AddsIntoItsInput], **enable):
+            model(x0 * 1.0).pow(2).sum().backward()
+        return x0.grad
+
+    expected = grad(reference)
+    with pytest.raises(RuntimeError, match="inplace"):  # the copy is what makes it work
+        grad(blocks, clone_input=False)
+    assert torch.allclose(grad(blocks, clone_input=True), expected, atol=1e-6)
+    assert "forward" in _AddsIntoItsInput.__dict__ and not hasattr(_AddsIntoItsInput.forward, "__sdtrain_original__")

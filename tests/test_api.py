@@ -186,3 +186,26 @@ def test_preprocess_route_and_job(env):
         time.sleep(0.05)
     assert job["state"] == "done" and (job["step"], job["total_steps"]) == (3, 3)
     assert len([f for f in job["files"] if f.endswith(".png")]) == 2
+
+
+def test_refresh_route_reloads_the_host_lists_behind_auth(tiny_sd1):
+    """POST /sdtrain/v1/refresh calls the host's refresh and answers its lists; it sits behind
+    --api-auth like every route; without a refresh callable there is no route."""
+    service = JobService(lambda: StandaloneHost(tiny_sd1), job_runners())
+    calls = []
+
+    def refresh():
+        calls.append(1)
+        return {"embeddings": ["a", "b"], "hypernetworks": ["h"]}
+
+    app = FastAPI()
+    mount(app, service, ApiOptions(credentials={"alice": "s3cret"}, refresh=refresh))
+    client = TestClient(app)
+    assert client.post("/sdtrain/v1/refresh").status_code == 401 and calls == []
+    good = base64.b64encode(b"alice:s3cret").decode()
+    out = client.post("/sdtrain/v1/refresh", headers={"Authorization": f"Basic {good}"})
+    assert out.status_code == 200 and out.json() == {"embeddings": ["a", "b"], "hypernetworks": ["h"]} and calls == [1]
+    bare = FastAPI()
+    mount(bare, service, ApiOptions())
+    assert TestClient(bare).post("/sdtrain/v1/refresh").status_code == 404
+    service.shutdown()

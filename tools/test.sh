@@ -39,7 +39,13 @@ OMP_NUM_THREADS=1 "$FORGE_PY" -m pytest -n 2 -q tests/test_ui.py tests/test_api.
 # The host-contract suite inside real webuis: a developer's checkout (SDTRAIN_WEBUI_DIR, with
 # SDTRAIN_WEBUI_HOST naming its kind), or each host built from its archive in ../shared/hosts
 # (tools/webui.sh); a host whose archive is absent reports its tests as skipped, with the reason.
-if [ -n "${SDTRAIN_WEBUI_DIR:-}" ]; then HOSTS="${SDTRAIN_WEBUI_HOST:-a1111}"; else HOSTS="${SDTRAIN_WEBUI_HOSTS:-a1111 reforge}"; fi
+if [ -n "${SDTRAIN_WEBUI_DIR:-}" ]; then HOSTS="${SDTRAIN_WEBUI_HOST:-a1111}"; else HOSTS="${SDTRAIN_WEBUI_HOSTS:-a1111 reforge forge}"; fi
+# Files cross between the webuis: each leaves what it trained (and its stock trainer wrote) in one
+# folder and loads what the ones before it left (tests/webui/test_contract.py, test_files_swap_...).
+SDTRAIN_EXCHANGE_DIR="$(mktemp -d -t sdtrain-exchange-XXXX)"
+export SDTRAIN_EXCHANGE_DIR
+trap 'rm -rf "$SDTRAIN_EXCHANGE_DIR"' EXIT
+RAN=""
 for HOST in $HOSTS; do
   host_start=$SECONDS
   rc=0
@@ -57,6 +63,16 @@ for HOST in $HOSTS; do
   # Each test module starts its own servers; one module per worker overlaps their start-ups.
   OMP_NUM_THREADS=1 python -m pytest -n 2 --dist loadfile -q -rfEs tests/webui
   echo "[sdtrain] $HOST: $((SECONDS - host_start)) s"
+  [ "$rc" -eq 0 ] && RAN="$RAN $HOST"
   unset SDTRAIN_WEBUI_DIR SDTRAIN_WEBUI_PYTHON
 done
+# ... and the first webui loads what the later ones left (Forge's and reForge's files in A1111).
+read -ra RAN_HOSTS <<< "$RAN"
+if [ "${#RAN_HOSTS[@]}" -gt 1 ]; then
+  FIRST="${RAN_HOSTS[0]}"
+  eval "$(bash tools/webui.sh "$FIRST")"
+  echo "[sdtrain] files of the later webuis, in $FIRST"
+  OMP_NUM_THREADS=1 python -m pytest -q -rfEs tests/webui/test_contract.py -k test_files_swap_between_webuis
+  unset SDTRAIN_WEBUI_DIR SDTRAIN_WEBUI_PYTHON
+fi
 echo "[sdtrain] all tests done in $((SECONDS - start)) s"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real webui for the host-contract tests (tests/webui), built from a source archive.
 #
-#   bash tools/webui.sh a1111          # build once (cached by a stamp), print the variables (hosts: a1111, reforge)
+#   bash tools/webui.sh a1111          # build once (cached by a stamp), print the variables (hosts: a1111, reforge, forge)
 #   eval "$(bash tools/webui.sh a1111)" # ... and export them into this shell
 #
 # Prints `export SDTRAIN_WEBUI_HOST=… SDTRAIN_WEBUI_DIR=… SDTRAIN_WEBUI_PYTHON=…` on stdout (progress
@@ -50,7 +50,18 @@ case "$HOST" in
     CONSTRAINTS=("torch==2.13.0+cpu" "torchvision==0.28.0" "pydantic<2")
     NODEPS=("open-clip-torch==2.30.0")
     ;;
-  *) say "unknown host '$HOST' (known: a1111, reforge)"; exit 2 ;;
+  forge)
+    ARCHIVE=forge-dfdcbab6-src.tar.gz TOP=stable-diffusion-webui-forge
+    # Forge's pins (gradio 4.40, fastapi 0.104, pydantic 2, transformers 4.46, diffusers 0.31), with the
+    # same changes for current torch (setuptools, the local CPU torch, open-clip without dependencies);
+    # joblib: Forge's built-in soft-inpainting imports it and no requirements file lists it. Forge's
+    # text-encoder configs and tokenizers are bundled (backend/huggingface): nothing is fetched.
+    DROP='^(setuptools|torch|open-clip-torch|clip|numpy)\b'
+    EXTRA=("setuptools>=77.0.3,<81" "numpy==1.26.4" joblib ftfy regex tqdm sentencepiece)
+    CONSTRAINTS=("torch==2.13.0+cpu" "torchvision==0.28.0")
+    NODEPS=("open-clip-torch==2.20.0")
+    ;;
+  *) say "unknown host '$HOST' (known: a1111, reforge, forge)"; exit 2 ;;
 esac
 
 HOSTS_DIR="${SDTRAIN_HOSTS_DIR:-$ROOT/../shared/hosts}"

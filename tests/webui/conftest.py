@@ -67,6 +67,50 @@ open_clip.add_model_config(Path(__file__).resolve().parents[1] / "open_clip_conf
 '''
 
 
+#: A test-only extension installed in every server: GET /sdtrain-test/model-digest hashes every tensor of
+#: the loaded model — bytes, dtype, shape, requires_grad and whether it is an inference tensor — so a test
+#: can prove a training run left the host's model exactly as it was. A1111/reForge: the LatentDiffusion /
+#: DiffusionEngine module; Forge: the parts of its engine (forge_objects_original: UNet, CLIP, VAE). Read
+#: under inference mode, where Forge's inference tensors may be viewed.
+MODEL_DIGEST_SCRIPT = '''
+import hashlib
+
+import torch
+from modules import script_callbacks, shared
+
+
+def _roots():
+    m = shared.sd_model
+    parts = getattr(m, "forge_objects_original", None)
+    if parts is not None:
+        return {"unet": parts.unet.model, "clip": parts.clip.cond_stage_model, "vae": parts.vae.first_stage_model}
+    return {"model": m}
+
+
+def digest():
+    out = {}
+    with torch.inference_mode():
+        for root_name, root in _roots().items():
+            h = hashlib.sha256()
+            flags = []
+            for kind, items in (("p", root.named_parameters(remove_duplicate=False)),
+                                ("b", root.named_buffers(remove_duplicate=False))):
+                for name, t in items:
+                    flags.append(f"{kind}:{name}:{t.dtype}:{tuple(t.shape)}:{t.requires_grad}:{t.is_inference()}")
+                    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            out[root_name] = {"bytes": h.hexdigest(), "tensors": len(flags),
+                              "flags": hashlib.sha256("\\n".join(flags).encode()).hexdigest()}
+    return out
+
+
+def on_app_started(_demo, app):
+    app.add_api_route("/sdtrain-test/model-digest", digest, methods=["GET"])
+
+
+script_callbacks.on_app_started(on_app_started)
+'''
+
+
 def _python() -> str:
     return os.environ.get("SDTRAIN_WEBUI_PYTHON") or str(Path(WEBUI_DIR) / "venv" / "bin" / "python")
 
@@ -234,8 +278,25 @@ def sd2_assets(webui_assets):
     return {**webui_assets, "ckpt": ckpt, "text_width": 64, "shims": {"sdtrain-test-open-clip-arch": shim}}
 
 
+def _forge_sdxl_assets(webui_assets, request) -> dict:
+    """Forge: the same tiny SDXL (sgm DiffusionEngine state dict, same seed), plus the configs and the
+    test-only extension that register its shapes with Forge's detector (tests/webui/forge_tiny_sdxl.py).
+    The yaml beside it is for the standalone reference only (Forge reads it for eps-vs-v alone)."""
+    from forge_tiny_sdxl import write_tiny_sdxl_for_forge
+
+    from lib_sdtrain.hosts.standalone.tiny_sdxl import write_tiny_sdxl_yaml
+
+    request.getfixturevalue("sgm_dir")  # sgm, from the A1111 archive: Forge has no generative-models
+    root = webui_assets["root"] / "forge-sdxl"
+    root.mkdir()
+    out = write_tiny_sdxl_for_forge(root, seed=3)
+    write_tiny_sdxl_yaml(out["ckpt"].with_suffix(".yaml"), "openai/clip-vit-large-patch14")
+    return {**webui_assets, "ckpt": out["ckpt"], "shims": {"sdtrain-test-tiny-sdxl": out["shim"]},
+            "settings": {"live_previews_enable": False}}
+
+
 @pytest.fixture(scope="session")
-def sdxl_assets(webui_assets):
+def sdxl_assets(webui_assets, request):
     """`webui_assets` with a tiny SDXL base instead, built from the webui's own `sgm` code
     (repositories/generative-models): CLIP-L by its hub name (the offline cache's 768-wide, 2-layer
     config; hidden layer 1 = the penultimate), a toy CLIP-G 1280 wide registered with open_clip by a
@@ -245,6 +306,8 @@ def sdxl_assets(webui_assets):
     from lib_sdtrain.hosts.standalone.tiny import save_tiny_checkpoint
     from lib_sdtrain.hosts.standalone.tiny_sdxl import build_tiny_sdxl, write_tiny_sdxl_yaml
 
+    if HOST.name == "forge":  # Forge builds no model from a yaml: its detector learns the tiny shapes
+        return _forge_sdxl_assets(webui_assets, request)
     ensure_sgm(WEBUI_DIR)
     root = webui_assets["root"]
     build = root / "build-sdxl"
@@ -292,7 +355,7 @@ class WebUI:
         ext_dir = self.dir / "extensions"
         ext_dir.mkdir(parents=True)
         shutil.copytree(assets["extension"], ext_dir / "sdtrain")
-        shims = dict(assets.get("shims", {}))
+        shims = {"sdtrain-test-model-digest": {"scripts/digest.py": MODEL_DIGEST_SCRIPT}, **assets.get("shims", {})}
         if compat:
             shims["sdtrain-test-torch-compat"] = {"scripts/compat.py": TORCH_COMPAT_SCRIPT}
         for shim, files in shims.items():  # test-only extensions: {name: {relative path: text}}

@@ -20,7 +20,8 @@ CAPABILITIES = {
     "sd2": "loads an SD2 checkpoint (OpenCLIP text encoder, v-prediction) that sdtrain trains",
     "inpainting": "loads an SD1 inpainting checkpoint (9-channel UNet, hybrid conditioning)",
     "sdxl": "loads an SDXL base checkpoint (sgm DiffusionEngine, CLIP-L + CLIP-G) that sdtrain trains",
-    "stock_trainer": "the host's own (in-tree) trainer runs, to exchange files with it",
+    "stock_trainer": "the host's own (in-tree) embedding trainer runs, to exchange files with it",
+    "stock_hypernetwork_trainer": "the host's own (in-tree) hypernetwork trainer runs, to exchange files with it",
     "hypernetwork_prompt": "the host applies `<hypernet:name:m>` in generation",
     "preprocess": "sdtrain's preprocess route and sub-tab",
 }
@@ -44,6 +45,14 @@ class HostSpec:
     ready_line: str = "Startup time:"
     #: settings (config.json entries) every server of this host starts with; a server's own win
     settings: dict = field(default_factory=dict)
+    #: how the host's infotext names an embedding a prompt used (`{name}`, a regex): A1111 writes its
+    #: hash (modules/processing.py), Forge only its name (backend/text_processing/classic_engine.py)
+    embedding_infotext: str = r'TI hashes: "[^"]*{name}: [0-9a-f]{{12}}'
+
+    def names_embedding(self, infotext: str, name: str) -> bool:
+        import re
+
+        return re.search(self.embedding_infotext.format(name=re.escape(name)), infotext) is not None
 
     def verdict(self, capability: str) -> str | None:
         """None when the host claims `capability`; else why a test needing it cannot run here."""
@@ -91,12 +100,13 @@ REFORGE = HostSpec(
     # which reForge commented out (modules/sd_hijack.py:63-64; modules/api/api.py:812, :834), unless
     # "Use cross attention optimizations while training" is on.
     settings={"live_previews_enable": False, "training_xattention_optimizations": True},
-    claims=frozenset({"sd1", "train_tab", "stock_trainer", "preprocess"}),
+    # <hypernet:...>: reForge loads them but never applies them (A1111's attention overrides are commented
+    # out: modules/sd_hijack_optimizations.py:44-47, 186, ...); sdtrain's always-on script applies them
+    # through the UNet patcher (lib_sdtrain/hosts/forge/generation.py)
+    claims=frozenset({"sd1", "train_tab", "stock_trainer", "preprocess", "hypernetwork_prompt"}),
     cannot={
-        "hypernetwork_prompt": "reForge never applies shared.loaded_hypernetworks in generation (A1111's attention "
-                               "overrides are commented out: modules/sd_hijack_optimizations.py:44-47, 186, ...), so "
-                               "<hypernet:...> changes nothing there; sdtrain trains hypernetworks on reForge by "
-                               "attaching them itself, applying them at generation is not built yet",
+        "stock_hypernetwork_trainer": "reForge's in-tree hypernetwork trainer trains through the attention that no longer "
+                                      "applies hypernetworks (modules/sd_hijack_optimizations.py:44-47, 186, ...)",
         "sd2": "the detector takes SD2 only at real shapes (ldm_patched/modules/supported_models.py:76-83; OpenCLIP-H "
                "text encoder fixed at 1024 x 24 layers), not the tiny one; the tests also expect A1111's "
                "'Creating model from config:' / 'Model loaded in' log lines, which reForge never prints",
@@ -109,7 +119,38 @@ REFORGE = HostSpec(
     },
 )
 
-HOSTS = {spec.name: spec for spec in (A1111, REFORGE)}
+#: Forge (lllyasviel/stable-diffusion-webui-forge, dfdcbab6): its own backend (backend/, huggingface_guess),
+#: gradio 4.40 / pydantic 2 / fastapi 0.104, no Train tab, training code removed. sdtrain's adapter:
+#: lib_sdtrain/hosts/forge.
+FORGE = HostSpec(
+    name="forge",
+    title="Forge dfdcbab6",
+    # --always-cpu: Forge's own flag (backend/args.py); without it its memory manager asks CUDA for the
+    # device. --skip-install: the built-in extensions' extra packages (mediapipe, onnxruntime...) stay
+    # absent, nothing needs them at start-up. A1111's --no-half/--precision full are inert here; on the
+    # CPU the UNet and VAE are fp32, and CLIP is stored fp16 unless --clip-in-fp32 (Forge's flag, so the
+    # SDXL conditioning can be compared with the fp32 standalone reference).
+    launch_args=("--skip-prepare-environment", "--skip-install", "--skip-version-check", "--use-cpu", "all",
+                 "--always-cpu", "--clip-in-fp32", "--skip-torch-cuda-test", "--no-download-sd-model"),
+    # huggingface_guess matches SD1.5 only at its real shapes (repositories/huggingface_guess/
+    # huggingface_guess/model_list.py, SD15.unet_config; detection in detection.py): no tiny SD1. The
+    # tiny SDXL is registered with it by a test-only extension instead (forge_tiny_sdxl.py)
+    sd1_model="full",
+    settings={"live_previews_enable": False},
+    embedding_infotext=r"TI: (?:[^,\n]+, )*{name}(?:,|\n|$)",
+    claims=frozenset({"sd1", "hypernetwork_prompt", "preprocess", "sdxl"}),
+    cannot={
+        "train_tab": "Forge has no Train tab (modules/ui.py builds none; on_ui_train_tabs never fires): sdtrain's "
+                     "top-level tab holds the same sub-tabs (checked by the same test)",
+        "stock_hypernetwork_trainer": "Forge deleted its trainers (see stock_trainer)",
+        "stock_trainer": "Forge deleted its trainers (modules/textual_inversion and modules/hypernetworks keep only "
+                         "loading code; /sdapi/v1/train/* are gone): there is no stock file to continue",
+        "sd2": "huggingface_guess takes SD2 only at real shapes (OpenCLIP-H 1024 x 24 layers): not the tiny SD2",
+        "inpainting": "huggingface_guess takes no tiny inpainting model (SD1.5 shapes with 9 input channels would do)",
+    },
+)
+
+HOSTS = {spec.name: spec for spec in (A1111, REFORGE, FORGE)}
 
 
 def selected() -> HostSpec:

@@ -1,0 +1,166 @@
+"""A tiny random SDXL base that lllyasviel's Forge loads as its own `StableDiffusionXL` engine, with no
+change to any Forge file: a checkpoint in the original sgm key layout plus a test-only extension.
+
+Why Forge needs help, and where it can take it (Forge dfdcbab6; huggingface_guess as vendored in
+repositories/huggingface_guess/huggingface_guess/, "hg/" below):
+
+* Forge does not build a model from a yaml. `backend/loader.py:449-483` (`split_state_dict`) reads
+  the UNet shapes from the state dict (`hg/detection.py:38-274`, `detect_unet_config`) and takes the
+  first class of `hg/model_list.py:716` `models` whose `unet_config` items all equal the detected
+  ones (`hg/detection.py:277-283`, `BASE.matches` at `hg/model_list.py:43-52`). `model_list.SDXL`
+  (`hg/model_list.py:259-269`) asks for `model_channels` 320 and `transformer_depth`
+  [0, 0, 2, 2, 10, 10]: only a full-size SDXL matches, and an unmatched UNet ends in
+  "Failed to recognize model type!" (`backend/loader.py:500-502`).
+* `models` is a plain module-level list that nothing copies, and the engine is chosen by
+  `isinstance(guess, M.matched_guesses)` (`backend/loader.py:571-573`; `StableDiffusionXL.
+  matched_guesses = [model_list.SDXL]`, `backend/diffusion_engine/sdxl.py:20`). So a *subclass* of
+  `model_list.SDXL` with the tiny UNet's `unet_config`, put first in `models` by an extension script
+  (Forge imports those at start-up; the model loads later, on the first generation), is detected as
+  that subclass and built as `StableDiffusionXL`, with every SDXL method of the guess inherited:
+  `clip_target` = {clip_l: text_encoder, clip_g: text_encoder_2} (`hg/model_list.py:323-324`),
+  `process_clip_state_dict` (`hg/model_list.py:292-302`: `conditioner.embedders.0.transformer.
+  text_model` -> `clip_l.transformer.text_model`, `conditioner.embedders.1.model.` -> `clip_g.` then
+  open_clip -> transformers via `hg/utils.py:87-97`, which converts the resblocks that exist
+  (`hg/utils.py:45-84`, up to 32) and transposes `text_projection`), `model_type` (EPS,
+  `hg/model_list.py:275-290`) and `latent_format` SDXL.
+* The component configs come from a diffusers-style folder: `os.path.join(backend/huggingface,
+  guess.huggingface_repo)` (`backend/loader.py:515-518`), and `os.path.join` with an absolute second
+  part returns it, so `huggingface_repo` may be an absolute path to a folder written here. Read from
+  it: `model_index.json` (`DiffusionPipeline.load_config`, loader.py:518-528), `scheduler/`
+  (loader.py:42-44), `tokenizer/`, `tokenizer_2/` (loader.py:45-49), `vae/config.json` for
+  `IntegratedAutoencoderKL` (loader.py:50-61; ldm key layout, so the sgm `first_stage_model.*` keys
+  load as they are), `text_encoder/` and `text_encoder_2/config.json` as `CLIPTextConfig` for
+  `IntegratedCLIP(CLIPTextModel, add_text_projection=True)` (loader.py:62-80; the projection is a
+  square Linear of `hidden_size`, `backend/nn/clip.py:10-12`, so CLIP-G's `embed_dim` must be 1280).
+  The UNet is *not* built from `unet/config.json` but from the guess's `unet_config` plus its
+  `unet_extra_config` (loader.py:112-128; `BASE.__init__`, hg/model_list.py:63-68), so no `unet/`
+  folder is written and the subclass sets `num_head_channels` 32 as the tiny UNet has (SDXL's 64
+  would give other attention heads than the sgm model the checkpoint came from).
+* Every component loads with `strict=False` and only *prints* "<name> Missing: [...]" /
+  "<name> Unexpected: [...]" (`backend/state_dict.py:4-18`): a test should assert the server log has
+  no such line, or a wrong layout passes silently with random weights.
+
+The checkpoint is a state dict of the real sgm `DiffusionEngine` built by
+`lib_sdtrain.hosts.standalone.tiny_sdxl.build_tiny_sdxl` (sd_xl_base.yaml at toy sizes: CLIP-L 768
+wide and CLIP-G 1280 wide, two layers each; UNet 32 channels with `context_dim` 2048 and
+`adm_in_channels` 2816; VAE 32 channels, four levels), saved as a real SDXL file holds it
+(`conditioner.embedders.0.transformer.*`, `conditioner.embedders.1.model.*`,
+`model.diffusion_model.*`, `first_stage_model.*`), so Forge's own conversion runs on it. It needs
+`sgm` importable (the `sgm_dir` fixture, or SDTRAIN_SGM_DIR): the Forge checkout has no
+repositories/generative-models. No yaml goes next to the checkpoint: Forge reads one only for the
+prediction type (loader.py:530-567), and eps is the default.
+
+Two things a test must do itself: turn live previews off (`live_previews_enable`: Forge otherwise
+downloads vaeapprox-sdxl.pt on the first generation, modules/processing.py:916-917), and ask the
+server which engine it built (a probe route: Forge's log names no engine class; on success it prints
+"StateDict Keys: {'unet': 328, 'vae': 176, 'text_encoder': 37, 'text_encoder_2': 38, 'ignore': 0}"
+and "K-Model Created", without the shim "ERROR:root:no match {...}" and the txt2img error
+"Failed to recognize model type!").
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+#: the tiny UNet as `detect_unet_config` reads it back (channel_mult [1, 2, 2], one res block per
+#: level, attention at the second and third level): the keys `TinySDXL.matches` compares
+TINY_UNET_MATCH = {
+    "model_channels": 32,
+    "use_linear_in_transformer": True,
+    "transformer_depth": [0, 1, 1],
+    "context_dim": 2048,
+    "adm_in_channels": 2816,
+    "use_temporal_attention": False,
+}
+SHIM_SCRIPT = "scripts/register_tiny_sdxl.py"
+CLASS_NAME = "SdtrainTinySDXL"
+
+_SHIM_TEMPLATE = '''"""Test-only (sdtrain tests/webui/forge_tiny_sdxl.py): make huggingface_guess take the tiny SDXL
+as an SDXL, its component configs read from the folder in `huggingface_repo`. Forge imports this at
+start-up, before it loads any model; the insertion is idempotent (scripts may be imported again)."""
+from huggingface_guess import model_list
+
+
+class {cls}(model_list.SDXL):
+    huggingface_repo = {repo!r}
+    unet_config = {match!r}
+    unet_extra_config = {{"num_heads": -1, "num_head_channels": 32}}
+
+
+if not any(getattr(m, "__name__", None) == {cls!r} for m in model_list.models):
+    model_list.models.insert(0, {cls})
+    print("[sdtrain-test] registered {cls} with huggingface_guess")
+'''
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def _write_repo(repo: Path, clip_dir: Path) -> None:
+    """The diffusers-style folder `backend/loader.py` reads the component configs from."""
+    from lib_sdtrain.hosts.standalone.tiny_sdxl import CLIP_G_WIDTH
+    from lib_sdtrain.hosts.standalone.tokenizer import MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+
+    _write_json(repo / "model_index.json", {
+        "_class_name": "StableDiffusionXLPipeline",
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })  # fmt: skip
+    # sgm's DiscreteDenoiser over LegacyDDPMDiscretization: the same scaled-linear betas
+    _write_json(repo / "scheduler" / "scheduler_config.json", {
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "prediction_type": "epsilon", "interpolation_type": "linear",
+        "timestep_spacing": "leading", "steps_offset": 1, "trained_betas": None, "use_karras_sigmas": False,
+    })  # fmt: skip
+    for name in ("tokenizer", "tokenizer_2"):
+        write_clip_tokenizer(repo / name)
+    # CLIP-L: the very config the checkpoint's CLIPTextModel was built from (write_clip_dir)
+    (repo / "text_encoder").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(clip_dir / "config.json", repo / "text_encoder" / "config.json")
+    # CLIP-G: register_clip_g_arch's open_clip text tower as transformers names it (open_clip's
+    # default GELU, mlp_ratio 4, LayerNorm eps 1e-5; embed_dim = width, so the projection is square)
+    _write_json(repo / "text_encoder_2" / "config.json", {
+        "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
+        "hidden_size": CLIP_G_WIDTH, "intermediate_size": 4 * CLIP_G_WIDTH, "projection_dim": CLIP_G_WIDTH,
+        "num_hidden_layers": 2, "num_attention_heads": 20, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+        "max_position_embeddings": MAX_LENGTH, "vocab_size": VOCAB_SIZE,
+        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+    })  # fmt: skip
+    # tiny_sdxl_config's first stage: ch 32, ch_mult [1, 1, 1, 1], one res block, 4 latent channels
+    _write_json(repo / "vae" / "config.json", {
+        "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 32,
+        "act_fn": "silu", "sample_size": 64, "scaling_factor": 0.13025, "force_upcast": True,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    })  # fmt: skip
+
+
+def write_tiny_sdxl_for_forge(root: Path, seed: int = 0) -> dict:
+    """Write `root/tiny-sdxl-forge.safetensors` (sgm key layout, fp32) and its config folder
+    `root/tiny-sdxl-forge-repo/`; return {"ckpt": Path, "repo": Path, "shim": {relative_path: text}},
+    the shim to be installed as extensions/<name>/<relative_path> of the Forge server (it names the
+    config folder by its absolute path). Needs `sgm` importable; leaves the global RNG untouched."""
+    from lib_sdtrain.hosts.standalone.tiny import save_tiny_checkpoint
+    from lib_sdtrain.hosts.standalone.tiny_sdxl import build_tiny_sdxl
+
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    build = root / "build-tiny-sdxl-forge"
+    model = build_tiny_sdxl(build, seed=seed)
+    ckpt = save_tiny_checkpoint(model, root / "tiny-sdxl-forge.safetensors")
+    del model
+    repo = root / "tiny-sdxl-forge-repo"
+    _write_repo(repo, build / "clip")
+    shutil.rmtree(build)
+    script = _SHIM_TEMPLATE.format(repo=str(repo), cls=CLASS_NAME, match=TINY_UNET_MATCH)
+    return {"ckpt": ckpt, "repo": repo, "shim": {SHIM_SCRIPT: script}}
