@@ -220,7 +220,9 @@ def write_random_sd15(path: Path, clip_dir: Path, *, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def webui_assets(tmp_path_factory):
     """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension.
-    For a host whose detector needs SD1.5 at its real shapes (`sd1_model="full"`): `write_random_sd15`."""
+    For a host whose detector needs SD1.5 at its real shapes (`sd1_model="full"`): `write_random_sd15`;
+    for one whose detector learns the tiny shapes from a test-only extension ("registered", Forge): the
+    tiny SD1 and that extension (forge_tiny_sdxl.py)."""
     from lib_sdtrain.core.data.samples import write_sample_dataset
     from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint, write_tiny_yaml
 
@@ -242,11 +244,19 @@ def webui_assets(tmp_path_factory):
         if f.suffix in (".json", ".txt"):
             shutil.copy2(f, snap / f.name)
     shutil.rmtree(build)
+    shims = {}
+    if HOST.sd1_model == "registered":  # the same tiny SD1, made known to the host's detector (Forge)
+        from forge_tiny_sdxl import write_tiny_sd1_for_forge
+
+        ckpt.unlink()
+        out = write_tiny_sd1_for_forge(ckpt_dir, snap, seed=0)
+        ckpt, shims = out["ckpt"], {"sdtrain-test-tiny-sd1": out["shim"]}
     data = write_sample_dataset(root / "train", count=4, size=64, seed=5)
     ext = root / "sdtrain-copy"
     shutil.copytree(REPO, ext, ignore=shutil.ignore_patterns(
         ".git", ".venv", ".webuis", "__pycache__", "*.pyc", "demo_out", ".pytest_cache", ".ruff_cache", "tests"))
-    return {"root": root, "ckpt": ckpt, "hf": root / "hf", "clip_dir": snap, "data": data, "extension": ext}
+    return {"root": root, "ckpt": ckpt, "hf": root / "hf", "clip_dir": snap, "data": data, "extension": ext,
+            "shims": shims}
 
 
 @pytest.fixture(scope="session")

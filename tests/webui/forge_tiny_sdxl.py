@@ -1,5 +1,6 @@
 """A tiny random SDXL base that lllyasviel's Forge loads as its own `StableDiffusionXL` engine, with no
 change to any Forge file: a checkpoint in the original sgm key layout plus a test-only extension.
+The tiny SD1 of the A1111 tests gets the same treatment (`write_tiny_sd1_for_forge`, at the end).
 
 Why Forge needs help, and where it can take it (Forge dfdcbab6; huggingface_guess as vendored in
 repositories/huggingface_guess/huggingface_guess/, "hg/" below):
@@ -124,6 +125,12 @@ def _write_repo(repo: Path, clip_dir: Path) -> None:
     })  # fmt: skip
     for name in ("tokenizer", "tokenizer_2"):
         write_clip_tokenizer(repo / name)
+    # SDXL's second tokenizer pads with "!" (id 0), as open_clip's tokenizer pads with 0 (Forge's bundled
+    # backend/huggingface/stabilityai/stable-diffusion-xl-base-1.0/tokenizer_2/special_tokens_map.json);
+    # with the end token instead, every position after the prompt gets other CLIP-G hidden states
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = repo / "tokenizer_2" / file
+        _write_json(path, {**json.loads(path.read_text()), "pad_token": "!"})
     # CLIP-L: the very config the checkpoint's CLIPTextModel was built from (write_clip_dir)
     (repo / "text_encoder").mkdir(parents=True, exist_ok=True)
     shutil.copy2(clip_dir / "config.json", repo / "text_encoder" / "config.json")
@@ -164,3 +171,123 @@ def write_tiny_sdxl_for_forge(root: Path, seed: int = 0) -> dict:
     shutil.rmtree(build)
     script = _SHIM_TEMPLATE.format(repo=str(repo), cls=CLASS_NAME, match=TINY_UNET_MATCH)
     return {"ckpt": ckpt, "repo": repo, "shim": {SHIM_SCRIPT: script}}
+
+
+# --- SD1.5 -------------------------------------------------------------------------------------------
+#
+# The same mechanism for the tiny SD1 the A1111 tests load (tests/webui/conftest.py `webui_assets`:
+# `build_tiny_sd1(text_width=768, text_layers=2, text_heads=12, unet_channels=32)`), taken by Forge as
+# its `StableDiffusion` engine (`backend/diffusion_engine/sd15.py`, `matched_guesses = [model_list.SD15]`).
+# `model_list.SD15` (hg/model_list.py:99-142) asks for `model_channels` 320; the subclass asks for the
+# tiny shapes and inherits `process_clip_state_dict` (`cond_stage_model.` -> `clip_l.`), `clip_target`
+# {clip_l: text_encoder}, EPS and `latent_format` SD15 (scale 0.18215). Heads: ldm's UNet is built with
+# `num_heads` 2 and `legacy: False` (lib_sdtrain/hosts/standalone/tiny.py `tiny_config`), so every
+# attention has 2 heads of `ch // 2`; Forge's UNet does the same with `num_heads` 2,
+# `num_head_channels` -1 (backend/nn/unet.py:563-567) — SD15's 8 heads would load (head count is no
+# weight shape) but compute another function. The repo folder mirrors backend/huggingface/runwayml/
+# stable-diffusion-v1-5 (PNDMScheduler, CLIPTokenizer, CLIPTextModel, AutoencoderKL; the safety
+# checker and feature extractor are skipped by loader.py:38-39, so they are not listed).
+
+#: the tiny SD1 UNet as `detect_unet_config` reads it back (channel_mult [1, 2], one res block per
+#: level, a conv-projected transformer at both levels): the keys `TinySD1.matches` compares. No
+#: `in_channels`, as SD15 has none: a tiny inpainting SD1 (9 input channels) is taken too.
+TINY_SD1_UNET_MATCH = {
+    "model_channels": 32,
+    "use_linear_in_transformer": False,
+    "transformer_depth": [1, 1],
+    "context_dim": 768,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+}
+SD1_SHIM_SCRIPT = "scripts/register_tiny_sd1.py"
+SD1_CLASS_NAME = "SdtrainTinySD1"
+
+_SD1_SHIM_TEMPLATE = '''"""Test-only (sdtrain tests/webui/forge_tiny_sdxl.py): make huggingface_guess take the tiny SD1
+as an SD1.5, its component configs read from the folder in `huggingface_repo`. Forge imports this at
+start-up, before it loads any model; the insertion is idempotent (scripts may be imported again)."""
+from huggingface_guess import model_list
+
+
+class {cls}(model_list.SD15):
+    huggingface_repo = {repo!r}
+    unet_config = {match!r}
+    unet_extra_config = {{"num_heads": 2, "num_head_channels": -1}}
+
+
+if not any(getattr(m, "__name__", None) == {cls!r} for m in model_list.models):
+    model_list.models.insert(0, {cls})
+    print("[sdtrain-test] registered {cls} with huggingface_guess")
+'''
+
+#: config.json entries that name where a CLIP config came from, not what it builds
+_CLIP_PROVENANCE = ("_name_or_path", "transformers_version", "torch_dtype")
+
+
+def _clip_arch(path: Path) -> dict:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    return {k: v for k, v in config.items() if k not in _CLIP_PROVENANCE}
+
+
+def _write_sd1_repo(repo: Path, clip_dir: Path) -> None:
+    """The diffusers-style folder `backend/loader.py` reads the SD1 component configs from."""
+    _write_json(repo / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })  # fmt: skip
+    # runwayml's scheduler: ldm's linear_start/linear_end 0.00085/0.012 over 1000 steps, scaled-linear
+    # (tiny_config); loader.py sets prediction_type from the guess (EPS) or a yaml beside the ckpt
+    _write_json(repo / "scheduler" / "scheduler_config.json", {
+        "_class_name": "PNDMScheduler",
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+        "steps_offset": 1, "trained_betas": None, "clip_sample": False, "prediction_type": "epsilon",
+    })  # fmt: skip
+    # the tokenizer and text config the checkpoint's CLIPTextModel was built with, as they are
+    (repo / "tokenizer").mkdir(parents=True, exist_ok=True)
+    for f in clip_dir.iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt") and f.name != "config.json":
+            shutil.copy2(f, repo / "tokenizer" / f.name)
+    (repo / "text_encoder").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(clip_dir / "config.json", repo / "text_encoder" / "config.json")
+    # tiny_config's first stage: ch 32, ch_mult [1, 1, 1, 1], one res block, 4 latent channels, and
+    # its scale_factor (IntegratedAutoencoderKL.process_in/out use `scaling_factor`, backend/nn/vae.py)
+    _write_json(repo / "vae" / "config.json", {
+        "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 32,
+        "act_fn": "silu", "sample_size": 64, "scaling_factor": 0.18215,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    })  # fmt: skip
+
+
+def write_tiny_sd1_for_forge(root: Path, clip_dir: Path, seed: int = 0) -> dict:
+    """Write `root/tiny-sd1-forge.safetensors` (ldm key layout, fp32: the tiny SD1 of `webui_assets`,
+    768-wide 2-layer 12-head CLIP, 32-channel UNet) and its config folder `root/tiny-sd1-forge-repo/`;
+    return {"ckpt": Path, "repo": Path, "shim": {relative_path: text}}, the shim to be installed as
+    extensions/<name>/<relative_path> of the Forge server (it names the config folder by its absolute
+    path; script and class names differ from the SDXL shim's, so both can be installed together).
+
+    `clip_dir` holds the CLIP tokenizer files and text `config.json` the tiny CLIP is built from (the
+    offline hub snapshot `webui_assets` writes): they become the folder's tokenizer/ and
+    text_encoder/config.json; a ValueError if that config is not the one `build_tiny_sd1` builds.
+    Needs ldm importable (as `build_tiny_sd1` does); leaves the global RNG untouched."""
+    from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint
+
+    root = Path(root).resolve()
+    clip_dir = Path(clip_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    build = root / "build-tiny-sd1-forge"
+    model = build_tiny_sd1(build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=seed)
+    if _clip_arch(clip_dir / "config.json") != _clip_arch(build / "clip" / "config.json"):
+        shutil.rmtree(build)
+        raise ValueError(f"{clip_dir / 'config.json'} is not the text config of the tiny SD1's CLIP")
+    ckpt = save_tiny_checkpoint(model, root / "tiny-sd1-forge.safetensors")
+    del model
+    shutil.rmtree(build)
+    repo = root / "tiny-sd1-forge-repo"
+    _write_sd1_repo(repo, clip_dir)
+    script = _SD1_SHIM_TEMPLATE.format(repo=str(repo), cls=SD1_CLASS_NAME, match=TINY_SD1_UNET_MATCH)
+    return {"ckpt": ckpt, "repo": repo, "shim": {SD1_SHIM_SCRIPT: script}}

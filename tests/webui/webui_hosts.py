@@ -33,8 +33,9 @@ class HostSpec:
     title: str
     #: host-specific flags added to the shared start command (CPU, offline, API, data dir, model)
     launch_args: tuple[str, ...]
-    #: the SD1 model this host's detector accepts: "tiny" (a tiny random SD1 and its yaml) or
-    #: "full" (a random SD1.5 at its real shapes)
+    #: the SD1 model this host's detector accepts: "tiny" (a tiny random SD1 and its yaml), "full" (a
+    #: random SD1.5 at its real shapes) or "registered" (the tiny SD1, its shapes registered with the
+    #: host's detector by a test-only extension)
     sd1_model: str
     claims: frozenset[str]
     #: capability → why this host cannot pass tests needing it
@@ -132,12 +133,15 @@ FORGE = HostSpec(
     # SDXL conditioning can be compared with the fp32 standalone reference).
     launch_args=("--skip-prepare-environment", "--skip-install", "--skip-version-check", "--use-cpu", "all",
                  "--always-cpu", "--clip-in-fp32", "--skip-torch-cuda-test", "--no-download-sd-model"),
-    # huggingface_guess matches SD1.5 only at its real shapes (repositories/huggingface_guess/
-    # huggingface_guess/model_list.py, SD15.unet_config; detection in detection.py): no tiny SD1. The
-    # tiny SDXL is registered with it by a test-only extension instead (forge_tiny_sdxl.py)
-    sd1_model="full",
+    # huggingface_guess matches SD1.5 and SDXL only at their real shapes (repositories/huggingface_guess/
+    # huggingface_guess/model_list.py, SD15/SDXL.unet_config). Its model list is open to extensions: a
+    # test-only one registers the tiny SD1's and SDXL's shapes (forge_tiny_sdxl.py), and Forge builds
+    # its own StableDiffusion / StableDiffusionXL engines from them. (A random SD1.5 at full size,
+    # sd1_model="full", also works, at ~4x this host's suite time on the CPU.)
+    sd1_model="registered",
     settings={"live_previews_enable": False},
-    embedding_infotext=r"TI: (?:[^,\n]+, )*{name}(?:,|\n|$)",
+    # `TI: a, b`, quoted when it holds a comma: an SDXL embedding is named once per text engine
+    embedding_infotext=r'TI: "?(?:[^,\n"]+, )*{name}(?:[,"\n]|$)',
     claims=frozenset({"sd1", "hypernetwork_prompt", "preprocess", "sdxl"}),
     cannot={
         "train_tab": "Forge has no Train tab (modules/ui.py builds none; on_ui_train_tabs never fires): sdtrain's "
@@ -145,8 +149,10 @@ FORGE = HostSpec(
         "stock_hypernetwork_trainer": "Forge deleted its trainers (see stock_trainer)",
         "stock_trainer": "Forge deleted its trainers (modules/textual_inversion and modules/hypernetworks keep only "
                          "loading code; /sdapi/v1/train/* are gone): there is no stock file to continue",
-        "sd2": "huggingface_guess takes SD2 only at real shapes (OpenCLIP-H 1024 x 24 layers): not the tiny SD2",
-        "inpainting": "huggingface_guess takes no tiny inpainting model (SD1.5 shapes with 9 input channels would do)",
+        "sd2": "huggingface_guess takes SD2 only at real shapes (OpenCLIP-H 1024 x 24 layers); registering the tiny "
+               "SD2 (OpenCLIP text tower, v-prediction) as the tiny SD1/SDXL are is not built yet",
+        "inpainting": "huggingface_guess takes SD1.5 inpainting only at real shapes; registering the tiny inpainting "
+                      "model as the tiny SD1 is is not built yet",
     },
 )
 
