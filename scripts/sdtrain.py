@@ -28,6 +28,7 @@ def _ui_context(preview_params=None) -> UiContext:
         model_note=runtime.model_note,
         captioner_note=runtime.captioner_note,
         txt2img_preview_params=list(preview_params or []),
+        write_policy=runtime.ui_write_policy,
     )
 
 
@@ -49,7 +50,8 @@ def on_app_started(_demo, app):
     if runtime.sdtrain_api_disabled():
         return
     mount(app, runtime.service(), ApiOptions(defaults=runtime.job_defaults, credentials=runtime.api_credentials(),
-                                             host_routes=runtime.serve_host_routes(), refresh=runtime.refresh_lists))
+                                             host_routes=runtime.serve_host_routes(), refresh=runtime.refresh_lists,
+                                             write_policy=runtime.write_policy))
 
 
 if hasattr(script_callbacks, "on_ui_train_tabs") and not runtime.is_forge():

@@ -20,6 +20,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from lib_sdtrain.core.errors import ConfigError, SdtrainError
 from lib_sdtrain.core.jobs.service import DONE, FINISHED_STATES, Job, JobService
 from lib_sdtrain.core.options.config import ConfigBase
+from lib_sdtrain.core.options.places import WritePolicy
 from lib_sdtrain.core.tasks.registry import job_config_types
 
 _JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array"}
@@ -89,6 +90,8 @@ class ApiOptions:
     credentials: dict[str, str] | None = None
     #: serve the host's /sdapi/v1/{create,train}/embedding routes
     host_routes: bool = True
+    #: where requests may write (None: anywhere, as sdtrain's own CLI/standalone API); read per request
+    write_policy: Callable[[], WritePolicy | None] = lambda: None
     #: reload the host's embedding and hypernetwork lists from disk (every list the host keeps);
     #: returns what is listed now. None: no /sdtrain/v1/refresh route
     refresh: Callable[[], dict[str, list[str]]] | None = None
@@ -143,7 +146,11 @@ def _host_route(service: JobService, options: ApiOptions, kind: str):
 def _config(kind: str, body: dict[str, Any], options: ApiOptions) -> ConfigBase:
     cls = job_config_types()[kind]
     body = {k: v for k, v in body.items() if k not in HOST_ONLY_FIELDS}
-    return cls.from_dict(cls.merge_defaults(options.defaults(kind), body))
+    policy = options.write_policy()
+    if policy is None:
+        return cls.from_dict(cls.merge_defaults(options.defaults(kind), body))
+    policy.refuse_host_folders(cls, body)
+    return cls.from_dict(policy.confine(cls, cls.merge_defaults(options.defaults(kind), body)))
 
 
 def make_router(service: JobService, options: ApiOptions | None = None) -> APIRouter:

@@ -25,6 +25,7 @@ from lib_sdtrain.core.options.config import (
     TrainEmbeddingConfig,
     TrainHypernetworkConfig,
 )
+from lib_sdtrain.core.options.places import WritePolicy
 from lib_sdtrain.core.tasks.registry import job_config_types
 from lib_sdtrain.core.training.plot import draw_loss_curve
 
@@ -86,6 +87,8 @@ class UiContext:
     captioner_note: Callable[[], str] = lambda: ""
     txt2img_preview_params: list[Any] = field(default_factory=list)
     poll_seconds: float = 1.0
+    #: where a form may make a job write (None: anywhere): the webui confines it when others can reach it
+    write_policy: Callable[[], WritePolicy | None] = lambda: None
 
 
 def _widget(spec: dict[str, Any], eid: str, choices: list[str] | None = None):
@@ -343,6 +346,9 @@ def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs
         cls = job_config_types()[kind]
         data = cls.merge_defaults(ctx.defaults(kind), {k: v for k, v in form.items() if v is not None})
         try:
+            policy = ctx.write_policy()
+            if policy is not None:
+                data = policy.confine(cls, data)
             job = ctx.service.submit(kind, data)
         except SdtrainError as e:
             yield ("", None, [], "", _error(e), "")

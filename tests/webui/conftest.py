@@ -280,6 +280,16 @@ def sd2_assets(webui_assets):
     ckpt_dir = root / "models-sd2"
     ckpt_dir.mkdir()
     ckpt = save_tiny_checkpoint(model, ckpt_dir / "tiny-sd2.safetensors")
+    if HOST.name == "forge":  # the same model, its shapes registered with Forge's detector
+        from forge_tiny_sdxl import write_tiny_sd2_for_forge
+
+        ckpt.unlink()
+        out = write_tiny_sd2_for_forge(ckpt_dir, seed=1)
+        ckpt = out["ckpt"]
+        # the yaml (v-prediction, as the shim tells Forge) is for the standalone reference
+        write_tiny_yaml(ckpt.with_suffix(".yaml"), text_width=64, unet_channels=32, prediction="v", cond_stage=cond)
+        shutil.rmtree(build)
+        return {**webui_assets, "ckpt": ckpt, "text_width": 64, "shims": {"sdtrain-test-tiny-sd2": out["shim"]}}
     write_tiny_yaml(ckpt_dir / "tiny-sd2.yaml", text_width=64, unet_channels=32, prediction="v", cond_stage=cond)
     configs = build / "open_clip_configs"
     shim = {"scripts/register_arch.py": OPEN_CLIP_ARCH_SCRIPT,
@@ -347,9 +357,16 @@ def inpainting_assets(webui_assets):
     ckpt_dir = root / "models-inpainting"
     ckpt_dir.mkdir()
     ckpt = save_tiny_checkpoint(model, ckpt_dir / "tiny-sd1-inpainting.safetensors")
-    write_tiny_yaml(ckpt_dir / "tiny-sd1-inpainting.yaml", text_width=768, unet_channels=32, inpainting=True)
+    shims = {}
+    if HOST.name == "forge":  # the same model, its shapes registered with Forge's detector
+        from forge_tiny_sdxl import write_tiny_inpainting_for_forge
+
+        ckpt.unlink()
+        out = write_tiny_inpainting_for_forge(ckpt_dir, webui_assets["clip_dir"], seed=2)
+        ckpt, shims = out["ckpt"], {"sdtrain-test-tiny-inpainting": out["shim"]}
+    write_tiny_yaml(ckpt.with_suffix(".yaml"), text_width=768, unet_channels=32, inpainting=True)
     shutil.rmtree(build)
-    return {**webui_assets, "ckpt": ckpt, "text_width": 768}
+    return {**webui_assets, "ckpt": ckpt, "text_width": 768, "shims": shims}
 
 
 def _free_port() -> int:

@@ -291,3 +291,196 @@ def write_tiny_sd1_for_forge(root: Path, clip_dir: Path, seed: int = 0) -> dict:
     _write_sd1_repo(repo, clip_dir)
     script = _SD1_SHIM_TEMPLATE.format(repo=str(repo), cls=SD1_CLASS_NAME, match=TINY_SD1_UNET_MATCH)
     return {"ckpt": ckpt, "repo": repo, "shim": {SD1_SHIM_SCRIPT: script}}
+
+
+# --- SD2 (v-prediction, OpenCLIP text tower) ---------------------------------------------------------
+#
+# The tiny SD2 of the A1111 tests (tests/webui/conftest.py `sd2_assets`: `build_tiny_sd2(text_width=64,
+# text_layers=2, text_heads=2, unet_channels=32, seed=1, prediction="v")`: ldm's FrozenOpenCLIPEmbedder
+# with layer "penultimate" over a toy open_clip architecture), taken by Forge as its `StableDiffusion2`
+# engine (`backend/diffusion_engine/sd20.py`, `matched_guesses = [model_list.SD20]`). Three choices:
+#
+# * Penultimate layer. Forge's SD2 engine asks its `ClassicTextProcessingEngine` for the *last* hidden
+#   state (`clip_skip` 1, `minimal_clip_skip` 1, sd20.py:39-50; classic_engine.py `encode_with_transformers`
+#   takes `hidden_states[-clip_skip]` then `final_layer_norm`): the penultimate choice lives in the config,
+#   whose text encoder has one layer fewer than the checkpoint (stabilityai/stable-diffusion-2-1: 23 of 24).
+#   So `text_encoder/config.json` has `text_layers - 1` layers, and the subclass's `process_clip_state_dict`
+#   moves the last resblock's converted keys out of `clip_h.` (they land in StateDict Keys' 'ignore'
+#   instead of a "CLIPTextModel Unexpected: [...]" line). ldm: `FrozenOpenCLIPEmbedder.encode_with_
+#   transformer` runs resblocks 0..layers-2, then `ln_final` — the same function.
+# * v-prediction. `SD20.model_type` (hg/model_list.py:168-174) says V_PREDICTION only when the std of
+#   `output_blocks.11.1.transformer_blocks.0.norm1.bias` exceeds 0.09: the tiny UNet has no such block,
+#   so it would say EPS, and loader.py:533-567 overwrites the scheduler's `prediction_type` with the
+#   guess's unless a yaml beside the checkpoint says `parameterization: "v"`. The subclass's
+#   `model_type` returns V_PREDICTION, so no yaml is needed (one with "v", as `sd2_assets` writes, agrees).
+# * Tokenizer. open_clip pads with 0 ("!"); `process_tokens` (classic_engine.py:300-303) writes
+#   `pad_token_id` after the first end token when it differs from the end token, so the tokenizer's
+#   pad_token is "!" (as Forge's bundled stable-diffusion-2-1 special_tokens_map.json has it).
+#
+# The UNet is ldm's with `num_heads` 2, `legacy: False` and conv `proj_in` (tiny_config), so the subclass
+# asks for `use_linear_in_transformer` False and builds 2 heads; `attn_precision` stays SD20's float32.
+# On success Forge prints "StateDict Keys: {'unet': 286, 'vae': 176, 'text_encoder': 22, 'ignore': 16}"
+# (the 16 are the moved last layer) and no Missing/Unexpected line.
+
+#: the tiny SD2 UNet as `detect_unet_config` reads it back: `TinySD1`'s shapes with a 64-wide context
+TINY_SD2_UNET_MATCH = {
+    "model_channels": 32,
+    "use_linear_in_transformer": False,
+    "transformer_depth": [1, 1],
+    "context_dim": 64,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "in_channels": 4,
+}
+SD2_TEXT_LAYERS = 2
+SD2_SHIM_SCRIPT = "scripts/register_tiny_sd2.py"
+SD2_CLASS_NAME = "SdtrainTinySD2"
+
+_SD2_SHIM_TEMPLATE = '''"""Test-only (sdtrain tests/webui/forge_tiny_sdxl.py): make huggingface_guess take the tiny SD2
+(v-prediction) as an SD2, its component configs read from the folder in `huggingface_repo`. Forge imports
+this at start-up, before it loads any model; the insertion is idempotent (scripts may be imported again)."""
+import torch
+from huggingface_guess import model_list
+
+#: the text encoder stops one layer short (penultimate, as SD2's 23-of-24-layer config): the last
+#: resblock's converted keys move out of "clip_h." so they load nowhere and print no "Unexpected"
+_LAST_LAYER = "clip_h.transformer.text_model.encoder.layers.{last}."
+
+
+class {cls}(model_list.SD20):
+    huggingface_repo = {repo!r}
+    unet_config = {match!r}
+    unet_extra_config = {{"num_heads": 2, "num_head_channels": -1, "attn_precision": torch.float32}}
+
+    def model_type(self, state_dict, prefix=""):
+        return model_list.ModelType.V_PREDICTION
+
+    def process_clip_state_dict(self, state_dict):
+        state_dict = super().process_clip_state_dict(state_dict)
+        return {{("unused." + k if k.startswith(_LAST_LAYER) else k): v for k, v in state_dict.items()}}
+
+
+if not any(getattr(m, "__name__", None) == {cls!r} for m in model_list.models):
+    model_list.models.insert(0, {cls})
+    print("[sdtrain-test] registered {cls} with huggingface_guess")
+'''
+
+
+def _write_sd2_repo(repo: Path, width: int, layers: int, heads: int) -> None:
+    """The diffusers-style folder `backend/loader.py` reads the SD2 component configs from (the layout
+    of backend/huggingface/stabilityai/stable-diffusion-2-1, feature extractor left out)."""
+    from lib_sdtrain.hosts.standalone.tokenizer import MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+
+    _write_json(repo / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })  # fmt: skip
+    # tiny_config's schedule (scaled-linear 0.00085..0.012 over 1000 steps), v-prediction like SD 2.x 768
+    _write_json(repo / "scheduler" / "scheduler_config.json", {
+        "_class_name": "DDIMScheduler",
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+        "steps_offset": 1, "trained_betas": None, "clip_sample": False, "prediction_type": "v_prediction",
+    })  # fmt: skip
+    write_clip_tokenizer(repo / "tokenizer")
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):  # open_clip pads with 0 = "!"
+        path = repo / "tokenizer" / file
+        _write_json(path, {**json.loads(path.read_text()), "pad_token": "!"})
+    # sd2_cond_stage's open_clip text tower as transformers names it (GELU, mlp_ratio 4, LayerNorm eps
+    # 1e-5, embed_dim = width so text_projection is square), one layer short: the penultimate output
+    _write_json(repo / "text_encoder" / "config.json", {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        "hidden_size": width, "intermediate_size": 4 * width, "projection_dim": width,
+        "num_hidden_layers": layers - 1, "num_attention_heads": heads, "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5, "max_position_embeddings": MAX_LENGTH, "vocab_size": VOCAB_SIZE,
+        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0,
+    })  # fmt: skip
+    # tiny_config's first stage, as for SD1 (SD20's latent_format is SD15's, scale 0.18215)
+    _write_json(repo / "vae" / "config.json", {
+        "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 32,
+        "act_fn": "silu", "sample_size": 64, "scaling_factor": 0.18215,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    })  # fmt: skip
+
+
+def write_tiny_sd2_for_forge(root: Path, seed: int = 1) -> dict:
+    """Write `root/tiny-sd2-forge.safetensors` (ldm key layout, fp32: the tiny v-prediction SD2 of
+    `sd2_assets`, a 64-wide 2-layer 2-head OpenCLIP text tower read at its penultimate layer, 32-channel
+    UNet) and its config folder `root/tiny-sd2-forge-repo/`; return {"ckpt": Path, "repo": Path,
+    "shim": {relative_path: text}}, the shim to be installed as extensions/<name>/<relative_path> of the
+    Forge server (own script and class names: it coexists with the SD1/SDXL/inpainting shims).
+
+    Forge needs no yaml and no open_clip for it (the tower loads as a transformers CLIPTextModel).
+    Needs ldm and open_clip importable (as `build_tiny_sd2` does; that registers the toy architecture
+    with open_clip, process-global); leaves the global RNG untouched."""
+    from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd2, save_tiny_checkpoint
+
+    width, heads = 64, 2
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    build = root / "build-tiny-sd2-forge"
+    model = build_tiny_sd2(
+        build, text_width=width, text_layers=SD2_TEXT_LAYERS, text_heads=heads, unet_channels=32, seed=seed,
+        prediction="v",
+    )  # fmt: skip
+    ckpt = save_tiny_checkpoint(model, root / "tiny-sd2-forge.safetensors")
+    del model
+    shutil.rmtree(build)
+    repo = root / "tiny-sd2-forge-repo"
+    _write_sd2_repo(repo, width, SD2_TEXT_LAYERS, heads)
+    script = _SD2_SHIM_TEMPLATE.format(
+        repo=str(repo), cls=SD2_CLASS_NAME, match=TINY_SD2_UNET_MATCH, last=SD2_TEXT_LAYERS - 1
+    )
+    return {"ckpt": ckpt, "repo": repo, "shim": {SD2_SHIM_SCRIPT: script}}
+
+
+# --- SD1 inpainting ----------------------------------------------------------------------------------
+#
+# The tiny SD1 inpainting model of `inpainting_assets` (`build_tiny_sd1(..., seed=2, inpainting=True)`:
+# LatentInpaintDiffusion, hybrid conditioning, 9 UNet input channels). huggingface_guess has no inpainting
+# class: `detect_unet_config` reads `in_channels` 9 from `input_blocks.0.0.weight` (hg/detection.py:168,
+# 250), `BASE.__init__` keeps it in the guess's `unet_config`, and `BASE.inpaint_model()` (in_channels > 4,
+# hg/model_list.py:60-61) becomes the engine's `is_inpaint` (backend/diffusion_engine/base.py:28), which
+# makes processing.py build the 5-channel mask + masked-image latent that `KModel.apply_model` concatenates
+# (backend/modules/k_model.py:28-29). So it is an SD15 guess like the tiny SD1; this subclass only adds
+# `in_channels` 9 to the match so it takes the inpainting model and nothing else (`SdtrainTinySD1` has no
+# `in_channels` and takes it too if it stands first: same repo, heads and engine, so the same model).
+# Forge prints "StateDict Keys: {'unet': 286, 'vae': 176, 'text_encoder': 37, 'ignore': 0}".
+
+TINY_INPAINT_UNET_MATCH = {**TINY_SD1_UNET_MATCH, "in_channels": 9}
+INPAINT_SHIM_SCRIPT = "scripts/register_tiny_sd1_inpainting.py"
+INPAINT_CLASS_NAME = "SdtrainTinySD1Inpainting"
+
+
+def write_tiny_inpainting_for_forge(root: Path, clip_dir: Path, seed: int = 2) -> dict:
+    """Write `root/tiny-sd1-inpainting-forge.safetensors` (ldm key layout, fp32: the tiny SD1 inpainting
+    model of `inpainting_assets`, 9 UNet input channels, 768-wide 2-layer 12-head CLIP) and its config
+    folder `root/tiny-sd1-inpainting-forge-repo/`; return {"ckpt": Path, "repo": Path, "shim":
+    {relative_path: text}} (own script and class names). `clip_dir` as for `write_tiny_sd1_for_forge`
+    (a ValueError if its config is not the tiny CLIP's). Needs ldm importable; leaves the global RNG
+    untouched."""
+    from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint
+
+    root = Path(root).resolve()
+    clip_dir = Path(clip_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    build = root / "build-tiny-sd1-inpainting-forge"
+    model = build_tiny_sd1(
+        build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=seed, inpainting=True
+    )
+    if _clip_arch(clip_dir / "config.json") != _clip_arch(build / "clip" / "config.json"):
+        shutil.rmtree(build)
+        raise ValueError(f"{clip_dir / 'config.json'} is not the text config of the tiny SD1's CLIP")
+    ckpt = save_tiny_checkpoint(model, root / "tiny-sd1-inpainting-forge.safetensors")
+    del model
+    shutil.rmtree(build)
+    repo = root / "tiny-sd1-inpainting-forge-repo"
+    _write_sd1_repo(repo, clip_dir)
+    script = _SD1_SHIM_TEMPLATE.format(repo=str(repo), cls=INPAINT_CLASS_NAME, match=TINY_INPAINT_UNET_MATCH)
+    script = script.replace("the tiny SD1\nas an SD1.5", "the tiny SD1\ninpainting model as an SD1.5")
+    return {"ckpt": ckpt, "repo": repo, "shim": {INPAINT_SHIM_SCRIPT: script}}

@@ -35,9 +35,9 @@ pytestmark = pytest.mark.webui
 
 
 def train_body(name: str, data, **kw) -> dict:
-    """Only some of the host's fields: sdtrain fills the rest with the host UI's defaults (but the
-    log folder, which would default to the webui's working directory)."""
-    log_dir = str(Path(data).parent / "ti_log")
+    """Only some of the host's fields: sdtrain fills the rest with the host UI's defaults. The log
+    folder is relative: requests write inside the webui's data directory (core.options.places)."""
+    log_dir = "ti_log"
     return {"embedding_name": name, "data_root": str(data), "steps": STEPS, "training_width": 64,
             "log_directory": log_dir,
             "training_height": 64, "learn_rate": "0.01", "template_filename": "subject_filewords.txt",
@@ -95,6 +95,24 @@ def test_create_and_train_through_the_host_routes(webui, webui_assets):
     # a bad field is a 422 naming it
     status, out = webui.post("/sdapi/v1/train/embedding", train_body("ctti", webui_assets["data"], batch_size=0))
     assert status == 422 and out["detail"][0]["loc"] == ["body", "batch_size"]
+
+
+def test_requests_write_only_inside_the_webuis_folders(webui, webui_assets, tmp_path):
+    """A request may not name the webui's own folders, nor write logs or preprocess output outside its
+    data, embeddings and hypernetworks folders (links followed): 422 naming the field, nothing created."""
+    outside = tmp_path / "outside"
+    (webui.dir / "link-out").symlink_to(tmp_path, target_is_directory=True)
+    cases = [("/sdapi/v1/train/embedding", train_body("x", webui_assets["data"], log_directory=str(outside)),
+              "log_directory"),
+             ("/sdapi/v1/train/embedding", train_body("x", webui_assets["data"], log_directory="link-out/logs"),
+              "log_directory"),
+             ("/sdapi/v1/create/embedding", {"name": "x", "embeddings_dir": str(outside)}, "embeddings_dir"),
+             ("/sdapi/v1/preprocess", {"process_src": str(webui_assets["data"]), "process_dst": str(outside)},
+              "process_dst")]
+    for path, body, field in cases:
+        status, out = webui.post(path, body)
+        assert status == 422 and out["detail"][0]["loc"] == ["body", field], (path, out)
+    assert not outside.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_job_routes_poll_to_done(webui, webui_assets):
@@ -229,6 +247,9 @@ def test_hypernetwork_create_train_and_use_in_a_prompt(webui, webui_assets):
     assert out["info"] == f"train hypernetwork complete: filename: {webui.hypernetworks / 'cthn.pt'} error: None"
     _, listed = webui.get("/sdapi/v1/hypernetworks")
     assert "cthn" in [h["name"] for h in listed]
+    # a card on the Hypernetworks extra-networks page (Forge stopped registering the page: sdtrain does)
+    status, card = webui.get("/sd_extra_networks/get-single-card?page=hypernetworks&tabname=txt2img&name=cthn")
+    assert status == 200 and "hypernet:cthn:" in card["html"], card
     plain, _ = webui.txt2img("a red circle", seed=3)
     with_hn, info = webui.txt2img("a red circle <hypernet:cthn:1>", seed=3)
     zero, _ = webui.txt2img("a red circle <hypernet:cthn:0>", seed=3)

@@ -49,6 +49,8 @@ class HostSpec:
     #: how the host's infotext names an embedding a prompt used (`{name}`, a regex): A1111 writes its
     #: hash (modules/processing.py), Forge only its name (backend/text_processing/classic_engine.py)
     embedding_infotext: str = r'TI hashes: "[^"]*{name}: [0-9a-f]{{12}}'
+    #: the log line that says the model was built as the test meant (`{config}`: the yaml's name, escaped)
+    model_log: str = r"Creating model from config: \S*{config}"
 
     def names_embedding(self, infotext: str, name: str) -> bool:
         import re
@@ -142,17 +144,15 @@ FORGE = HostSpec(
     settings={"live_previews_enable": False},
     # `TI: a, b`, quoted when it holds a comma: an SDXL embedding is named once per text engine
     embedding_infotext=r'TI: "?(?:[^,\n"]+, )*{name}(?:[,"\n]|$)',
-    claims=frozenset({"sd1", "hypernetwork_prompt", "preprocess", "sdxl"}),
+    # Forge builds the model from the state dict, not the yaml (backend/loader.py, split_state_dict)
+    model_log=r"StateDict Keys: \{{'unet'",
+    claims=frozenset({"sd1", "hypernetwork_prompt", "preprocess", "sdxl", "sd2", "inpainting"}),
     cannot={
         "train_tab": "Forge has no Train tab (modules/ui.py builds none; on_ui_train_tabs never fires): sdtrain's "
                      "top-level tab holds the same sub-tabs (checked by the same test)",
         "stock_hypernetwork_trainer": "Forge deleted its trainers (see stock_trainer)",
         "stock_trainer": "Forge deleted its trainers (modules/textual_inversion and modules/hypernetworks keep only "
                          "loading code; /sdapi/v1/train/* are gone): there is no stock file to continue",
-        "sd2": "huggingface_guess takes SD2 only at real shapes (OpenCLIP-H 1024 x 24 layers); registering the tiny "
-               "SD2 (OpenCLIP text tower, v-prediction) as the tiny SD1/SDXL are is not built yet",
-        "inpainting": "huggingface_guess takes SD1.5 inpainting only at real shapes; registering the tiny inpainting "
-                      "model as the tiny SD1 is is not built yet",
     },
 )
 

@@ -90,6 +90,10 @@ class ConfigBase:
     """Mixin: `from_dict` (unknown keys refused, values coerced), `to_dict`, `validate`."""
 
     kind: ClassVar[str] = ""
+    #: fields naming the host's own folders: set by the webui, never by a request (core.options.places)
+    HOST_FOLDERS: ClassVar[tuple[str, ...]] = ()
+    #: fields naming folders the job writes into: confined to the webui's folders for requests
+    WRITE_FOLDERS: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, ignore: tuple[str, ...] = ()) -> Any:
@@ -168,6 +172,7 @@ class CreateEmbeddingConfig(ConfigBase):
     """A1111 `create_embedding(name, num_vectors_per_token, overwrite_old, init_text)`."""
 
     kind: ClassVar[str] = "create_embedding"
+    HOST_FOLDERS: ClassVar[tuple[str, ...]] = ("embeddings_dir",)
 
     name: str = _opt("", "Name")
     num_vectors_per_token: int = _opt(1, "Number of vectors per token", minimum=1, maximum=75)
@@ -191,6 +196,7 @@ class TrainingConfig(ConfigBase):
 
     #: the subclass's "save a copy every N steps" field (the host names it after the kind)
     save_every_field: ClassVar[str] = ""
+    WRITE_FOLDERS: ClassVar[tuple[str, ...]] = ("log_directory",)
 
     # --- the host's request fields (modules/api/api.py → textual_inversion.train_embedding /
     # hypernetwork.train_hypernetwork); learn_rate and template_filename defaults differ by kind
@@ -289,6 +295,7 @@ class TrainEmbeddingConfig(TrainingConfig):
     """Everything a textual-inversion run needs. Names and defaults as A1111 v1.10.1."""
 
     kind: ClassVar[str] = "train_embedding"
+    HOST_FOLDERS: ClassVar[tuple[str, ...]] = ("embeddings_dir", "templates_dir")
     save_every_field: ClassVar[str] = "save_embedding_every"
 
     embedding_name: str = _opt("", "Embedding")
@@ -357,6 +364,7 @@ class CreateHypernetworkConfig(ConfigBase):
     layer_structure, activation_func, weight_init, add_layer_norm, use_dropout, dropout_structure)."""
 
     kind: ClassVar[str] = "create_hypernetwork"
+    HOST_FOLDERS: ClassVar[tuple[str, ...]] = ("hypernetwork_dir",)
 
     name: str = _opt("", "Name")
     enable_sizes: tuple[int, ...] = _opt(
@@ -447,6 +455,7 @@ class TrainHypernetworkConfig(TrainingConfig):
     v1.10.1), the Training settings it reads, and sdtrain's own options."""
 
     kind: ClassVar[str] = "train_hypernetwork"
+    HOST_FOLDERS: ClassVar[tuple[str, ...]] = ("hypernetwork_dir", "templates_dir")
     save_every_field: ClassVar[str] = "save_hypernetwork_every"
 
     hypernetwork_name: str = _opt("", "Hypernetwork")

@@ -60,6 +60,7 @@ class PreprocessConfig(ConfigBase):
     """A1111 1.6 `preprocess(...)` fields (Train → Preprocess images), plus sdtrain's `overwrite`."""
 
     kind: ClassVar[str] = "preprocess"
+    WRITE_FOLDERS: ClassVar[tuple[str, ...]] = ("process_dst",)
 
     process_src: str = _opt("", "Source directory")
     process_dst: str = _opt("", "Destination directory")

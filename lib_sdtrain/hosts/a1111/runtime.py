@@ -203,6 +203,8 @@ def api_credentials() -> dict[str, str] | None:
 
 #: Settings → sdtrain: serve the host's /sdapi training routes with sdtrain (on by default).
 SETTING_REPLACE_ROUTES = "sdtrain_serve_host_training_routes"
+#: Settings → sdtrain: let requests write outside the webui's folders (off by default).
+SETTING_ANY_FOLDER = "sdtrain_allow_writes_outside_webui_folders"
 
 
 def register_settings() -> None:
@@ -212,6 +214,38 @@ def register_settings() -> None:
     shared.opts.add_option(SETTING_REPLACE_ROUTES, shared.OptionInfo(
         True, "Serve the webui's /sdapi/v1/create/* and /sdapi/v1/train/* routes with sdtrain (restart to apply)",
         section=("sdtrain", "sdtrain")))
+    shared.opts.add_option(SETTING_ANY_FOLDER, shared.OptionInfo(
+        False, "Let API requests (and the UI, when the webui is reachable from other machines) make sdtrain write "
+               "log folders and preprocess output outside the webui's data, embeddings and hypernetworks folders",
+        section=("sdtrain", "sdtrain")))
+
+
+def write_policy():
+    """Where HTTP requests may make sdtrain write: inside the webui's data directory (which holds the
+    log folders), its embeddings and hypernetworks folders — unless the owner allowed more."""
+    from modules import paths, shared
+
+    from lib_sdtrain.core.options.places import WritePolicy
+
+    if shared.opts.data.get(SETTING_ANY_FOLDER, False):
+        return None
+    cmd = shared.cmd_opts
+    roots = [getattr(paths, "data_path", None) or os.getcwd(), getattr(cmd, "embeddings_dir", None),
+             getattr(cmd, "hypernetwork_dir", None)]
+    return WritePolicy(tuple(dict.fromkeys(os.path.abspath(r) for r in roots if r)),
+                       hint="the webui's owner can allow other folders in Settings → sdtrain")
+
+
+def ui_write_policy():
+    """The same rule for the UI when others can reach it (--listen, --share, --server-name) and the
+    owner did not pass --enable-insecure-extension-access (the webui's own guard for risky actions)."""
+    from modules import shared
+
+    cmd = shared.cmd_opts
+    exposed = bool(getattr(cmd, "listen", False) or getattr(cmd, "share", False) or getattr(cmd, "server_name", None))
+    if not exposed or getattr(cmd, "enable_insecure_extension_access", False):
+        return None
+    return write_policy()
 
 
 def serve_host_routes() -> bool:
