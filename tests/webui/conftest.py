@@ -221,8 +221,8 @@ def write_random_sd15(path: Path, clip_dir: Path, *, seed: int = 0) -> Path:
 def webui_assets(tmp_path_factory):
     """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension.
     For a host whose detector needs SD1.5 at its real shapes (`sd1_model="full"`): `write_random_sd15`;
-    for one whose detector learns the tiny shapes from a test-only extension ("registered", Forge): the
-    tiny SD1 and that extension (forge_tiny_sdxl.py)."""
+    for one whose detector learns the tiny shapes from a test-only extension ("registered": Forge,
+    reForge): the tiny SD1 and that extension (forge_tiny_sdxl.py, reforge_tiny.py)."""
     from lib_sdtrain.core.data.samples import write_sample_dataset
     from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint, write_tiny_yaml
 
@@ -245,11 +245,15 @@ def webui_assets(tmp_path_factory):
             shutil.copy2(f, snap / f.name)
     shutil.rmtree(build)
     shims = {}
-    if HOST.sd1_model == "registered":  # the same tiny SD1, made known to the host's detector (Forge)
-        from forge_tiny_sdxl import write_tiny_sd1_for_forge
+    if HOST.sd1_model == "registered":  # the same tiny SD1, made known to the host's detector
+        if HOST.name == "reforge":
+            from reforge_tiny import write_tiny_sd1_for_reforge as write_registered
+        else:
+            from forge_tiny_sdxl import write_tiny_sd1_for_forge as write_registered
 
         ckpt.unlink()
-        out = write_tiny_sd1_for_forge(ckpt_dir, snap, seed=0)
+        (ckpt_dir / "tiny-sd1.yaml").unlink()
+        out = write_registered(ckpt_dir, snap, seed=0)
         ckpt, shims = out["ckpt"], {"sdtrain-test-tiny-sd1": out["shim"]}
     data = write_sample_dataset(root / "train", count=4, size=64, seed=5)
     ext = root / "sdtrain-copy"

@@ -4,7 +4,7 @@ any reForge file: the checkpoint as the A1111 tests write it, plus a test-only e
 Why reForge needs help, and where it can take it (Panchovix/stable-diffusion-webui-reForge 3b56b268):
 
 * reForge builds the model from the state dict, not from a yaml: `modules_forge/forge_loader.py:433`
-  (`load_model_for_a1111`) calls its own `load_state_dict_guess_config` (forge_loader.py:235-311), which
+  (`load_model_for_a1111`) calls its own `load_state_dict_guess_config` (forge_loader.py:234-311), which
   reads the UNet shapes from the weights (`ldm_patched/modules/model_detection.py:37`,
   `detect_unet_config`) and takes the first class of `ldm_patched/modules/supported_models.py:1242`
   `models` whose `unet_config` items all equal the detected ones (model_detection.py:608-614;
@@ -17,36 +17,42 @@ Why reForge needs help, and where it can take it (Panchovix/stable-diffusion-web
   (0.18215, the tiny yaml's `scale_factor`). Its `unet_extra_config` builds 2 heads of `ch // 2` as ldm's
   tiny UNet has (`num_heads` 2, `legacy: False`; SD15's 8 heads would load, head count is no weight
   shape, but compute another function).
-* The text encoder comes from the model class too: `clip_target()` (forge_loader.py:287) names the
+* The text encoder comes from the model class too: `clip_target()` (forge_loader.py:282) names the
   tokenizer and text-model classes, and `SD1ClipModel` builds CLIP-L from `sd1_clip_config.json`
   (12 layers, sd1_clip.py:95-96). The subclass returns `SDClipModel` subclasses built from the tiny
   CLIP's own `config.json` (2 x 768, 12 heads) and a tokenizer read from the same folder.
-* The VAE is the one thing no model class can shape: forge_loader.py:281 calls `VAE(sd=vae_sd)` with no
+* The VAE is the one thing no model class can shape: forge_loader.py:279 calls `VAE(sd=vae_sd)` with no
   config, and `VAE.__init__` builds SD's first stage at fixed sizes (ch 128, ch_mult [1, 2, 4, 4], two
   res blocks; `ldm_patched/modules/sd.py:395-406`), so the tiny VAE (ch 32, [1, 1, 1, 1], one res block)
   ends in a size-mismatch RuntimeError in `load_state_dict`. `VAE` takes a `config`
-  (`AutoencoderKL(**config["params"])`, sd.py:535-536) that nobody passes. So the shim rebinds the name
+  (`AutoencoderKL(**config["params"])`, sd.py:540-541) that nobody passes. So the shim rebinds the name
   `forge_loader.VAE` (a module attribute, looked up at call time) to a subclass that adds the tiny
   config when, and only when, the state dict is one the tiny model class's `process_vae_state_dict`
   marked; every other VAE is built exactly as before. (The alternative, a VAE prefix that yields no
-  weights and a VAE swapped in after the load, logs "No VAE weights detected" and leaves
+  weights and a VAE swapped in after the load, would log "No VAE weights detected" and leave
   `first_stage_model` None while sd_vae.load_vae runs.)
 
 reForge reports mismatches through `logging`: "unet missing:" / "unet unexpected:" (warning,
-ldm_patched/modules/model_base.py:293-297), "clip missing:" (warning) and "Missing VAE keys" (warning);
-"clip unexpected", "Leftover VAE keys" and "left over keys:" are *debug* (forge_loader.py:297-301,
-sd.py:539-543) and do not reach the log at the default level. A test should assert none of the
-warnings is in the server log; the shim prints "[sdtrain-test] registered SdtrainTinySD1 ..." once.
+ldm_patched/modules/model_base.py:293-297), "clip missing:" (warning, forge_loader.py:292) and "Missing
+VAE keys" (warning, sd.py:546); "clip unexpected", "Leftover VAE keys" and "left over keys:" are *debug*
+(forge_loader.py:297, :303; sd.py:549) and do not reach the log at the default level. With the shim the
+only such line is reForge's own, printed for every SD1 file (the full-size random SD1.5 too):
+"WARNING:root:clip missing: ['clip_l.text_projection', 'clip_l.logit_scale']" (SDClipModel's identity
+projection and logit scale, which no SD1 file holds and SD1 never uses: `return_projected_pooled` is
+False). At debug level the rest is "clip unexpected [...embeddings.position_ids]" and the DDPM schedule
+buffers as "left over keys", as for a real SD1.5. A test should assert the log has no "unet missing",
+"unet unexpected", "Missing VAE keys" and no "clip missing" other than that one line; the shim prints
+"[sdtrain-test] registered SdtrainTinySD1 with reForge's model detector" once.
 
 No yaml goes next to the checkpoint. reForge reads one (`find_checkpoint_config`, modules/
-sd_models_config.py, via forge_loader.py:393) only for the A1111-side LatentDiffusion shell, whose UNet
+sd_models_config.py:117-128, via forge_loader.py:395) only for the A1111-side LatentDiffusion shell, whose UNet
 and first stage become `FakeObject`s and whose `FrozenCLIPEmbedder` is built under `no_clip()` (its
-`from_pretrained` faked) and then given reForge's tokenizer and transformer (forge_loader.py:395-404,
-475-481): the shell holds no weights, so its shapes do not matter. Without a yaml it is
+`from_pretrained` faked) and then given reForge's tokenizer and transformer (forge_loader.py:396-404,
+489-495): the shell holds no weights, so its shapes do not matter. Without a yaml it is
 configs/v1-inference.yaml (linear 0.00085..0.012 over 1000 steps, eps, `scale_factor` 0.18215), the tiny
 model's values. The A1111 tests' tiny yaml (`write_tiny_yaml`) builds the same shell and changes nothing
 reForge computes; the only thing a yaml changes is `parameterization` ("v" swaps the sampling,
-forge_loader.py:489-490).
+forge_loader.py:510-511).
 
 Two things a test must do itself (as for the full-size SD1.5, webui_hosts.REFORGE.settings): turn live
 previews off and turn "Use cross attention optimizations while training" on.
@@ -60,7 +66,7 @@ from pathlib import Path
 
 #: the tiny SD1 UNet as `detect_unet_config` reads it back (channel_mult [1, 2], one res block per
 #: level, a conv-projected transformer at both levels): the keys `SdtrainTinySD1.matches` compares. No
-#: `in_channels`, as SD15 has none: a tiny inpainting SD1 (9 input channels) matches too.
+#: `in_channels`, as SD15 has none: a tiny inpainting SD1 (9 input channels) would match too (not tried).
 TINY_SD1_UNET_MATCH = {
     "model_channels": 32,
     "use_linear_in_transformer": False,
@@ -179,7 +185,9 @@ def write_tiny_sd1_for_reforge(root: Path, clip_dir: Path, seed: int = 0) -> dic
     root.mkdir(parents=True, exist_ok=True)
     build = root / "build-tiny-sd1-reforge"
     try:
-        model = build_tiny_sd1(build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=seed)
+        model = build_tiny_sd1(
+            build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=seed
+        )
         if _clip_arch(clip_dir / "config.json") != _clip_arch(build / "clip" / "config.json"):
             raise ValueError(f"{clip_dir / 'config.json'} is not the text config of the tiny SD1's CLIP")
         ckpt = save_tiny_checkpoint(model, root / "tiny-sd1-reforge.safetensors")

@@ -399,6 +399,11 @@ class A1111Host:
             width=request.width,
             height=request.height,
         )
+        # no script runs in a preview, but reForge's processing reads p.scripts.alwayson_scripts
+        # unconditionally (modules/processing.py, process_images_inner): an empty runner, not None
+        from modules import scripts
+
+        p.scripts, p.script_args = scripts.ScriptRunner(), []
         if self._hypernetworks:
             # the host's <hypernet:...> handler would replace loaded_hypernetworks at activation
             # (the host's own hypernetwork trainer disables extra networks for previews too)
