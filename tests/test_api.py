@@ -209,3 +209,19 @@ def test_refresh_route_reloads_the_host_lists_behind_auth(tiny_sd1):
     mount(bare, service, ApiOptions())
     assert TestClient(bare).post("/sdtrain/v1/refresh").status_code == 404
     service.shutdown()
+
+
+def test_malformed_bodies_are_422_naming_what_is_wrong(env):
+    client = env[0]
+    cases = [("/sdtrain/v1/jobs", '{"kind": ["x"]}', "kind"), ("/sdtrain/v1/jobs", '{"kind": {"a": 1}}', "kind"),
+             ("/sdtrain/v1/jobs", "[]", "body"), ("/sdapi/v1/create/embedding", "not json", "body"),
+             ("/sdapi/v1/create/embedding", '{"name": {"a": 1}}', "name")]
+    for path, raw, field in cases:
+        out = client.post(path, content=raw, headers={"content-type": "application/json"})
+        assert out.status_code == 422 and out.json()["detail"][0]["loc"] == ["body", field], (raw, out.json())
+    # a form post (curl -d without -H) is refused, as the webui's own routes refuse it
+    out = client.post("/sdapi/v1/create/embedding", content='{"name": "x"}',
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    assert out.status_code == 422 and out.json()["detail"][0]["loc"] == ["body", "body"]
+    assert client.get("/sdtrain/v1/jobs/nope").status_code == 404
+    assert client.post("/sdtrain/v1/jobs/nope/stop").status_code == 404

@@ -29,10 +29,13 @@ _JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "bo
 HOST_ONLY_FIELDS = ("id_task",)
 
 
-def config_schema(cls: type[ConfigBase]) -> dict[str, Any]:
-    """JSON schema of a job config: every field optional, with its default and label."""
+def config_schema(cls: type[ConfigBase], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """JSON schema of a job config: every field optional, with its default and label (`exclude`:
+    fields a request may not set here)."""
     props = {}
     for f in cls.describe():
+        if f["name"] in exclude:
+            continue
         prop: dict[str, Any] = {"title": f["label"], "type": _JSON_TYPES.get(f["type"], "string")}
         if f["type"] == "str":
             prop["type"] = ["string", "number"] if f["name"] in ("learn_rate", "clip_grad_value") else "string"
@@ -50,6 +53,23 @@ def _body_doc(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
 
 
+_FIELD_ERROR = {"type": "object", "required": ["detail"], "properties": {"detail": {
+    "type": "array", "items": {"type": "object", "required": ["loc", "msg", "type"], "properties": {
+        "loc": {"type": "array", "items": {"type": "string"}}, "msg": {"type": "string"},
+        "type": {"type": "string"}}}}}}
+_MESSAGE = {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}
+_INFO = {"type": "object", "required": ["info"], "properties": {"info": {"type": "string"}}}
+
+
+def _answers(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI documentation of the error answers a route gives: 422 names the bad field (the shape
+    FastAPI's own validation uses), 404 an unknown job, 401 a missing or wrong --api-auth login."""
+    doc = {422: ("a field (or the body) is invalid: `loc` names it", _FIELD_ERROR),
+           404: ("no such job", _MESSAGE), 401: ("not logged in (the webui's --api-auth)", _MESSAGE)}
+    return {code: {"description": doc[code][0], "content": {"application/json": {"schema": doc[code][1]}}}
+            for code in codes}
+
+
 def config_error_response(e: ConfigError) -> JSONResponse:
     """422 in FastAPI's own validation-error shape, naming the field."""
     return JSONResponse(status_code=422, content={"detail": [
@@ -57,6 +77,9 @@ def config_error_response(e: ConfigError) -> JSONResponse:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind != "application/json" and not kind.endswith("+json"):
+        raise ConfigError("body", f"must be sent as application/json, not {kind}")
     raw = await request.body()
     if not raw.strip():
         return {}
@@ -156,8 +179,13 @@ def _config(kind: str, body: dict[str, Any], options: ApiOptions) -> ConfigBase:
 def make_router(service: JobService, options: ApiOptions | None = None) -> APIRouter:
     options = options or ApiOptions()
     deps = [Depends(basic_auth(options.credentials))] if options.credentials else []
+    auth = (401,) if options.credentials else ()
     router = APIRouter(dependencies=deps)
     types = job_config_types()
+    confined = options.write_policy() is not None
+
+    def request_schema(kind: str) -> dict[str, Any]:  # the host's folders are no request fields where confined
+        return config_schema(types[kind], types[kind].HOST_FOLDERS if confined else ())
 
     def handle(fn):
         async def endpoint(request: Request):
@@ -173,13 +201,15 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
     if options.host_routes:
         for kind in (*HOST_ROUTES, "preprocess"):
             router.add_api_route(f"/sdapi/v1/{kind.replace('_', '/', 1)}", handle(_host_route(service, options, kind)),
-                                 methods=["POST"], openapi_extra=_body_doc(config_schema(types[kind])))
+                                 methods=["POST"], openapi_extra=_body_doc(request_schema(kind)),
+                                 responses={200: {"description": "the host's answer", "content": {
+                                     "application/json": {"schema": _INFO}}}, **_answers(422, *auth)})
 
     async def submit_job(request: Request):
         """Queue a job: {"kind": one of the job kinds, "config": {...}}. Answers 202 with the job id at once."""
         body = await _json_body(request)
         kind = body.get("kind")
-        if kind not in types:
+        if not isinstance(kind, str) or kind not in types:
             raise ConfigError("kind", f"must be one of {', '.join(sorted(types))}")
         extra = set(body) - {"kind", "config"}
         if extra:
@@ -210,11 +240,11 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
     job_schema = {"type": "object", "required": ["kind"], "properties": {
         "kind": {"type": "string", "enum": sorted(types)}, "config": {"type": "object"}}}
     router.add_api_route("/sdtrain/v1/jobs", handle(submit_job), methods=["POST"], status_code=202,
-                         openapi_extra=_body_doc(job_schema))
-    router.add_api_route("/sdtrain/v1/jobs", list_jobs, methods=["GET"])
-    router.add_api_route("/sdtrain/v1/jobs/{job_id}", get_job, methods=["GET"])
-    router.add_api_route("/sdtrain/v1/jobs/{job_id}/stop", stop_job, methods=["POST"])
-    router.add_api_route("/sdtrain/v1/schema", schema, methods=["GET"])
+                         openapi_extra=_body_doc(job_schema), responses=_answers(422, *auth))
+    router.add_api_route("/sdtrain/v1/jobs", list_jobs, methods=["GET"], responses=_answers(*auth))
+    router.add_api_route("/sdtrain/v1/jobs/{job_id}", get_job, methods=["GET"], responses=_answers(404, *auth))
+    router.add_api_route("/sdtrain/v1/jobs/{job_id}/stop", stop_job, methods=["POST"], responses=_answers(404, *auth))
+    router.add_api_route("/sdtrain/v1/schema", schema, methods=["GET"], responses=_answers(*auth))
     if options.refresh is not None:
         refresh = options.refresh
 
@@ -223,7 +253,7 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
             keeps (Forge: its text engines' too, which its own refresh leaves stale) — and answer the names."""
             return refresh()
 
-        router.add_api_route("/sdtrain/v1/refresh", refresh_lists, methods=["POST"])
+        router.add_api_route("/sdtrain/v1/refresh", refresh_lists, methods=["POST"], responses=_answers(*auth))
     return router
 
 
