@@ -4,7 +4,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SDTRAIN_VENV:-$ROOT/.venv}"
-STAMP="$VENV/.sdtrain-env-v2"
+# the stamp names what the environment was made from: a changed requirement rebuilds it
+STAMP="$VENV/.sdtrain-env-$(cat "$ROOT/tools/requirements-dev.txt" "$ROOT/tools/constraints.txt" | sha256sum | cut -c1-16)"
 PY="${SDTRAIN_PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 if [ ! -f "$STAMP" ]; then

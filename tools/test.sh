@@ -35,7 +35,7 @@ OMP_NUM_THREADS=1 python -m pytest -n 2 -q tests --ignore=tests/webui
 # One UI and API code base for both gradio majors: the same tests on Forge's package set.
 echo "[sdtrain] UI and API tests on Forge's package set (gradio 4.40, fastapi 0.104, pydantic 2)"
 FORGE_PY="$(bash tools/env_forge.sh)"
-OMP_NUM_THREADS=1 "$FORGE_PY" -m pytest -n 2 -q tests/test_ui.py tests/test_api.py
+OMP_NUM_THREADS=1 "$FORGE_PY" -m pytest -n 2 -q tests/test_ui.py tests/test_api.py tests/test_places.py tests/test_fuzz_api.py
 # The host-contract suite inside real webuis: a developer's checkout (SDTRAIN_WEBUI_DIR, with
 # SDTRAIN_WEBUI_HOST naming its kind), or each host built from its archive in ../shared/hosts
 # (tools/webui.sh); a host whose archive is absent reports its tests as skipped, with the reason.

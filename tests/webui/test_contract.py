@@ -115,6 +115,40 @@ def test_requests_write_only_inside_the_webuis_folders(webui, webui_assets, tmp_
     assert not outside.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_fuzz_sdtrain_routes_from_the_webuis_own_openapi(webui):
+    """The fuzz test of tests/test_fuzz_api.py once more, against the running webui's /openapi.json:
+    sdtrain's routes as the host publishes them, a few cases each; no server error, every answer as
+    documented, nothing written outside the webui's folders."""
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in tools/requirements-dev.txt")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    schema = schemathesis.openapi.from_url(webui.url + "/openapi.json").include(
+        path_regex=r"^/sdtrain/v1/|^/sdapi/v1/(create|train)/|^/sdapi/v1/preprocess$")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 10, [op.label for op in operations]
+    outside = sorted(p.name for p in webui.dir.parent.iterdir())
+    answers: list[int] = []
+    for operation in operations:
+        @settings(max_examples=8, derandomize=True, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def run(case):
+            response = case.call()
+            answers.append(response.status_code)
+            case.validate_response(response, checks=checks)
+
+        run()
+    assert answers and all(code < 500 for code in answers)
+    assert sorted(p.name for p in webui.dir.parent.iterdir()) == outside
+
+
 def test_job_routes_poll_to_done(webui, webui_assets):
     status, out = webui.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {"name": "jobti"}})
     assert status == 202

@@ -18,6 +18,7 @@ CAPABILITIES = {
     "sd1": "trains SD1 embeddings and hypernetworks through sdtrain's routes, tabs and jobs",
     "train_tab": "the host has a Train tab: sdtrain's sub-tabs go inside it",
     "sd2": "loads an SD2 checkpoint (OpenCLIP text encoder, v-prediction) that sdtrain trains",
+    "sd2_tiny_prompt": "uses the tiny SD2's (64-wide) embedding files in prompts",
     "inpainting": "loads an SD1 inpainting checkpoint (9-channel UNet, hybrid conditioning)",
     "sdxl": "loads an SDXL base checkpoint (sgm DiffusionEngine, CLIP-L + CLIP-G) that sdtrain trains",
     "stock_trainer": "the host's own (in-tree) embedding trainer runs, to exchange files with it",
@@ -49,6 +50,10 @@ class HostSpec:
     #: how the host's infotext names an embedding a prompt used (`{name}`, a regex): A1111 writes its
     #: hash (modules/processing.py), Forge only its name (backend/text_processing/classic_engine.py)
     embedding_infotext: str = r'TI hashes: "[^"]*{name}: [0-9a-f]{{12}}'
+    #: /sdapi/v1/embeddings reports files of another width as "skipped" (A1111's list knows the model's
+    #: width; Forge's API list never learns it: modules/textual_inversion/textual_inversion.py keeps
+    #: expected_shape -1 there, and only its text engines' lists skip them)
+    api_lists_skipped_embeddings: bool = True
     #: the log line that says the model was built as the test meant (`{config}`: the yaml's name, escaped)
     model_log: str = r"Creating model from config: \S*{config}"
 
@@ -118,6 +123,7 @@ REFORGE = HostSpec(
                "text encoder fixed at 1024 x 24 layers); registering the tiny SD2 as the tiny SD1 is not built yet",
         "inpainting": "the detector takes SD1.5 inpainting only at real shapes; registering the tiny inpainting model "
                       "as the tiny SD1 is not built yet",
+        "sd2_tiny_prompt": "no SD2 here (see sd2)",
         "sdxl": "the detector takes SDXL only at real shapes (ldm_patched/modules/supported_models.py:189-197; CLIP-G "
                 "fixed at 1280 x 32 layers): 3.5 B parameters, ~14 GB in fp32 in the server and as much again for "
                 "the standalone reference in the test process, beyond this machine's 23 GB",
@@ -148,11 +154,16 @@ FORGE = HostSpec(
     embedding_infotext=r'TI: "?(?:[^,\n"]+, )*{name}(?:[,"\n]|$)',
     # Forge builds the model from the state dict, not the yaml (backend/loader.py, split_state_dict)
     model_log=r"StateDict Keys: \{{'unet'",
+    api_lists_skipped_embeddings=False,
     claims=frozenset({"sd1", "hypernetwork_prompt", "preprocess", "sdxl", "sd2", "inpainting"}),
     cannot={
         "train_tab": "Forge has no Train tab (modules/ui.py builds none; on_ui_train_tabs never fires): sdtrain's "
                      "top-level tab holds the same sub-tabs (checked by the same test)",
         "stock_hypernetwork_trainer": "Forge deleted its trainers (see stock_trainer)",
+        "sd2_tiny_prompt": "Forge's SD2 text engine takes only 1024-wide embedding files (backend/diffusion_engine/"
+                           "sd20.py: embedding_expected_shape=1024, whatever the model's width), so it skips the tiny "
+                           "SD2's 64-wide files at prompt time; training on it (sdtrain registers the live vectors "
+                           "itself) is checked, a real SD2's 1024-wide files are not affected",
         "stock_trainer": "Forge deleted its trainers (modules/textual_inversion and modules/hypernetworks keep only "
                          "loading code; /sdapi/v1/train/* are gone): there is no stock file to continue",
     },
