@@ -225,3 +225,9 @@ def test_malformed_bodies_are_422_naming_what_is_wrong(env):
     assert out.status_code == 422 and out.json()["detail"][0]["loc"] == ["body", "body"]
     assert client.get("/sdtrain/v1/jobs/nope").status_code == 404
     assert client.post("/sdtrain/v1/jobs/nope/stop").status_code == 404
+    # stopping a job that has finished is a conflict, not a silent success
+    job_id = client.post("/sdtrain/v1/jobs", json={"kind": "create_embedding", "config": {"name": "done1"}}).json()["id"]
+    while client.get(f"/sdtrain/v1/jobs/{job_id}").json()["state"] not in ("done", "failed"):
+        time.sleep(0.05)
+    out = client.post(f"/sdtrain/v1/jobs/{job_id}/stop")
+    assert out.status_code == 409 and "already finished" in out.json()["detail"]

@@ -65,7 +65,7 @@ def _answers(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI documentation of the error answers a route gives: 422 names the bad field (the shape
     FastAPI's own validation uses), 404 an unknown job, 401 a missing or wrong --api-auth login."""
     doc = {422: ("a field (or the body) is invalid: `loc` names it", _FIELD_ERROR),
-           404: ("no such job", _MESSAGE), 401: ("not logged in (the webui's --api-auth)", _MESSAGE)}
+           404: ("no such job", _MESSAGE), 409: ("the job has already finished", _MESSAGE), 401: ("not logged in (the webui's --api-auth)", _MESSAGE)}
     return {code: {"description": doc[code][0], "content": {"application/json": {"schema": doc[code][1]}}}
             for code in codes}
 
@@ -229,8 +229,11 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
         return _job_or_404(service, job_id).to_dict()
 
     def stop_job(job_id: str):
-        """Ask a job to stop: a running one saves and ends within one step; a queued one never starts."""
-        _job_or_404(service, job_id)
+        """Ask a job to stop: a running one saves and ends within one step; a queued one never starts.
+        A job that has already finished answers 409."""
+        job = _job_or_404(service, job_id)
+        if job.state in FINISHED_STATES:
+            raise HTTPException(status_code=409, detail=f"job {job_id} has already finished ({job.state})")
         return service.stop(job_id).to_dict(history=False)
 
     def schema():
@@ -243,7 +246,8 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
                          openapi_extra=_body_doc(job_schema), responses=_answers(422, *auth))
     router.add_api_route("/sdtrain/v1/jobs", list_jobs, methods=["GET"], responses=_answers(*auth))
     router.add_api_route("/sdtrain/v1/jobs/{job_id}", get_job, methods=["GET"], responses=_answers(404, *auth))
-    router.add_api_route("/sdtrain/v1/jobs/{job_id}/stop", stop_job, methods=["POST"], responses=_answers(404, *auth))
+    router.add_api_route("/sdtrain/v1/jobs/{job_id}/stop", stop_job, methods=["POST"],
+                         responses=_answers(404, 409, *auth))
     router.add_api_route("/sdtrain/v1/schema", schema, methods=["GET"], responses=_answers(*auth))
     if options.refresh is not None:
         refresh = options.refresh
