@@ -8,6 +8,7 @@ the test's folders (the requests run under the webui's write rule: core.options.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,6 @@ from lib_sdtrain.core.options.places import WritePolicy  # noqa: E402
 from lib_sdtrain.core.tasks.registry import job_runners  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ROOT = Path(os.environ.get("SDTRAIN_FUZZ_DIR", "")) if os.environ.get("SDTRAIN_FUZZ_DIR") else None
 
 
 class _NoModel:
@@ -66,7 +66,9 @@ def _tree(*folders: Path) -> set[str]:
     return out
 
 
-_root = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdtrain-fuzz-{os.getpid()}"
+# the webui's folders sit inside a private folder, so anything written beside them shows (the shared
+# /tmp is busy with other processes' files)
+_root = Path(tempfile.mkdtemp(prefix="sdtrain-fuzz-")) / "webui"
 APP, SERVICE = _app(_root)
 SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP)
 CASES: list[int] = []
