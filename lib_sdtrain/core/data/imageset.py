@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lib_sdtrain.core.errors import ConfigError, DatasetError
+from lib_sdtrain.core.formats.limits import open_image
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def _read_image(
     path: Path, opts: DatasetOptions, rng: random.Random
 ) -> tuple[Image.Image, Image.Image | None, tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(rgb, alpha, source size, size once resized, crop (left, top) in it) of one training image."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.load()
         try:
             im = ImageOps.exif_transpose(im)  # host images.read; a broken EXIF block is ignored there too

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from lib_sdtrain.core.formats.limits import open_image
+
 #: PNG text key the host looks for (textual_inversion.py `load_from_file`).
 TEXT_CHUNK_KEY = "sd-ti-embedding"
 _TENSOR_TAG = "TORCHTENSOR"
@@ -237,7 +239,7 @@ def read_embedding_image(path_or_image: str | os.PathLike[str] | Image.Image) ->
     """
     if isinstance(path_or_image, Image.Image):
         return _read_open_image(path_or_image)
-    with Image.open(path_or_image) as image:
+    with open_image(path_or_image) as image:
         image.load()
         return _read_open_image(image)
 

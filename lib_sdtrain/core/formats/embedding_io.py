@@ -30,6 +30,7 @@ from lib_sdtrain.core.formats.embedding_image import (
     read_embedding_image,
 )
 from lib_sdtrain.core.formats.fsutil import atomic_write
+from lib_sdtrain.core.formats.limits import check_safetensors
 from lib_sdtrain.core.formats.torchfile import load_torch_file, save_torch_file, to_cpu
 
 __all__ = [
@@ -94,7 +95,10 @@ def _vector_set(value: Any, path: str, what: str) -> torch.Tensor:
         raise FormatError(path, f"{what} has shape {tuple(value.shape)}; expected [vectors, width]")
     if value.is_complex() or value.dtype == torch.bool:
         raise FormatError(path, f"{what} has dtype {value.dtype}; expected floating point")
-    return value.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+    out = value.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+    if not torch.isfinite(out).all():
+        raise FormatError(path, f"{what} holds NaN or infinite values")
+    return out
 
 
 def _from_string_to_param(params: Any, path: str) -> dict[str, torch.Tensor]:
@@ -210,7 +214,10 @@ def _load_safetensors(path: str, stem: str) -> Embedding:
             keys = list(f.keys())
             header = dict(f.metadata() or {})
             wanted = _safetensors_keys(keys)
+            check_safetensors(path, wanted)  # from the header, before any tensor is read
             data = {k: f.get_tensor(k) for k in wanted} if wanted else dict.fromkeys(keys[:8])
+    except FormatError:
+        raise
     except Exception as exc:  # SafetensorError, OSError, bad header JSON...
         raise FormatError(path, f"not a readable .safetensors file ({exc})") from None
     emb = embedding_from_data(data, stem, path)

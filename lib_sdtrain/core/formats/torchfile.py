@@ -14,6 +14,7 @@ import torch
 
 from lib_sdtrain.core.errors import FormatError, SdtrainError
 from lib_sdtrain.core.formats.fsutil import atomic_write_bytes
+from lib_sdtrain.core.formats.limits import check_torch_file
 
 #: The zip entry names A1111's modules/safe.py (`check_zip_filenames`) lets through; any other
 #: entry makes the stock webui refuse the file unless started with --disable-safe-unpickle.
@@ -118,6 +119,7 @@ def load_torch_file(path: str | os.PathLike[str]) -> Any:
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise FormatError(p, "no such file")
+    check_torch_file(p)  # nothing is unpacked beyond the stated bound
     try:
         return _weights_only_load(p)
     except pickle.UnpicklingError as exc:

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 from lib_sdtrain.core.errors import ConfigError, SdtrainError
 from lib_sdtrain.core.formats.fsutil import atomic_write, atomic_write_bytes
+from lib_sdtrain.core.formats.limits import open_image
 from lib_sdtrain.core.options.config import ConfigBase, _opt
 from lib_sdtrain.core.preprocess.crop import (
     MULTICROP_STEP,
@@ -227,7 +228,7 @@ def load_image(path: str | os.PathLike[str]) -> tuple[Image.Image, list[str]]:
     """Core: read an image fully as RGB, EXIF orientation applied, first frame of an animation.
     Returns the image and notes on what was changed. Raises whatever PIL raises on a bad file."""
     notes: list[str] = []
-    with Image.open(path) as im:
+    with open_image(path) as im:
         if getattr(im, "is_animated", False):
             notes.append(f"animated ({getattr(im, 'n_frames', '?')} frames): first frame used")
             im.seek(0)

@@ -24,6 +24,7 @@ from lib_sdtrain.core.hypernetwork.network import (
 from lib_sdtrain.core.jobs.service import JobControl
 from lib_sdtrain.core.options.config import CreateHypernetworkConfig, TrainHypernetworkConfig
 from lib_sdtrain.core.port import ImageSize, ModelInfo, TrainingHost
+from lib_sdtrain.core.training.optimizer_state import restore_optimizer
 from lib_sdtrain.core.training.run import TrainingKind, TrainResult, run_training
 
 LOSS_CSV = "hypernetwork_loss.csv"
@@ -147,10 +148,9 @@ class HypernetworkTraining(TrainingKind):
                 f"ignored {self.source}.optim: it holds {saved['optimizer_name']} state and this run "
                 f"uses {self.optimizer_name}"
             )
-        try:
-            optimizer.load_state_dict(saved["optimizer_state_dict"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            return f"ignored {self.source}.optim: {e}"
+        why = restore_optimizer(optimizer, saved["optimizer_state_dict"])
+        if why is not None:
+            return f"ignored {self.source}.optim: {why}"
         return f"resumed optimizer state from {self.source}.optim"
 
     def encoder(self, host: TrainingHost) -> Callable[[list[str], list[ImageSize] | None], Any]:

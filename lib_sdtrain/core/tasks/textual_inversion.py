@@ -25,6 +25,7 @@ from lib_sdtrain.core.jobs.service import JobControl
 from lib_sdtrain.core.options.config import CreateEmbeddingConfig, TrainEmbeddingConfig
 from lib_sdtrain.core.port import ModelInfo, TrainingHost
 from lib_sdtrain.core.training.loop import LoopState
+from lib_sdtrain.core.training.optimizer_state import restore_optimizer
 from lib_sdtrain.core.training.run import TrainingKind, TrainingRun, TrainResult, report_text, run_training
 
 log = logging.getLogger(__name__)
@@ -165,10 +166,9 @@ class EmbeddingTraining(TrainingKind):
         saved = load_optim(self.source, self.emb.checksum())
         if saved is None:
             return None
-        try:
-            optimizer.load_state_dict(saved["optimizer_state_dict"])
-        except (ValueError, KeyError) as e:
-            return f"ignored {self.source}.optim: {e}"
+        why = restore_optimizer(optimizer, saved["optimizer_state_dict"])
+        if why is not None:
+            return f"ignored {self.source}.optim: {why}"
         return f"resumed optimizer state from {self.source}.optim"
 
     def active(self, host: TrainingHost):
