@@ -188,8 +188,13 @@ class TrainingRun:
     def save(
         self, optimizer: torch.optim.Optimizer, step: int, path: str, stored_name: str, what: str
     ) -> str:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.kind.save(optimizer, step, path, stored_name)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.kind.save(optimizer, step, path, stored_name)
+        except OSError as e:  # disk full, read-only folder, a locked file: the writes are atomic
+            reason = e.strerror or str(e)
+            raise SdtrainError(f"could not save the {what} at step {step} to {path}: {reason}; the file "
+                               "there (if any) is unchanged") from e
         return self.wrote(path, what)
 
     def settings_file(self, data: TrainingData) -> None:
