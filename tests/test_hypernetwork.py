@@ -671,8 +671,9 @@ def test_stop_then_resume_continues_at_the_step_with_the_optimizer_state(tiny_sd
     assert optim is not None and optim["optimizer_name"] == "AdamW"
     assert all(int(s["step"]) == 4 for s in optim["optimizer_state_dict"]["state"].values())
 
+    # without the stopped run's resume point: from the file and its .optim, as the host resumes
     rec = Recorder()
-    second = train_hypernetwork(host, train_cfg(workspace, steps=10), rec)
+    second = train_hypernetwork(host, train_cfg(workspace, steps=10, resume_interrupted=False), rec)
     assert not second.stopped and second.step == 10
     assert [e["step"] for e in rec.of("step")] == list(range(5, 11))
     assert any("resumed optimizer state" in e["text"] for e in rec.of("log"))

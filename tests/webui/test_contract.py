@@ -379,7 +379,10 @@ def test_files_swap_between_webuis(webui, webui_assets):
         assert webui.wait_job(webui.post("/sdtrain/v1/jobs", job)[1]["id"])["state"] == "done", job
     exchange_out(webui.embeddings / "xti.pt", "embeddings", "sdtrain_xti")
     exchange_out(webui.hypernetworks / "xhn.pt", "hypernetworks", "sdtrain_xhn")
-    theirs = {kind: sorted(f for f in (ex / kind).glob("*") if not f.name.startswith(f"{HOST.name}_"))
+    # every sdtrain file of the other webuis, and the files A1111's own trainer wrote (reForge's stock
+    # trainer writes torch 2.13's zip records, which A1111's safe-unpickle check refuses in any file)
+    theirs = {kind: sorted(f for f in (ex / kind).glob("*") if not f.name.startswith(f"{HOST.name}_")
+                           and ("_sdtrain_" in f.name or f.name.startswith("a1111_stock_")))
               for kind in ("embeddings", "hypernetworks")}
     for f in theirs["embeddings"]:
         shutil.copy2(f, webui.embeddings / f.name)

@@ -57,6 +57,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         raise
 
 
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[str]:
+    """Core: remove the temporary files that writes of `path` (and of its sidecars, `path` + suffix)
+    left behind when the process was killed mid-write; returns what was removed."""
+    import glob
+
+    target = Path(path).resolve()
+    removed = []
+    for stale in glob.glob(os.path.join(glob.escape(str(target.parent)), f".{glob.escape(target.name)}*.tmp")):
+        with contextlib.suppress(OSError):
+            os.remove(stale)
+            removed.append(stale)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[str], None]) -> None:
     """Core: call `writer(temp_path)` then move the result onto `path` atomically."""
     with atomic_path(path) as tmp:

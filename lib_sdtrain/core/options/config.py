@@ -267,6 +267,11 @@ class TrainingConfig(ConfigBase):
     attention_optimization: bool = _opt(True, "Use the host's cross-attention optimization while training")
     mixed_precision: str = _opt("auto", "Mixed precision", choices=("auto", "no", "fp16", "bf16"))
     nan_guard: bool = _opt(True, "Stop when the loss is not finite (keeps the last good save)")
+    resume_interrupted: bool = _opt(
+        True, "Continue a run that was cut short (crash, kill, Stop) from its last resume point",
+        help="the same job again continues exactly where that run was; off: start over from the file")
+    resume_point_minutes: float = _opt(
+        10.0, "Also keep a resume point every N minutes (0: only when the file is saved)", minimum=0.0)
 
     def validate(self) -> None:
         super().validate()

@@ -79,6 +79,14 @@ class LoopState:
     started: float = field(default_factory=time.time)
     start_step: int = 0
     stopped: bool = False
+    #: the data order's random state when the current epoch began, and its micro-batches trained so far
+    epoch_data_state: Any = None
+    micro_in_epoch: int = 0
+    #: a resumed run: micro-batches of its first epoch that the interrupted run already trained
+    skip_micro: int = 0
+    #: a resumed run: put `epoch_data_state` back before its first epoch (even when none was trained)
+    resuming: bool = False
+    scaler: Any = None  # the fp16 loss scaler, when there is one
 
 
 @dataclass
@@ -92,6 +100,9 @@ class LoopHooks:
     clip: Callable[[int], None] | None  # clip gradients for this step, or None
     after_step: Callable[[LoopState], None]
     should_stop: Callable[[], bool]
+    #: the data order's random state, and putting it back (resume points); None: not kept
+    data_state: Callable[[], Any] | None = None
+    set_data_state: Callable[[Any], None] | None = None
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -112,16 +123,31 @@ def run_loop(
     generator: torch.Generator,
     autocast_dtype: torch.dtype | None = None,
     nan_guard: bool = True,
+    scaler_state: dict[str, Any] | None = None,
 ) -> LoopState:
-    """Train until `state.total` steps, the schedule's end, or a stop request."""
+    """Train until `state.total` steps, the schedule's end, or a stop request. A resumed run
+    (`state.skip_micro`) first puts the data order back as its epoch began and passes over the
+    micro-batches already trained (building them again draws the same random numbers)."""
     info = host.describe()
     scaler = torch.amp.GradScaler(info.device.type) if autocast_dtype == torch.float16 else None
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
+    state.scaler = scaler
     micro_per_epoch = max(1, state.steps_per_epoch) * gradient_step
     accumulated = 0.0
     while state.step < state.total:
+        skip, state.skip_micro = state.skip_micro, 0
+        if state.resuming and hooks.set_data_state is not None and state.epoch_data_state is not None:
+            hooks.set_data_state(state.epoch_data_state)
+        elif hooks.data_state is not None:
+            skip, state.epoch_data_state = 0, hooks.data_state()
+        state.resuming = False
+        state.micro_in_epoch = skip
         for j, batch in enumerate(hooks.batches()):
             if j >= micro_per_epoch:  # drop-last for accumulation, as the host does
                 break
+            if j < skip:  # trained before the run was interrupted
+                continue
             if hooks.finished(state.step):
                 return state
             if hooks.should_stop():
@@ -163,6 +189,7 @@ def run_loop(
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
+            state.micro_in_epoch = j + 1
             state.last_loss, state.last_lr = accumulated, lr
             accumulated = 0.0
             hooks.after_step(state)

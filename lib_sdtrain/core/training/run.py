@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 
 from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.formats.fsutil import atomic_write
+from lib_sdtrain.core.formats.fsutil import atomic_write, remove_stale_temporaries
 from lib_sdtrain.core.jobs.service import JobControl
 from lib_sdtrain.core.port import ImageSize, ModelInfo, PreviewRequest, SessionOptions, TrainingHost
 from lib_sdtrain.core.training.batches import TrainingData, prepare_training_data, validation_loss
@@ -41,7 +42,16 @@ from lib_sdtrain.core.training.loop import (
     run_loop,
     write_loss_row,
 )
+from lib_sdtrain.core.training.optimizer_state import restore_optimizer
 from lib_sdtrain.core.training.plot import save_loss_curve
+from lib_sdtrain.core.training.resume import (
+    ResumePoint,
+    fingerprint,
+    load_resume_point,
+    remove_resume_point,
+    resume_path,
+    save_resume_point,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +183,7 @@ class TrainingRun:
         self.name = kind.name
         self.info = host.describe()
         self.files: list[str] = []
+        self.resumed_from: int | None = None  # the step an interrupted run's resume point was at
         day = datetime.datetime.now().strftime("%Y-%m-%d")
         self.log_dir = os.path.join(cfg.log_directory, day, self.name) if cfg.log_directory else None
 
@@ -261,12 +272,71 @@ def report_text(state: LoopState) -> str:
     return f"loss {state.last_loss:.5f}, lr {state.last_lr:.3g}, {eta_text(state)}"
 
 
+def data_order_state(data: TrainingData) -> tuple[Any, torch.Tensor, list[list[int]]]:
+    """What decides the data of the coming epochs: the Python generator (epoch shuffles, templates,
+    tags, flips), the latent-sampling generator, and the order the sampler's groups were left in
+    (it shuffles them in place, as the host's sampler does, so each epoch starts from the last one's)."""
+    ds = data.dataset
+    return ds.rng.getstate(), ds.generator.get_state(), [list(g) for g in ds.sampler.groups]
+
+
+def set_data_order_state(data: TrainingData, state: tuple[Any, torch.Tensor, list[list[int]]]) -> None:
+    ds = data.dataset
+    py_state, gen_state, groups = state
+    ds.rng.setstate(py_state)
+    ds.generator.set_state(gen_state)
+    for live, saved in zip(ds.sampler.groups, groups):
+        live[:] = saved
+
+
+def _resume_point(cfg: Any, kind: TrainingKind) -> tuple[ResumePoint | None, str]:
+    """The resume point this run continues from, if any, and a line for the log."""
+    if not getattr(cfg, "resume_interrupted", False):
+        remove_resume_point(kind.out_file)
+        return None, ""
+    try:
+        point = load_resume_point(kind.out_file)
+    except SdtrainError as e:
+        return None, f"ignored a resume point: {e}"
+    if point is None:
+        return None, ""
+    if point.fingerprint != fingerprint(cfg):
+        return None, (f"ignored {resume_path(kind.out_file)}: it was made with other training settings "
+                      "(start over from the file, or run with the interrupted run's settings)")
+    return point, ""
+
+
+def _apply_resume_point(point: ResumePoint, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                        generator: torch.Generator, state: LoopState) -> str | None:
+    """Put the interrupted run's state back; None when done, else why it does not fit (nothing changed)."""
+    if len(point.params) != len(params) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(point.params, params)):
+        return "its tensors do not have the shapes of the ones this run trains"
+    why = restore_optimizer(optimizer, point.optimizer)
+    if why:
+        return why
+    with torch.no_grad():
+        for live, saved in zip(params, point.params):
+            live.copy_(saved.to(live.device, live.dtype))
+    generator.set_state(point.generator)
+    torch.set_rng_state(point.torch_rng)
+    state.step = point.step
+    state.epoch_data_state = point.epoch_data_state
+    state.skip_micro = point.micro_in_epoch
+    state.resuming = True
+    return None
+
+
 def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind: TrainingKind) -> TrainResult:
     """Train `kind` as `cfg` says (see the module docstring). Raises SdtrainError after saving when
     the loss stops being finite; returns normally when stopped."""
     run = TrainingRun(host, cfg, control, kind)
     noun = kind.noun
-    if kind.initial_step >= cfg.steps:
+    for stale in remove_stale_temporaries(kind.out_file):
+        run.emit("log", text=f"removed {stale}, left by a save that was cut short")
+    point, why = _resume_point(cfg, kind)
+    if why:
+        run.emit("log", text=why)
+    if point is None and kind.initial_step >= cfg.steps:
         return TrainResult(
             kind.source,
             kind.initial_step,
@@ -275,7 +345,8 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 f"{run.name} is already trained to step {kind.initial_step} (max steps {cfg.steps}); nothing to do"
             ),
         )
-    seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
+    seed = point.seed if point else cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
+    run_start = point.run_start_step if point else kind.initial_step  # the rate language counts from here
     # images are read and checked before the model is touched
     data = prepare_training_data(
         cfg,
@@ -284,8 +355,8 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         validation_count=cfg.validation_images,
         require_name=kind.require_name_in_template,
     )
-    lr_sched = cfg.lr_schedule(kind.initial_step, data.gradient_step)
-    clip_sched = cfg.clip_schedule(kind.initial_step, data.gradient_step)
+    lr_sched = cfg.lr_schedule(run_start, data.gradient_step)
+    clip_sched = cfg.clip_schedule(run_start, data.gradient_step)
     for path, reason in data.skipped:
         run.emit("log", text=f"skipped {path}: {reason}")
     for note in kind.notes(run.info):
@@ -307,16 +378,34 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         schedule = host.noise_schedule()
         device = run.info.device
         params, optimizer = kind.setup(device, lr_sched.value(kind.initial_step))
-        resumed = kind.resume(optimizer)
-        if resumed:
-            run.emit("log", text=resumed)
-
         state = LoopState(
             step=kind.initial_step,
             start_step=kind.initial_step,
             total=cfg.steps,
             steps_per_epoch=data.steps_per_epoch,
         )
+        if point is not None:
+            why = _apply_resume_point(point, params, optimizer, generator, state)
+            if why:
+                run.emit("log", text=f"ignored {resume_path(kind.out_file)}: {why}; starting from the file")
+                point = None
+            else:
+                run.emit("log", text=f"resumed from step {point.step} (where the interrupted run was)")
+                run.resumed_from = point.step
+        if point is None:
+            resumed = kind.resume(optimizer)
+            if resumed:
+                run.emit("log", text=resumed)
+        fp = fingerprint(cfg)
+        last_point = [time.monotonic()]
+
+        def keep_resume_point(st: LoopState) -> None:
+            save_resume_point(kind.out_file, ResumePoint(
+                step=st.step, run_start_step=run_start, seed=seed, fingerprint=fp, params=params,
+                optimizer=optimizer.state_dict(), scaler=st.scaler.state_dict() if st.scaler else None,
+                generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+                epoch_data_state=st.epoch_data_state, micro_in_epoch=st.micro_in_epoch))
+            last_point[0] = time.monotonic()
         csv_path = os.path.join(run.log_dir, kind.loss_csv) if run.log_dir else None
         curve_path = os.path.join(run.log_dir, "loss.png") if run.log_dir else None
         history: list[tuple[int, float]] = []
@@ -340,6 +429,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             run.emit("validation", step=step, loss=loss)
 
         def after_step(st: LoopState) -> None:
+            saved = False
             history.append((st.step, st.last_loss))
             text = report_text(st)
             run.emit("step", step=st.step, total=st.total, loss=st.last_loss, lr=st.last_lr, text=text)
@@ -354,10 +444,15 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 run.save(optimizer, st.step, path, stored, "intermediate")
                 kind.after_intermediate(st.step, stored)
                 curve()
+                saved = True
             if cfg.validation_every and st.step % cfg.validation_every == 0:
                 validate(st.step)
             if cfg.create_image_every and st.step % cfg.create_image_every == 0:
                 run.preview(st)
+            # last: the random states after everything this step drew (previews draw too)
+            minutes = cfg.resume_point_minutes
+            if saved or (minutes and time.monotonic() - last_point[0] >= minutes * 60):
+                keep_resume_point(st)
 
         def clip(step: int) -> None:
             assert clip_sched is not None
@@ -380,6 +475,8 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             clip=clip if clip_sched else None,
             after_step=after_step,
             should_stop=should_stop,
+            data_state=lambda: data_order_state(data),
+            set_data_state=lambda st: set_data_order_state(data, st),
         )
         error: NonFiniteLoss | None = None
         try:
@@ -398,6 +495,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                         generator=generator,
                         autocast_dtype=autocast_dtype,
                         nan_guard=cfg.nan_guard,
+                        scaler_state=point.scaler if point else None,
                     )
                 except NonFiniteLoss as e:
                     error = e  # the trained values are still the last finite ones: save them, then fail
@@ -409,6 +507,10 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                                state.last_loss, state.last_lr)
             # the final file, also after Stop/Interrupt (the host saves after its try, likewise)
             run.save(optimizer, state.step, kind.out_file, run.name, noun)
+            if state.stopped and error is None:
+                keep_resume_point(state)  # the same job again goes on exactly from here
+            elif error is None:
+                remove_resume_point(kind.out_file)  # finished: the file is the result
         finally:
             kind.finish()
     result = TrainResult(
@@ -418,7 +520,8 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         result.loss_csv = csv_path
     result.loss_curve = curve()
     verb = "interrupted" if state.stopped else "finished"
-    result.message = f"Training {verb} at {state.step} steps.\n{noun.capitalize()} saved to {kind.out_file}"
+    resumed = f" (resumed from step {run.resumed_from})" if run.resumed_from is not None else ""
+    result.message = f"Training {verb} at {state.step} steps{resumed}.\n{noun.capitalize()} saved to {kind.out_file}"
     if error is not None:
         raise SdtrainError(f"{error} The {noun} at step {state.step} was saved to {kind.out_file}.")
     return result
