@@ -18,6 +18,7 @@ from typing import Any
 
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.jobs.service import DONE, Job, JobService
+from lib_sdtrain.core.jobs.signals import stop_jobs_on_signals
 from lib_sdtrain.core.options.config import CreateEmbeddingConfig, TrainEmbeddingConfig
 from lib_sdtrain.core.port import TrainingHost
 from lib_sdtrain.core.tasks.registry import job_runners
@@ -207,6 +208,7 @@ def main(argv: list[str] | None, hosts: HostFactories) -> int:
         config = cls.from_dict(_config_from_args(cls, args, base))  # refuse bad input before loading a model
         host = hosts.checkpoint(args.ckpt, args.yaml, args.clip_dir, args.webui)
         service = JobService(lambda: host, job_runners())
+        stop_jobs_on_signals(service)  # kill/Ctrl-C: the run saves and keeps a resume point first
         job = _run(service, cls.kind, config)
         service.shutdown()
         if job.state == DONE and job.result is not None:

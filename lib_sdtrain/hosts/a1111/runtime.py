@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from lib_sdtrain.core.jobs.service import JobControl, JobService
+from lib_sdtrain.core.jobs.signals import stop_jobs_on_signals
 from lib_sdtrain.core.tasks.registry import job_config_types, job_runners
 from lib_sdtrain.hosts.a1111.host import A1111Host
 
@@ -90,8 +91,10 @@ def service() -> JobService:
     with _lock:
         if _service is None:
             _service = JobService(host, _wrapped_runners())
-            # at webui exit a running job saves and ends, like Stop (the worker is a daemon thread)
+            # at webui exit a running job saves and ends, like Stop (the worker is a daemon thread);
+            # SIGTERM/Ctrl-C (which the webui ends with os._exit, skipping atexit) likewise first
             atexit.register(shutdown)
+            stop_jobs_on_signals(_service)
         return _service
 
 
