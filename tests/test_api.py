@@ -231,3 +231,23 @@ def test_malformed_bodies_are_422_naming_what_is_wrong(env):
         time.sleep(0.05)
     out = client.post(f"/sdtrain/v1/jobs/{job_id}/stop")
     assert out.status_code == 409 and "already finished" in out.json()["detail"]
+
+
+def test_resume_route_submits_an_interrupted_job_again(tmp_path):
+    from lib_sdtrain.core.jobs.service import INTERRUPTED
+    from lib_sdtrain.core.options.config import CreateEmbeddingConfig
+
+    service = JobService(lambda: None, {"create_embedding": (CreateEmbeddingConfig, lambda h, c, ctl: c.name)})
+    app = FastAPI()
+    mount(app, service, ApiOptions())
+    client = TestClient(app)
+    job = service.submit("create_embedding", {"name": "again"})
+    job.wait(10)
+    assert client.post(f"/sdtrain/v1/jobs/{job.id}/resume").status_code == 409  # it is done
+    job.state = INTERRUPTED  # as a job the webui's end cut short is listed after the restart
+    out = client.post(f"/sdtrain/v1/jobs/{job.id}/resume")
+    assert out.status_code == 202 and out.json()["id"] != job.id
+    new = service.get(out.json()["id"])
+    assert new.wait(10) and new.config.name == "again" and new.state == "done"
+    assert client.post("/sdtrain/v1/jobs/nope/resume").status_code == 404
+    service.shutdown()

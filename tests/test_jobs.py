@@ -110,3 +110,45 @@ def test_failures_are_reported_and_the_worker_survives():
     svc.shutdown()
     with pytest.raises(SdtrainError):
         svc.submit("create_embedding", {"name": "late"})
+
+
+def test_the_job_list_survives_the_process_and_interrupted_jobs_resume(tmp_path):
+    """With a store, finished jobs are listed again by the next process's service; a job that was
+    running when the process ended shows as interrupted (with the step it was at) and is resumed by
+    submitting it again with its settings; a finished or unknown job cannot be resumed."""
+    from lib_sdtrain.core.jobs.service import INTERRUPTED
+
+    store = str(tmp_path / "sdtrain" / "jobs.json")
+    release = threading.Event()
+
+    def runner(host, cfg, control):
+        control.emit("step", step=3, total=10, loss=1.0, lr=0.1)
+        release.wait(10)
+        return f"made {cfg.name}"
+
+    first = JobService(lambda: None, {"create_embedding": (CreateEmbeddingConfig, runner)}, store=store)
+    first.STORE_EVERY = 0.0
+    done = first.submit("create_embedding", {"name": "finished"})
+    release.set()
+    done.wait(10)
+    release.clear()
+    cut = first.submit("create_embedding", {"name": "cut", "num_vectors_per_token": 3})
+    deadline = time.time() + 10
+    while cut.step != 3 and time.time() < deadline:
+        time.sleep(0.01)
+    # the process "dies" here: a new service reads the list the first one kept
+    second = JobService(lambda: None, {"create_embedding": (CreateEmbeddingConfig, runner)}, store=store)
+    listed = {j.id: j for j in second.list()}
+    assert listed[done.id].state == DONE and listed[done.id].config.name == "finished"
+    assert listed[cut.id].state == INTERRUPTED and listed[cut.id].step == 3
+    assert "resume it to continue" in listed[cut.id].error
+    release.set()
+    again = second.resume(cut.id)
+    assert again.id != cut.id and again.config.name == "cut" and again.config.num_vectors_per_token == 3
+    assert again.wait(10) and again.state == DONE
+    with pytest.raises(SdtrainError, match="only a stopped, failed or interrupted job"):
+        second.resume(done.id)
+    with pytest.raises(SdtrainError, match="no job"):
+        second.resume("nope")
+    first.shutdown()
+    second.shutdown()

@@ -180,3 +180,28 @@ def test_a_host_difference_does_not_take_the_tabs_down(tiny_sd1, tmp_path):
     note = ids["sdtrain_train_embedding_model_note"].value
     note = note() if callable(note) else note
     assert "SD1 model" in note and "embedding_db" in note
+
+
+def test_resume_last_run_button(ui):
+    """"Resume last run" submits the latest stopped, failed or interrupted job of its kind again with its
+    settings (a training continues from its resume point); with nothing to resume it says so."""
+    demo, service, tmp = ui
+    resume, inputs = handler(demo, "sdtrain_train_embedding_resume")
+    assert inputs == []
+    (_, _, _, _, error, _), = list(resume())
+    assert "there is no job to resume" in error
+    data = write_sample_dataset(tmp / "data", count=4, size=64)
+    service.run("create_embedding", {"name": "again", "embeddings_dir": str(tmp / "embeddings")})
+    job = service.submit("train_embedding", {
+        "embedding_name": "again", "embeddings_dir": str(tmp / "embeddings"), "data_root": str(data), "steps": 20,
+        "training_width": 64, "training_height": 64, "template_filename": "subject_filewords.txt",
+        "create_image_every": 0, "save_embedding_every": 0, "log_directory": str(tmp / "log")})
+    service.stop(job.id)
+    job.wait(60)
+    assert job.state == "stopped" and job.step < 20
+    updates = list(resume())
+    status, _, _, _, error, job_id = updates[-1]
+    assert error == "" and "done" in status and "step 20/20" in status and job_id != job.id
+    assert service.get(job_id).config.embedding_name == "again"
+    (_, _, _, _, error, _), = list(resume())
+    assert "is done" in error

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from lib_sdtrain.core.errors import ConfigError, SdtrainError
-from lib_sdtrain.core.jobs.service import DONE, FINISHED_STATES, Job, JobService
+from lib_sdtrain.core.jobs.service import DONE, FINISHED_STATES, RESUMABLE_STATES, Job, JobService
 from lib_sdtrain.core.options.config import ConfigBase
 from lib_sdtrain.core.options.places import WritePolicy
 from lib_sdtrain.core.tasks.registry import job_config_types
@@ -236,6 +236,16 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
             raise HTTPException(status_code=409, detail=f"job {job_id} has already finished ({job.state})")
         return service.stop(job_id).to_dict(history=False)
 
+    def resume_job(job_id: str):
+        """Submit a stopped, failed or interrupted job (one the webui's end cut short) again with its
+        settings: a training continues from its resume point. 202 with the new job's id."""
+        job = _job_or_404(service, job_id)
+        if job.state not in RESUMABLE_STATES:
+            raise HTTPException(status_code=409, detail=f"job {job_id} is {job.state}; only a stopped, failed "
+                                                        "or interrupted job is resumed")
+        new = service.resume(job_id)
+        return JSONResponse(status_code=202, content={"id": new.id, "state": new.state})
+
     def schema():
         """JSON schemas of every job kind's config."""
         return {kind: config_schema(cls) for kind, cls in types.items()}
@@ -247,6 +257,8 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
     router.add_api_route("/sdtrain/v1/jobs", list_jobs, methods=["GET"], responses=_answers(*auth))
     router.add_api_route("/sdtrain/v1/jobs/{job_id}", get_job, methods=["GET"], responses=_answers(404, *auth))
     router.add_api_route("/sdtrain/v1/jobs/{job_id}/stop", stop_job, methods=["POST"],
+                         responses=_answers(404, 409, *auth))
+    router.add_api_route("/sdtrain/v1/jobs/{job_id}/resume", resume_job, methods=["POST"], status_code=202,
                          responses=_answers(404, 409, *auth))
     router.add_api_route("/sdtrain/v1/schema", schema, methods=["GET"], responses=_answers(*auth))
     if options.refresh is not None:

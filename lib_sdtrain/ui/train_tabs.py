@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from lib_sdtrain.core.errors import SdtrainError
-from lib_sdtrain.core.jobs.service import FINISHED_STATES, Job, JobService
+from lib_sdtrain.core.jobs.service import FINISHED_STATES, RESUMABLE_STATES, Job, JobService
 from lib_sdtrain.core.options.config import (
     CreateEmbeddingConfig,
     CreateHypernetworkConfig,
@@ -323,6 +323,7 @@ def _train_tab(ctx: UiContext, tk: TabKind, list_names, refresh_names) -> None:
             train = gr.Button(value=f"Train {tk.noun.capitalize()}", variant="primary", elem_id=f"{prefix}_button")
             stop = gr.Button(value="Stop", elem_id=f"{prefix}_stop")
             show = gr.Button(value="Show latest job", elem_id=f"{prefix}_watch")
+            resume = gr.Button(value="Resume last run", elem_id=f"{prefix}_resume")
         status = gr.HTML(elem_id=f"{prefix}_status")
         error = gr.HTML(elem_id=f"{prefix}_error")
         chart = gr.Image(label="Loss", type="pil", interactive=False, elem_id=f"{prefix}_loss_chart")
@@ -331,12 +332,13 @@ def _train_tab(ctx: UiContext, tk: TabKind, list_names, refresh_names) -> None:
         job_id = gr.Textbox(visible=False, elem_id=f"{prefix}_job_id")
 
     _wire_job(ctx, kind, widgets, list(ctx.txt2img_preview_params), train, stop, show,
-              [status, chart, gallery, files, error, job_id], job_id)
+              [status, chart, gallery, files, error, job_id], job_id, resume_button=resume)
 
 
 def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs: list[Any], start_button,
-              stop_button, show_button, outputs: list[Any], job_id) -> None:
-    """Start (a generator streaming the job's view), Stop, and re-attach to the latest job of a kind."""
+              stop_button, show_button, outputs: list[Any], job_id, resume_button=None) -> None:
+    """Start (a generator streaming the job's view), Stop, re-attach to the latest job of a kind, and
+    resume the latest stopped, failed or interrupted one (a webui restart cut it short) with its settings."""
     names = list(widgets)
 
     def start(*values):
@@ -360,6 +362,19 @@ def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs
         running = [j for j in jobs if j.state not in FINISHED_STATES]
         yield from watch(ctx.service, (running or jobs or [None])[-1], ctx.poll_seconds)
 
+    def resume_latest():
+        jobs = [j for j in ctx.service.list() if j.kind == kind]
+        if jobs and jobs[-1].state in RESUMABLE_STATES:
+            try:
+                job = ctx.service.resume(jobs[-1].id)
+            except SdtrainError as e:
+                yield ("", None, [], "", _error(e), "")
+                return
+            yield from watch(ctx.service, job, ctx.poll_seconds)
+            return
+        why = f"the last {kind.replace('_', ' ')} job is {jobs[-1].state}" if jobs else "there is no job to resume"
+        yield ("", None, [], "", _error(SdtrainError(f"Nothing to resume: {why}.")), "")
+
     def stop_job(current: str):
         jobs = [j for j in ctx.service.list() if j.kind == kind and j.state not in FINISHED_STATES]
         target = ctx.service.get(current) if current else None
@@ -370,4 +385,6 @@ def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs
                        show_progress=False, **_STREAMING)
     if show_button is not None:
         show_button.click(latest, outputs=outputs, show_progress=False, **_STREAMING)
+    if resume_button is not None:
+        resume_button.click(resume_latest, outputs=outputs, show_progress=False, **_STREAMING)
     stop_button.click(stop_job, inputs=[job_id], outputs=[], **_STREAMING)

@@ -7,9 +7,13 @@ exists and before any model work.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import logging
+import os
 import queue
+import tempfile
 import threading
 import time
 import traceback
@@ -25,7 +29,12 @@ from lib_sdtrain.core.port import TrainingHost
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
-FINISHED_STATES = (DONE, STOPPED, FAILED)
+#: a job the process ended while it was queued or running (a crash, a kill, a webui restart): listed
+#: after the restart; resuming it submits it again, and a training continues from its resume point
+INTERRUPTED = "interrupted"
+FINISHED_STATES = (DONE, STOPPED, FAILED, INTERRUPTED)
+#: jobs that can be submitted again as they were
+RESUMABLE_STATES = (STOPPED, FAILED, INTERRUPTED)
 
 
 @dataclass
@@ -78,6 +87,7 @@ class Job:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _seq: Any = field(default_factory=lambda: itertools.count(1), repr=False)
+    _on_change: Callable[[str], None] | None = field(default=None, repr=False)
     control: JobControl = field(init=False, repr=False)
 
     MAX_EVENTS = 2000
@@ -109,6 +119,8 @@ class Job:
                 len(self.events) > self.MAX_EVENTS
             ):  # keep memory bounded on long runs; history lives in loss/files
                 del self.events[: len(self.events) - self.MAX_EVENTS]
+        if self._on_change is not None and event.kind in ("state", "error", "file", "step"):
+            self._on_change(event.kind)  # the job list on disk follows state changes, saves and progress
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -150,14 +162,23 @@ Runner = Callable[[TrainingHost, Any, JobControl], Any]
 class JobService:
     """Submit/list/get/stop jobs; one worker thread runs them in order on one host."""
 
-    def __init__(self, host: Callable[[], TrainingHost], runners: dict[str, tuple[type[ConfigBase], Runner]]):
+    #: jobs kept in the list on disk (the newest)
+    STORE_LIMIT = 200
+
+    def __init__(self, host: Callable[[], TrainingHost], runners: dict[str, tuple[type[ConfigBase], Runner]],
+                 store: str | None = None):
+        """`store`: a JSON file the job list is kept in, so it survives the process (the webui's)."""
         self._host = host
         self._runners = dict(runners)
         self._jobs: dict[str, Job] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
+        self._store_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._closed = False
+        self._store = store
+        if store:
+            self._load()
 
     # -- surface API -------------------------------------------------------------------------------
     def kinds(self) -> list[str]:
@@ -174,7 +195,7 @@ class JobService:
 
     def submit(self, kind: str, config: dict[str, Any] | ConfigBase) -> Job:
         cfg = self.validate(kind, config)
-        job = Job(id=uuid.uuid4().hex[:12], kind=kind, config=cfg)
+        job = Job(id=uuid.uuid4().hex[:12], kind=kind, config=cfg, _on_change=self._save)
         with self._lock:
             if self._closed:
                 raise SdtrainError("the job service is shut down")
@@ -208,6 +229,73 @@ class JobService:
         if queued:  # never started: it ends here, the worker will skip it
             self._finish(job, STOPPED)
         return job
+
+    def resume(self, job_id: str) -> Job:
+        """Submit a stopped, failed or interrupted job again with its settings: a training continues
+        from its resume point (or from its file). SdtrainError when it cannot be resumed."""
+        job = self.get(job_id)
+        if job is None:
+            raise SdtrainError(f"no job {job_id}")
+        if job.state not in RESUMABLE_STATES:
+            raise SdtrainError(f"job {job_id} is {job.state}; only a stopped, failed or interrupted job is resumed")
+        return self.submit(job.kind, job.config)
+
+    # -- the list on disk -------------------------------------------------------------------------
+    #: seconds between two writes of the list for step progress alone
+    STORE_EVERY = 30.0
+
+    def _save(self, why: str = "state") -> None:
+        if not self._store:
+            return
+        now = time.monotonic()
+        if why == "step" and now - getattr(self, "_saved_at", 0.0) < self.STORE_EVERY:
+            return
+        self._saved_at = now
+        with self._lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: j.created)[-self.STORE_LIMIT:]
+        data = json.dumps([j.to_dict(history=True) for j in jobs], default=str)
+        with self._store_lock:  # atomically: a kill mid-write leaves the previous list
+            folder = os.path.dirname(os.path.abspath(self._store))
+            try:
+                os.makedirs(folder, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".jobs.", suffix=".tmp", dir=folder)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(data)
+                os.replace(tmp, self._store)
+            except OSError as e:
+                log.warning("sdtrain: could not keep the job list in %s: %s", self._store, e)
+
+    def _load(self) -> None:
+        try:
+            with open(self._store, encoding="utf-8") as f:  # type: ignore[arg-type]
+                saved = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("sdtrain: the job list in %s is unreadable (%s); starting an empty one", self._store, e)
+            return
+        for d in saved if isinstance(saved, list) else []:
+            try:
+                cls, _ = self._runners[d["kind"]]
+                known = {f.name for f in dataclasses.fields(cls)}
+                config = cls(**{k: v for k, v in d["config"].items() if k in known})  # as it ran, unchecked
+                state = d["state"] if d["state"] in (DONE, STOPPED, FAILED, INTERRUPTED) else INTERRUPTED
+                job = Job(id=str(d["id"]), kind=d["kind"], config=config, state=state, step=int(d["step"]),
+                          total_steps=int(d.get("total_steps") or 0), files=list(d.get("files") or []),
+                          previews=list(d.get("previews") or []), error=d.get("error"),
+                          message=str(d.get("message") or ""), created=float(d["created"]),
+                          started=d.get("started"), finished=d.get("finished") or time.time(),
+                          loss=[tuple(x) for x in d.get("loss_history") or []],
+                          validation=[tuple(x) for x in d.get("validation_history") or []],
+                          _on_change=self._save)
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("sdtrain: skipped a job of the saved list (%s)", e)
+                continue
+            if state == INTERRUPTED and d["state"] != INTERRUPTED:
+                job.error = (f"the process ended while this job was {d['state']} (at step {job.step}); "
+                             "resume it to continue where it was")
+            job._done.set()
+            self._jobs[job.id] = job
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         """Stop every job and the worker (webui reload / process exit)."""

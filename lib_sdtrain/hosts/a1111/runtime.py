@@ -90,12 +90,22 @@ def service() -> JobService:
     global _service
     with _lock:
         if _service is None:
-            _service = JobService(host, _wrapped_runners())
+            _service = JobService(host, _wrapped_runners(), store=_job_store())
             # at webui exit a running job saves and ends, like Stop (the worker is a daemon thread);
             # SIGTERM/Ctrl-C (which the webui ends with os._exit, skipping atexit) likewise first
             atexit.register(shutdown)
             stop_jobs_on_signals(_service)
         return _service
+
+
+def _job_store() -> str | None:
+    """The job list survives a webui restart: a JSON file in the webui's data directory."""
+    try:
+        from modules import paths
+
+        return os.path.join(paths.data_path, "sdtrain", "jobs.json")
+    except Exception:  # no webui (tests of the surfaces): the list lives in memory only
+        return None
 
 
 def shutdown() -> None:
