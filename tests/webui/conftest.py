@@ -257,8 +257,11 @@ def webui_assets(tmp_path_factory):
         ckpt, shims = out["ckpt"], {"sdtrain-test-tiny-sd1": out["shim"]}
     data = write_sample_dataset(root / "train", count=4, size=64, seed=5)
     ext = root / "sdtrain-copy"
+    # the extension as "Install from URL" would get it: tracked files, no local environments or caches
+    # (.venv-forge alone is 1.4 GB, and every server gets its own copy)
     shutil.copytree(REPO, ext, ignore=shutil.ignore_patterns(
-        ".git", ".venv", ".webuis", "__pycache__", "*.pyc", "demo_out", ".pytest_cache", ".ruff_cache", "tests"))
+        ".git", ".venv*", ".webuis", "__pycache__", "*.pyc", "demo_out", ".pytest_cache", ".ruff_cache",
+        ".hypothesis", ".import_linter_cache", "tests"))
     return {"root": root, "ckpt": ckpt, "hf": root / "hf", "clip_dir": snap, "data": data, "extension": ext,
             "shims": shims}
 
