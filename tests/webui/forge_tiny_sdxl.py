@@ -228,6 +228,23 @@ def _clip_arch(path: Path) -> dict:
     return {k: v for k, v in config.items() if k not in _CLIP_PROVENANCE}
 
 
+def save_checked_tiny_sd1(path: Path, clip_dir: Path, seed: int, inpainting: bool = False) -> Path:
+    """The tiny SD1 of the A1111 tests (768-wide 2-layer 12-head CLIP, 32-channel UNet) saved to `path`,
+    after checking that `clip_dir`'s config is the one its CLIP was built from (a ValueError if not).
+    The build folder is removed either way. Needs ldm importable."""
+    from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint
+
+    build = path.parent / f"build-{path.stem}"
+    try:
+        model = build_tiny_sd1(build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=seed,
+                               inpainting=inpainting)
+        if _clip_arch(Path(clip_dir) / "config.json") != _clip_arch(build / "clip" / "config.json"):
+            raise ValueError(f"{Path(clip_dir) / 'config.json'} is not the text config of the tiny SD1's CLIP")
+        return save_tiny_checkpoint(model, path)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
 def _write_sd1_repo(repo: Path, clip_dir: Path) -> None:
     """The diffusers-style folder `backend/loader.py` reads the SD1 component configs from."""
     _write_json(repo / "model_index.json", {
@@ -274,19 +291,11 @@ def write_tiny_sd1_for_forge(root: Path, clip_dir: Path, seed: int = 0) -> dict:
     offline hub snapshot `webui_assets` writes): they become the folder's tokenizer/ and
     text_encoder/config.json; a ValueError if that config is not the one `build_tiny_sd1` builds.
     Needs ldm importable (as `build_tiny_sd1` does); leaves the global RNG untouched."""
-    from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint
 
     root = Path(root).resolve()
     clip_dir = Path(clip_dir)
     root.mkdir(parents=True, exist_ok=True)
-    build = root / "build-tiny-sd1-forge"
-    model = build_tiny_sd1(build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=seed)
-    if _clip_arch(clip_dir / "config.json") != _clip_arch(build / "clip" / "config.json"):
-        shutil.rmtree(build)
-        raise ValueError(f"{clip_dir / 'config.json'} is not the text config of the tiny SD1's CLIP")
-    ckpt = save_tiny_checkpoint(model, root / "tiny-sd1-forge.safetensors")
-    del model
-    shutil.rmtree(build)
+    ckpt = save_checked_tiny_sd1(root / "tiny-sd1-forge.safetensors", clip_dir, seed)
     repo = root / "tiny-sd1-forge-repo"
     _write_sd1_repo(repo, clip_dir)
     script = _SD1_SHIM_TEMPLATE.format(repo=str(repo), cls=SD1_CLASS_NAME, match=TINY_SD1_UNET_MATCH)
@@ -464,21 +473,11 @@ def write_tiny_inpainting_for_forge(root: Path, clip_dir: Path, seed: int = 2) -
     {relative_path: text}} (own script and class names). `clip_dir` as for `write_tiny_sd1_for_forge`
     (a ValueError if its config is not the tiny CLIP's). Needs ldm importable; leaves the global RNG
     untouched."""
-    from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint
 
     root = Path(root).resolve()
     clip_dir = Path(clip_dir)
     root.mkdir(parents=True, exist_ok=True)
-    build = root / "build-tiny-sd1-inpainting-forge"
-    model = build_tiny_sd1(
-        build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=seed, inpainting=True
-    )
-    if _clip_arch(clip_dir / "config.json") != _clip_arch(build / "clip" / "config.json"):
-        shutil.rmtree(build)
-        raise ValueError(f"{clip_dir / 'config.json'} is not the text config of the tiny SD1's CLIP")
-    ckpt = save_tiny_checkpoint(model, root / "tiny-sd1-inpainting-forge.safetensors")
-    del model
-    shutil.rmtree(build)
+    ckpt = save_checked_tiny_sd1(root / "tiny-sd1-inpainting-forge.safetensors", clip_dir, seed, inpainting=True)
     repo = root / "tiny-sd1-inpainting-forge-repo"
     _write_sd1_repo(repo, clip_dir)
     script = _SD1_SHIM_TEMPLATE.format(repo=str(repo), cls=INPAINT_CLASS_NAME, match=TINY_INPAINT_UNET_MATCH)

@@ -60,8 +60,6 @@ previews off and turn "Use cross attention optimizations while training" on.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 #: the tiny SD1 UNet as `detect_unet_config` reads it back (channel_mult [1, 2], one res block per
@@ -159,15 +157,6 @@ if not any(getattr(m, "__name__", None) == {cls!r} for m in supported_models.mod
     print("[sdtrain-test] registered {cls} with reForge's model detector")
 '''
 
-#: config.json entries that name where a CLIP config came from, not what it builds
-_CLIP_PROVENANCE = ("_name_or_path", "transformers_version", "torch_dtype")
-
-
-def _clip_arch(path: Path) -> dict:
-    config = json.loads(path.read_text(encoding="utf-8"))
-    return {k: v for k, v in config.items() if k not in _CLIP_PROVENANCE}
-
-
 def write_tiny_sd1_for_reforge(root: Path, clip_dir: Path, seed: int = 0) -> dict:
     """Write `root/tiny-sd1-reforge.safetensors` (ldm key layout, fp32: the tiny SD1 of `webui_assets`,
     768-wide 2-layer 12-head CLIP, 32-channel UNet, 32-channel VAE) and return {"ckpt": Path,
@@ -178,22 +167,13 @@ def write_tiny_sd1_for_reforge(root: Path, clip_dir: Path, seed: int = 0) -> dic
     offline hub snapshot `webui_assets` writes); the shim names it by its absolute path, so it must stay
     where it is while the server runs. A ValueError if its config is not the one `build_tiny_sd1` builds.
     Needs ldm importable (as `build_tiny_sd1` does); leaves the global RNG untouched."""
-    from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint
 
     root = Path(root).resolve()
     clip_dir = Path(clip_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    build = root / "build-tiny-sd1-reforge"
-    try:
-        model = build_tiny_sd1(
-            build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=seed
-        )
-        if _clip_arch(clip_dir / "config.json") != _clip_arch(build / "clip" / "config.json"):
-            raise ValueError(f"{clip_dir / 'config.json'} is not the text config of the tiny SD1's CLIP")
-        ckpt = save_tiny_checkpoint(model, root / "tiny-sd1-reforge.safetensors")
-        del model
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
+    from forge_tiny_sdxl import save_checked_tiny_sd1
+
+    ckpt = save_checked_tiny_sd1(root / "tiny-sd1-reforge.safetensors", clip_dir, seed)
     script = _SHIM_TEMPLATE.format(clip_dir=str(clip_dir), vae=TINY_VAE_PARAMS, cls=CLASS_NAME,
                                    match=TINY_SD1_UNET_MATCH)  # fmt: skip
     return {"ckpt": ckpt, "shim": {SHIM_SCRIPT: script}}
