@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,21 +62,31 @@ def run_driver(workdir: Path, cfg: dict, kill_after: float | None) -> tuple[int 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(script), json.dumps(cfg), str(workdir / "model")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    assert proc.stdout is not None
-    for line in proc.stdout:  # wait until the model is built
-        lines.append(line)
-        if line.startswith("ready"):
-            break
+    lines: list[str] = []
+    ready_seen = threading.Event()
+
+    def read_all() -> None:  # one reader for the whole output: lines read ahead with "ready" are never lost
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready"):
+                ready_seen.set()
+        ready_seen.set()
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    ready_seen.wait(timeout=600)  # until the model is built
     ready = time.monotonic()
     if kill_after is not None:
         try:
             proc.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate(timeout=600)
+    proc.wait(timeout=600)
+    reader.join(timeout=60)
+    out = "".join(lines)
     killed = proc.returncode == -signal.SIGKILL
-    return (None if killed else proc.returncode), "".join(lines) + out, time.monotonic() - ready
+    return (None if killed else proc.returncode), out, time.monotonic() - ready
 
 
 @pytest.fixture

@@ -65,8 +65,9 @@ def drive(folder: Path, data: Path, signum: int | None, at_step: int = 8) -> tup
         if signum is not None and line.startswith("step ") and int(line.split()[1]) >= at_step:
             proc.send_signal(signum)
             break
-    out, _ = proc.communicate(timeout=300)
-    return proc.returncode, "".join(lines) + out
+    lines.append(proc.stdout.read())  # the same buffered reader: lines it read ahead are kept
+    proc.wait(timeout=300)
+    return proc.returncode, "".join(lines)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
