@@ -403,9 +403,17 @@ class WebUI:
         self.hypernetworks = self.dir / "hypernetworks"
         self.embeddings.mkdir()
         self.hypernetworks.mkdir()
+        self.assets, self.extra_args = assets, extra_args
+        self.log = self.dir / "webui.log"
+        self.start()
+
+    def start(self) -> None:
+        """Start the webui on its folders (again, after `stop` or `end`: a restart keeps them all, the
+        data directory included); returns once it serves. Each start appends to the same log."""
+        assets, extra_args = self.assets, self.extra_args
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = self.dir / "webui.log"
+        self._log_from = len(self.log_text()) if self.log.exists() else 0
         env = {**os.environ, "HF_HOME": str(assets["hf"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)
@@ -413,11 +421,11 @@ class WebUI:
         cmd = [_python(), "launch.py", *HOST.launch_args, "--api", "--port", str(self.port), "--data-dir", str(self.dir),
                "--ckpt", str(assets["ckpt"]), "--embeddings-dir", str(self.embeddings),
                "--hypernetwork-dir", str(self.hypernetworks), *extra_args]
-        self._out = open(self.log, "wb")  # noqa: SIM115 — lives as long as the server
+        self._out = open(self.log, "ab")  # noqa: SIM115 — lives as long as the server
         self.proc = subprocess.Popen(cmd, cwd=WEBUI_DIR, env=env, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + 240
-        while HOST.ready_line not in self.log_text():  # an earlier request can crash start-up
+        while HOST.ready_line not in self.log_text()[self._log_from:]:  # an earlier request can crash start-up
             if self.proc.poll() is not None or time.time() > deadline:
                 self.stop()
                 raise RuntimeError(f"webui did not start:\n{self.log_text()[-4000:]}")
@@ -426,7 +434,17 @@ class WebUI:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def end(self, signum: int, timeout: float = 120) -> int:
+        """Send `signum` to the webui's process group, as a terminal's Ctrl-C (SIGINT), a service
+        manager (SIGTERM) or the OOM killer (SIGKILL) would; returns its exit status once it is gone."""
+        os.killpg(self.proc.pid, signum)
+        code = self.proc.wait(timeout)
+        self._out.close()
+        return code
+
     def stop(self) -> None:
+        if self._out.closed:
+            return
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:

@@ -94,8 +94,19 @@ def service() -> JobService:
             # at webui exit a running job saves and ends, like Stop (the worker is a daemon thread);
             # SIGTERM/Ctrl-C (which the webui ends with os._exit, skipping atexit) likewise first
             atexit.register(shutdown)
-            stop_jobs_on_signals(_service)
+            _stop_jobs_on_signals(_service)
         return _service
+
+
+def _stop_jobs_on_signals(svc: JobService) -> None:
+    """A1111 creates the service on the main thread; Forge and reForge run the webui in a worker
+    thread and keep the main thread for their task loop (modules_forge/main_thread.py), so the
+    handlers are installed through that loop."""
+    if stop_jobs_on_signals(svc):
+        return
+    from lib_sdtrain.hosts.forge import webui
+
+    webui.on_main_thread(lambda: stop_jobs_on_signals(svc))
 
 
 def _job_store() -> str | None:

@@ -94,3 +94,15 @@ def register_hypernetwork_page() -> None:
     from modules.ui_extra_networks_hypernets import ExtraNetworksPageHypernetworks
 
     ui_extra_networks.register_page(ExtraNetworksPageHypernetworks())
+
+
+def on_main_thread(func) -> bool:
+    """Run `func` on the process's main thread, where Forge and reForge keep their task loop
+    (modules_forge.main_thread.loop; the webui itself and the extensions run in a worker thread there).
+    Signal handlers can only be installed from that thread. False where there is no such loop."""
+    try:
+        from modules_forge import main_thread
+    except ImportError:
+        return False
+    main_thread.async_run(func)
+    return True
