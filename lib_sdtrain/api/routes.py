@@ -7,7 +7,6 @@ Schemas for /docs are generated from the same dataclasses.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,12 +20,9 @@ from lib_sdtrain.core.errors import ConfigError, SdtrainError
 from lib_sdtrain.core.jobs.service import DONE, FINISHED_STATES, RESUMABLE_STATES, Job, JobService
 from lib_sdtrain.core.options.config import ConfigBase
 from lib_sdtrain.core.options.places import WritePolicy
-from lib_sdtrain.core.tasks.registry import job_config_types
+from lib_sdtrain.core.tasks.registry import HOST_ONLY_FIELDS, job_config_types, job_request, json_object
 
 _JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array"}
-
-#: Fields of the host's request bodies that sdtrain accepts and ignores.
-HOST_ONLY_FIELDS = ("id_task",)
 
 
 def config_schema(cls: type[ConfigBase], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -80,16 +76,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind and kind != "application/json" and not kind.endswith("+json"):
         raise ConfigError("body", f"must be sent as application/json, not {kind}")
-    raw = await request.body()
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise ConfigError("body", f"not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError("body", "must be a JSON object")
-    return data
+    return json_object(await request.body())
 
 
 def basic_auth(credentials: dict[str, str]) -> Callable[..., bool]:
@@ -207,16 +194,7 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
 
     async def submit_job(request: Request):
         """Queue a job: {"kind": one of the job kinds, "config": {...}}. Answers 202 with the job id at once."""
-        body = await _json_body(request)
-        kind = body.get("kind")
-        if not isinstance(kind, str) or kind not in types:
-            raise ConfigError("kind", f"must be one of {', '.join(sorted(types))}")
-        extra = set(body) - {"kind", "config"}
-        if extra:
-            raise ConfigError(sorted(extra)[0], "unknown field (a job is {\"kind\", \"config\"})")
-        config = body.get("config") or {}
-        if not isinstance(config, dict):
-            raise ConfigError("config", "must be a JSON object")
+        kind, config = job_request(await _json_body(request))  # the CLI's `run job.json` checks the same
         job = service.submit(kind, _config(kind, config, options))
         return JSONResponse(status_code=202, content={"id": job.id, "state": job.state})
 
@@ -300,4 +278,4 @@ def mount(app: FastAPI, service: JobService, options: ApiOptions | None = None) 
     app.include_router(make_router(service, options))
 
 
-__all__ = ["ApiOptions", "SdtrainError", "config_schema", "make_router", "mount", "replace_routes"]
+__all__ = ["HOST_ONLY_FIELDS", "ApiOptions", "SdtrainError", "config_schema", "make_router", "mount", "replace_routes"]
