@@ -3,6 +3,8 @@ handlers over a real job."""
 
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 import pytest
 
@@ -11,7 +13,7 @@ from lib_sdtrain.core.formats.embedding_io import load_embedding
 from lib_sdtrain.core.jobs.service import JobService
 from lib_sdtrain.core.tasks.registry import job_runners
 from lib_sdtrain.hosts.standalone.host import StandaloneHost
-from lib_sdtrain.ui.train_tabs import UiContext, build_all_tabs
+from lib_sdtrain.ui.train_tabs import OUTPUTS, UiContext, build_all_tabs
 
 
 @pytest.fixture
@@ -47,6 +49,12 @@ def handler(demo, elem_id):
     raise AssertionError(f"no handler on {elem_id}")
 
 
+def view(update: tuple) -> dict:
+    """A job view yielded by a handler, by output name (train_tabs.OUTPUTS)."""
+    assert len(update) == len(OUTPUTS)
+    return dict(zip(OUTPUTS, update))
+
+
 def test_ids_are_prefixed_and_host_labels_kept(ui):
     demo, _, _ = ui
     ids = [b.elem_id for b in demo.blocks.values() if getattr(b, "elem_id", None)]
@@ -65,8 +73,9 @@ def test_create_then_train_through_the_handlers(ui):
     create, inputs = handler(demo, "sdtrain_create_embedding_button")
     values = {c.elem_id: c.value for c in inputs}
     values["sdtrain_create_embedding_name"] = "uiemb"
-    out, err = create(*[values[c.elem_id] for c in inputs])
+    out, err, names, _note = create(*[values[c.elem_id] for c in inputs])
     assert err == "" and out.startswith("Created: ") and out.endswith("uiemb.pt")
+    assert names["value"] == "uiemb"  # the new embedding is selected for training
 
     data = write_sample_dataset(tmp / "data", count=4, size=64)
     train, inputs = handler(demo, "sdtrain_train_embedding_button")
@@ -75,13 +84,17 @@ def test_create_then_train_through_the_handlers(ui):
                    "sdtrain_train_embedding_steps": 5.0, "sdtrain_train_embedding_training_width": 64, "sdtrain_train_embedding_training_height": 64,
                    "sdtrain_train_embedding_template_filename": "subject_filewords.txt", "sdtrain_train_embedding_create_image_every": 5.0,
                    "sdtrain_train_embedding_save_embedding_every": 0.0, "sdtrain_train_embedding_log_directory": str(tmp / "log")})
-    updates = list(train(*[values[c.elem_id] for c in inputs]))
-    status, chart, previews, files, error, job_id = updates[-1]
-    assert error == "" and "done" in status and "step 5/5" in status
-    assert chart is not None and chart.size[0] > 100
-    assert len(previews) == 1 and previews[0].endswith("uiemb-5.png")
-    assert load_embedding(next(f for f in files.splitlines() if f.endswith("uiemb.pt"))).step == 5
-    assert service.get(job_id).state == "done"
+    updates = [view(u) for u in train(*[values[c.elem_id] for c in inputs])]
+    last = updates[-1]
+    assert last["error"] == "" and "done" in last["status"] and "step 5/5" in last["status"]
+    # the charts' tables: loss, its smoothed curve (one point a step) and the learning rate
+    loss = last["loss"]
+    assert sorted(set(loss["series"])) == ["loss", "smoothed loss"] and list(loss[loss.series == "loss"].step) == [1, 2, 3, 4, 5]
+    assert list(last["lr"]["learning rate"]) == [0.005] * 5
+    assert len(last["previews"]) == 1 and last["previews"][0].endswith("uiemb-5.png")
+    assert load_embedding(next(f for f in last["files"].splitlines() if f.endswith("uiemb.pt"))).step == 5
+    assert service.get(last["job_id"]).state == "done"
+    assert all(u["names"] == gr.update() for u in updates[:-1]) and "choices" in last["names"]  # list refreshed at the end
 
 
 def test_bad_input_shows_in_the_tab(ui):
@@ -89,9 +102,9 @@ def test_bad_input_shows_in_the_tab(ui):
     train, inputs = handler(demo, "sdtrain_train_embedding_button")
     values = {c.elem_id: c.value for c in inputs}
     values["sdtrain_train_embedding_embedding_name"] = "uiemb"  # no dataset directory given
-    (status, chart, previews, files, error, job_id), = list(train(*[values[c.elem_id] for c in inputs]))
-    assert "data_root" in error and "Dataset directory" in error
-    assert (status, chart, previews, files, job_id) == ("", None, [], "", "")
+    (update,) = [view(u) for u in train(*[values[c.elem_id] for c in inputs])]
+    assert "data_root" in update["error"] and "Dataset directory" in update["error"]
+    assert [update[k] for k in ("status", "loss", "previews", "files", "job_id")] == ["", None, [], "", ""]
 
 
 def test_hypernetwork_tabs_create_and_train(ui):
@@ -100,8 +113,8 @@ def test_hypernetwork_tabs_create_and_train(ui):
     values = {c.elem_id: c.value for c in inputs}
     assert values["sdtrain_create_hypernetwork_enable_sizes"] == ["768", "320", "640", "1280"]  # the host's
     values.update({"sdtrain_create_hypernetwork_name": "uihn", "sdtrain_create_hypernetwork_enable_sizes": ["64"]})
-    out, err = create(*[values[c.elem_id] for c in inputs])
-    assert err == "" and out.endswith("uihn.pt")
+    out, err, names, _note = create(*[values[c.elem_id] for c in inputs])
+    assert err == "" and out.endswith("uihn.pt") and names["value"] == "uihn"
     data = write_sample_dataset(tmp / "hdata", count=4, size=64)
     train, inputs = handler(demo, "sdtrain_train_hypernetwork_button")
     values = {c.elem_id: c.value for c in inputs}
@@ -112,8 +125,8 @@ def test_hypernetwork_tabs_create_and_train(ui):
                    "sdtrain_train_hypernetwork_training_height": 64, "sdtrain_train_hypernetwork_create_image_every": 0,
                    "sdtrain_train_hypernetwork_save_hypernetwork_every": 0,
                    "sdtrain_train_hypernetwork_log_directory": str(tmp / "hlog")})
-    status, *_rest, error, job_id = list(train(*[values[c.elem_id] for c in inputs]))[-1]
-    assert error == "" and "done" in status and service.get(job_id).result.step == 3
+    last = view(list(train(*[values[c.elem_id] for c in inputs]))[-1])
+    assert last["error"] == "" and "done" in last["status"] and service.get(last["job_id"]).result.step == 3
 
 
 def test_preprocess_tab_prepares_a_folder(ui):
@@ -128,10 +141,10 @@ def test_preprocess_tab_prepares_a_folder(ui):
     values = {c.elem_id: c.value for c in inputs}
     values.update({"sdtrain_preprocess_process_src": str(src), "sdtrain_preprocess_process_dst": str(tmp / "set"),
                    "sdtrain_preprocess_process_width": 64, "sdtrain_preprocess_process_height": 64})
-    status, _chart, gallery, files, error, job_id = list(run(*[values[c.elem_id] for c in inputs]))[-1]
-    assert error == "" and "done" in status and len(gallery) == 3
-    assert all(Image.open(f).size == (64, 64) for f in gallery)
-    assert service.get(job_id).kind == "preprocess" and files.count(".png") == 3
+    last = view(list(run(*[values[c.elem_id] for c in inputs]))[-1])
+    assert last["error"] == "" and "done" in last["status"] and len(last["previews"]) == 3
+    assert all(Image.open(f).size == (64, 64) for f in last["previews"])
+    assert service.get(last["job_id"]).kind == "preprocess" and last["files"].count(".png") == 3
 
 
 def test_streaming_handlers_do_not_block_each_other(ui):
@@ -188,8 +201,8 @@ def test_resume_last_run_button(ui):
     demo, service, tmp = ui
     resume, inputs = handler(demo, "sdtrain_train_embedding_resume")
     assert inputs == []
-    (_, _, _, _, error, _), = list(resume())
-    assert "there is no job to resume" in error
+    (update,) = [view(u) for u in resume()]
+    assert "there is no job to resume" in update["error"]
     data = write_sample_dataset(tmp / "data", count=4, size=64)
     service.run("create_embedding", {"name": "again", "embeddings_dir": str(tmp / "embeddings")})
     job = service.submit("train_embedding", {
@@ -199,9 +212,64 @@ def test_resume_last_run_button(ui):
     service.stop(job.id)
     job.wait(60)
     assert job.state == "stopped" and job.step < 20
-    updates = list(resume())
-    status, _, _, _, error, job_id = updates[-1]
-    assert error == "" and "done" in status and "step 20/20" in status and job_id != job.id
-    assert service.get(job_id).config.embedding_name == "again"
-    (_, _, _, _, error, _), = list(resume())
-    assert "is done" in error
+    last = view(list(resume())[-1])
+    assert last["error"] == "" and "done" in last["status"] and "step 20/20" in last["status"] and last["job_id"] != job.id
+    assert service.get(last["job_id"]).config.embedding_name == "again"
+    (update,) = [view(u) for u in resume()]
+    assert "is done" in update["error"]
+
+
+def test_jobs_tab_lists_every_job_opens_stops_and_cancels(ui):
+    """Jobs started anywhere (here: straight through the service, as the API does) are listed newest
+    first; Open streams a job's view; Stop ends a running job and cancels a queued one; a finished job
+    says so."""
+    demo, service, tmp = ui
+    data = write_sample_dataset(tmp / "jdata", count=4, size=64)
+    service.run("create_embedding", {"name": "jobsui", "embeddings_dir": str(tmp / "embeddings")})
+    train = {"embedding_name": "jobsui", "embeddings_dir": str(tmp / "embeddings"), "data_root": str(data),
+             "training_width": 64, "training_height": 64, "template_filename": "subject_filewords.txt",
+             "create_image_every": 0, "save_embedding_every": 0, "log_directory": str(tmp / "log")}
+    running = service.submit("train_embedding", {**train, "steps": 100000})
+    queued = service.submit("train_embedding", {**train, "steps": 3})
+    refresh, _ = handler(demo, "sdtrain_jobs_refresh")
+    table, picks = refresh()
+    assert [row[0] for row in table[:3]] == [queued.id, running.id, service.list()[0].id]  # newest first
+    assert table[0][1:4] == ["train embedding", "jobsui", "queued"] and picks["choices"][0] == queued.id
+
+    stop, _ = handler(demo, "sdtrain_jobs_stop")
+    message, _ = stop(queued.id)
+    assert f"Asked job {queued.id} to stop" in message and queued.state == "stopped"  # cancelled, never ran
+    deadline = time.time() + 60
+    while running.step < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    stop(running.id)
+    assert running.wait(60) and running.state == "stopped" and queued.step == 0
+    message, _ = stop(running.id)
+    assert "has already finished (stopped)" in message
+    message, _ = stop("")
+    assert "Pick a job first" in message
+
+    open_job, _ = handler(demo, "sdtrain_jobs_open")
+    last = view(list(open_job(running.id))[-1])
+    assert "stopped" in last["status"] and last["job_id"] == running.id and len(last["loss"]) > 0
+    resume, _ = handler(demo, "sdtrain_jobs_resume")
+    (update,) = [view(u) for u in resume("nope")]
+    assert "no job nope" in update["error"]
+
+
+def test_dropdowns_say_which_embeddings_fit(tiny_sd1, tmp_path):
+    """The embedding list is filled when the tab is built and on every refresh, with the host's note of
+    which files fit the loaded model."""
+    service = JobService(lambda: StandaloneHost(tiny_sd1), job_runners())
+    names = ["a"]
+    ctx = UiContext(service=service, embedding_names=lambda: list(names), refresh_embeddings=lambda: list(names),
+                    embedding_note=lambda: f"{len(names)} fit; skipped: wide (1024 wide)")
+    with gr.Blocks() as demo, gr.Tabs():
+        build_all_tabs(ctx)
+    service.shutdown()
+    ids = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert [c[0] if isinstance(c, tuple) else c for c in ids["sdtrain_train_embedding_embedding_name"].choices] == ["a"]
+    names.append("b")
+    refresh, _ = handler(demo, "sdtrain_train_embedding_refresh")
+    choices, note = refresh()
+    assert choices["choices"] == ["a", "b"] and note == "2 fit; skipped: wide (1024 wide)"

@@ -27,7 +27,7 @@ from lib_sdtrain.core.options.config import (
 )
 from lib_sdtrain.core.options.places import WritePolicy
 from lib_sdtrain.core.tasks.registry import job_config_types
-from lib_sdtrain.core.training.plot import draw_loss_curve
+from lib_sdtrain.core.training.plot import smooth
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,16 @@ class UiContext:
     refresh_hypernetworks: Callable[[], list[str]] = list
     template_names: Callable[[], list[str]] = list
     model_note: Callable[[], str] = lambda: ""
+    #: which embeddings fit the loaded model and which the webui skipped (made for another model)
+    embedding_note: Callable[[], str] = lambda: ""
+    #: how to get TensorBoard logging where the host's setting asks for it and the package is missing
+    tensorboard_note: Callable[[], str] = lambda: ""
     #: which captioners the host can run, e.g. "BLIP: not available (no model file in models/BLIP)"
     captioner_note: Callable[[], str] = lambda: ""
     txt2img_preview_params: list[Any] = field(default_factory=list)
     poll_seconds: float = 1.0
+    #: how often an open Jobs tab reloads the list
+    jobs_refresh_seconds: float = 3.0
     #: where a form may make a job write (None: anywhere): the webui confines it when others can reach it
     write_policy: Callable[[], WritePolicy | None] = lambda: None
 
@@ -118,7 +124,9 @@ def _widget(spec: dict[str, Any], eid: str, choices: list[str] | None = None):
 #: Event options for handlers that stream a job's progress for as long as it runs. gradio 4 lets one
 #: run of each event at a time by default, so a second browser (or a Stop while streaming) would wait
 #: for the whole job; gradio 3 has no per-event limit (its queue's worker count applies).
-_STREAMING: dict[str, Any] = {"concurrency_limit": None} if int(gr.__version__.split(".")[0]) >= 4 else {}
+_GRADIO_MAJOR = int(gr.__version__.split(".")[0])
+_STREAMING: dict[str, Any] = {"concurrency_limit": None} if _GRADIO_MAJOR >= 4 else {}
+_GALLERY: dict[str, Any] = {"columns": 4, "height": "auto"} if _GRADIO_MAJOR >= 4 else {}
 
 
 def _has_custom_values() -> bool:
@@ -132,67 +140,130 @@ def _specs(cls) -> dict[str, dict[str, Any]]:
 
 
 # -- what a watched job looks like ---------------------------------------------------------------------
-def job_view(job: Job | None) -> tuple[str, Any, list[str], str, str]:
-    """(status html, loss chart, preview paths, files text, error html) for one job."""
+#: What every job view fills, in this order: the outputs of Train, Interrupt, Resume, Show and Open.
+#: `names` is the trained kind's list (refreshed when a job ends, so a new file is there at once).
+OUTPUTS = ("status", "error", "loss", "lr", "previews", "files", "job_id", "names")
+#: points drawn per chart: a 100000-step run keeps the browser fast (every point is in the CSV)
+CHART_POINTS = 1500
+
+
+def _thin(rows: list, limit: int = CHART_POINTS) -> list:
+    if len(rows) <= limit:
+        return rows
+    stride = -(-len(rows) // limit)
+    return rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
+
+
+def loss_frame(loss: list, validation: list):
+    """Long-form table for the loss chart: loss, its smoothed curve and validation loss against step."""
+    import pandas as pd
+
+    steps = [int(s) for s, _, _ in loss]
+    values = [float(v) for _, v, _ in loss]
+    rows = _thin([(s, v, "loss") for s, v in zip(steps, values)])
+    rows += _thin([(s, v, "smoothed loss") for s, v in zip(steps, smooth(values))])
+    rows += _thin([(int(s), float(v), "validation loss") for s, v in validation])
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
+
+
+def lr_frame(loss: list):
+    import pandas as pd
+
+    return pd.DataFrame(_thin([(int(s), float(lr)) for s, _, lr in loss]), columns=["step", "learning rate"])
+
+
+def job_view(job: Job | None) -> dict[str, Any]:
+    """What the output column shows for one job: status line, charts' tables, previews, files, error."""
     if job is None:
-        return "", None, [], "", ""
+        return {"status": "No sdtrain job yet.", "error": "", "loss": None, "lr": None, "previews": [], "files": ""}
     d = job.to_dict()
-    state = d["state"]
-    last = job.events_since(0)
-    text = next((e.data.get("text", "") for e in reversed(last) if e.kind == "step"), "")
-    status = f"<b>{html.escape(job.kind)}</b> {html.escape(state)}"
+    text = next((e.data.get("text", "") for e in reversed(job.events_since(0)) if e.kind == "step"), "")
+    status = f"<b>{html.escape(job.kind.replace('_', ' '))}</b> <span class='sdtrain-state'>{html.escape(d['state'])}</span>"
+    name = d["config"].get("embedding_name") or d["config"].get("hypernetwork_name") or d["config"].get("name")
+    if name:
+        status += f" — {html.escape(str(name))}"
     if text:  # "loss …, lr …, step n/N, it/s, ETA"
-        status += f" — {html.escape(text)}"
+        status += f"<br><span class='sdtrain-progress'>{html.escape(text)}</span>"
     elif d["total_steps"]:
-        status += f" — {d['step']}/{d['total_steps']}"
+        status += f"<br>step {d['step']}/{d['total_steps']}"
     if job.message:
         status += f"<br>{html.escape(job.message)}"
-    chart = None
+    loss = lr = None
     if d["loss_history"]:
-        steps = [s for s, _, _ in d["loss_history"]]
-        losses = [v for _, v, _ in d["loss_history"]]
-        chart = draw_loss_curve(steps, losses, validation=[tuple(v) for v in d["validation_history"]],
-                                title=f"{d['config'].get('embedding_name') or d['config'].get('hypernetwork_name', '')} loss")
-    error = f"<div class='error'>{html.escape(d['error'])}</div>" if d["error"] else ""
+        loss, lr = loss_frame(d["loss_history"], d["validation_history"]), lr_frame(d["loss_history"])
     gallery = list(d["previews"])
     if job.kind == "preprocess":  # a few of the prepared images
         gallery = [f for f in d["files"] if f.lower().endswith(".png")][:12]
-    return status, chart, gallery, "\n".join(d["files"]), error
+    return {"status": f"<div class='sdtrain-status'>{status}</div>",
+            "error": f"<div class='error'>{html.escape(d['error'])}</div>" if d["error"] else "",
+            "loss": loss, "lr": lr, "previews": gallery, "files": "\n".join(d["files"])}
 
 
-def watch(service: JobService, job: Job | None, poll: float = 1.0) -> Iterator[tuple]:
-    """Yield the job's view until it finishes (a generator event: gradio streams each yield)."""
+def _row(view: dict[str, Any], job_id: str = "", names: Any = None) -> tuple:
+    view = {**view, "job_id": job_id, "names": names if names is not None else gr.update()}
+    return tuple(view[k] for k in OUTPUTS)
+
+
+def watch(service: JobService, job: Job | None, poll: float = 1.0, names: Callable[[], Any] | None = None
+          ) -> Iterator[tuple]:
+    """Yield the job's view (OUTPUTS order) until it finishes: a generator event, gradio streams each
+    yield. At the end `names()` gives the refreshed list for the kind's dropdown."""
     if job is None:
-        yield ("No sdtrain job yet.", None, [], "", "", "")
+        yield _row(job_view(None))
         return
     while True:
         finished = job.wait(poll)
-        yield (*job_view(job), job.id)
-        if finished or job.state in FINISHED_STATES:
+        done = finished or job.state in FINISHED_STATES
+        yield _row(job_view(job), job.id, names() if done and names is not None else None)
+        if done:
             return
+
+
+def _failed(e: Exception) -> tuple:
+    return _row({**job_view(None), "status": "", "error": _error(e)})
 
 
 def _error(e: Exception) -> str:
     return f"<div class='error'>{html.escape(str(e))}</div>"
 
 
+def _output_column(ctx: UiContext, prefix: str, *, charts: bool = True, gallery_label: str = "Previews") -> dict:
+    """The live output: status, error, loss and learning-rate charts (values on hover), previews, files."""
+    out: dict[str, Any] = {}
+    out["status"] = gr.HTML(elem_id=f"{prefix}_status")
+    out["error"] = gr.HTML(elem_id=f"{prefix}_error")
+    if charts:
+        hover = {"tooltip": ["step", "value", "series"]} if _GRADIO_MAJOR < 4 else {}
+        out["loss"] = gr.LinePlot(x="step", y="value", color="series", title="Loss", label="Loss", height=220,
+                                  elem_id=f"{prefix}_loss_chart", **hover)
+        hover = {"tooltip": ["step", "learning rate"]} if _GRADIO_MAJOR < 4 else {}
+        out["lr"] = gr.LinePlot(x="step", y="learning rate", title="Learning rate", label="Learning rate",
+                                height=140, elem_id=f"{prefix}_lr_chart", **hover)
+    else:  # keeps the outputs uniform
+        out["loss"], out["lr"] = gr.State(None), gr.State(None)
+    out["previews"] = gr.Gallery(label=gallery_label, elem_id=f"{prefix}_previews", **_GALLERY)
+    out["files"] = gr.Textbox(label="Files written", lines=3, interactive=False, elem_id=f"{prefix}_files")
+    out["job_id"] = gr.Textbox(visible=False, elem_id=f"{prefix}_job_id")
+    return out
+
+
+PREPROCESS_SECTIONS = (
+    (None, ("process_src", "process_dst", "process_width", "process_height", "preprocess_txt_action",
+            "process_keep_original_size", "process_flip", "process_split", "process_focal_crop", "process_multicrop",
+            "process_caption", "process_caption_deepbooru", "overwrite")),
+    ("Split oversized images", ("process_split_threshold", "process_overlap_ratio")),
+    ("Auto focal point crop", ("process_focal_crop_face_weight", "process_focal_crop_entropy_weight",
+                               "process_focal_crop_edges_weight", "process_focal_crop_debug")),
+    ("Auto-sized crop", ("process_multicrop_mindim", "process_multicrop_maxdim", "process_multicrop_minarea",
+                         "process_multicrop_maxarea", "process_multicrop_objective", "process_multicrop_threshold")),
+)
+
+
 # -- the tabs -----------------------------------------------------------------------------------------
-def build_embedding_tabs(ctx: UiContext) -> None:
-    """Add "Create embedding (sdtrain)" and "Train embedding (sdtrain)" tabs to the enclosing gr.Tabs."""
-    _create_tab(ctx, EMBEDDING)
-    _train_tab(ctx, EMBEDDING, ctx.embedding_names, ctx.refresh_embeddings)
-
-
-def build_hypernetwork_tabs(ctx: UiContext) -> None:
-    """Add "Create hypernetwork (sdtrain)" and "Train hypernetwork (sdtrain)" tabs."""
-    _create_tab(ctx, HYPERNETWORK)
-    _train_tab(ctx, HYPERNETWORK, ctx.hypernetwork_names, ctx.refresh_hypernetworks)
-
-
 def build_all_tabs(ctx: UiContext) -> None:
-    """Every sub-tab. A host difference must not take the whole UI down: a list the host cannot give
-    is empty (and said so in the tab), and a sub-tab that fails to build is replaced by one that shows
-    the error, while the others work."""
+    """Every sub-tab: Textual inversion, Hypernetwork, Preprocess images, Jobs. A host difference must
+    not take the whole UI down: a list the host cannot give is empty (and said so in the tab), and a
+    sub-tab that fails to build is replaced by one that shows the error, while the others work."""
     problems: list[str] = []
     safe = dataclasses.replace(
         ctx,
@@ -201,19 +272,31 @@ def build_all_tabs(ctx: UiContext) -> None:
         hypernetwork_names=_guarded(ctx.hypernetwork_names, [], problems),
         refresh_hypernetworks=_guarded(ctx.refresh_hypernetworks, [], problems),
         template_names=_guarded(ctx.template_names, [], problems),
+        embedding_note=_guarded(ctx.embedding_note, "", problems),
         model_note=_guarded_note(ctx.model_note, problems),
         captioner_note=_guarded(ctx.captioner_note, "", problems),
+        tensorboard_note=_guarded(ctx.tensorboard_note, "", problems),
     )
     for listing in (safe.embedding_names, safe.hypernetwork_names, safe.template_names):
         listing()  # ask once up front, so the notes built below already say what is missing
-    for title, build in (("Embedding", build_embedding_tabs), ("Hypernetwork", build_hypernetwork_tabs),
-                         ("Preprocess images", build_preprocess_tab)):
+    for title, build in (("Textual inversion", build_embedding_tab), ("Hypernetwork", build_hypernetwork_tab),
+                         ("Preprocess images", build_preprocess_tab), ("Jobs", build_jobs_tab)):
         try:
             build(safe)
         except Exception as e:  # shown in its place; the other tabs still build
-            log.exception("sdtrain: the %s tabs failed to build", title)
+            log.exception("sdtrain: the %s tab failed to build", title)
             with gr.Tab(label=f"{title} (sdtrain)", elem_id=f"sdtrain_{title.split()[0].lower()}_failed"):
                 gr.HTML(value=_error(e))
+
+
+def build_embedding_tab(ctx: UiContext) -> None:
+    """"Textual inversion (sdtrain)": create (a compact section) and train an embedding in one place."""
+    _kind_tab(ctx, EMBEDDING, "Textual inversion", ctx.embedding_names, ctx.refresh_embeddings, ctx.embedding_note)
+
+
+def build_hypernetwork_tab(ctx: UiContext) -> None:
+    """"Hypernetwork (sdtrain)": the same for a hypernetwork."""
+    _kind_tab(ctx, HYPERNETWORK, "Hypernetwork", ctx.hypernetwork_names, ctx.refresh_hypernetworks, lambda: "")
 
 
 def _guarded(fn: Callable[..., Any], default: Any, problems: list[str]) -> Callable[..., Any]:
@@ -243,6 +326,68 @@ def _guarded_note(fn: Callable[[], str], problems: list[str]) -> Callable[[], st
     return note
 
 
+def _kind_tab(ctx: UiContext, tk: TabKind, title: str, list_names, refresh_names, list_note) -> None:
+    """Options on the left (a Create section, then the training form, the host's fields first);
+    actions and the live output on the right, beside the form, where they stay in view."""
+    create_specs, train_specs = _specs(tk.create), _specs(tk.train)
+    cprefix, prefix = f"sdtrain_create_{tk.noun}", f"sdtrain_train_{tk.noun}"
+    tab = f"sdtrain_{tk.noun}"
+    widgets: dict[str, Any] = {}
+    with gr.Tab(label=f"{title} (sdtrain)", id=tab, elem_id=tab):
+        gr.HTML(value=ctx.model_note, elem_id=f"{prefix}_model_note")  # the family and what a file holds
+        with gr.Row(equal_height=False, elem_classes=["sdtrain-columns"]):
+            with gr.Column(scale=3, elem_id=f"{tab}_form"):
+                with gr.Accordion(f"Create {tk.noun}", open=not list_names(), elem_id=f"{cprefix}_section"):
+                    create_inputs = [_widget(create_specs[n], f"{cprefix}_{n}") for n in tk.create_fields]
+                    create = gr.Button(value=f"Create {tk.noun}", variant="primary", elem_id=f"{cprefix}_button")
+                    created = gr.Textbox(show_label=False, elem_id=f"{cprefix}_output", interactive=False)
+                    create_error = gr.HTML(elem_id=f"{cprefix}_error")
+                with gr.Row():
+                    widgets[tk.name_field] = _widget(train_specs[tk.name_field], f"{prefix}_{tk.name_field}",
+                                                     choices=list_names())
+                    refresh = gr.Button(value="\U0001f504", elem_id=f"{prefix}_refresh", elem_classes=["tool"])
+                note = gr.HTML(value=list_note, elem_id=f"{prefix}_list_note")
+                for n in tk.main[1:]:
+                    choices = ctx.template_names() if n == "template_filename" else None
+                    widgets[n] = _widget(train_specs[n], f"{prefix}_{n}", choices=choices)
+                with gr.Accordion("sdtrain options", open=False, elem_id=f"{prefix}_extra"):
+                    for n in tk.extra:
+                        widgets[n] = _widget(train_specs[n], f"{prefix}_{n}")
+                    gr.HTML(value=ctx.tensorboard_note, elem_id=f"{prefix}_tensorboard_note")
+            with gr.Column(scale=2, elem_id=f"{tab}_output", elem_classes=["sdtrain-output"]):
+                with gr.Row():
+                    train = gr.Button(value=f"Train {tk.noun.capitalize()}", variant="primary",
+                                      elem_id=f"{prefix}_button")
+                    stop = gr.Button(value="Interrupt", elem_id=f"{prefix}_stop")
+                with gr.Row():
+                    resume = gr.Button(value="Resume last run", size="sm", elem_id=f"{prefix}_resume")
+                    show = gr.Button(value="Show latest job", size="sm", elem_id=f"{prefix}_watch")
+                out = _output_column(ctx, prefix)
+    names = widgets[tk.name_field]
+    out["names"] = names
+
+    def refreshed(value: Any = None) -> Any:
+        return gr.update(choices=refresh_names(), **({"value": value} if value else {}))
+
+    refresh.click(lambda: (refreshed(), list_note()), outputs=[names, note])
+
+    def create_one(*values):
+        kind = tk.create.kind
+        data = tk.create.merge_defaults(ctx.defaults(kind), dict(zip(tk.create_fields, values)))
+        try:
+            job = ctx.service.run(kind, data)
+        except SdtrainError as e:
+            return "", _error(e), gr.update(), list_note()
+        if job.error:
+            return "", _error(Exception(job.error)), gr.update(), list_note()
+        # the new file is listed and selected for training at once
+        return f"Created: {job.result}", "", refreshed(job.config.name), list_note()
+
+    create.click(create_one, inputs=create_inputs, outputs=[created, create_error, names, note])
+    _wire_job(ctx, tk.train.kind, widgets, list(ctx.txt2img_preview_params), out, start=train, stop=stop,
+              show=show, resume=resume, names=refreshed)
+
+
 PREPROCESS_SECTIONS = (
     (None, ("process_src", "process_dst", "process_width", "process_height", "preprocess_txt_action",
             "process_keep_original_size", "process_flip", "process_split", "process_focal_crop", "process_multicrop",
@@ -259,92 +404,130 @@ def build_preprocess_tab(ctx: UiContext) -> None:
     """"Preprocess images (sdtrain)": photos in a folder → a training set in another folder."""
     from lib_sdtrain.core.preprocess.operations import PreprocessConfig
 
-    specs, kind, prefix = _specs(PreprocessConfig), PreprocessConfig.kind, "sdtrain_preprocess"
+    specs, prefix = _specs(PreprocessConfig), "sdtrain_preprocess"
     widgets: dict[str, Any] = {}
     with gr.Tab(label="Preprocess images (sdtrain)", id=prefix, elem_id=prefix):
         gr.HTML(value=ctx.captioner_note, elem_id=f"{prefix}_captioners")
-        for title, names in PREPROCESS_SECTIONS:
-            block = gr.Accordion(title, open=False) if title else gr.Group()
-            with block:
-                for n in names:
-                    widgets[n] = _widget(specs[n], f"{prefix}_{n}")
-        with gr.Row():
-            run = gr.Button(value="Preprocess", variant="primary", elem_id=f"{prefix}_button")
-            stop = gr.Button(value="Interrupt", elem_id=f"{prefix}_stop")
-        status = gr.HTML(elem_id=f"{prefix}_status")
-        error = gr.HTML(elem_id=f"{prefix}_error")
-        gallery = gr.Gallery(label="Output", elem_id=f"{prefix}_gallery")
-        files = gr.Textbox(label="Files written", lines=4, interactive=False, elem_id=f"{prefix}_files")
-        job_id = gr.Textbox(visible=False, elem_id=f"{prefix}_job_id")
-        chart = gr.State(None)  # no loss curve here; keeps the watched-job outputs uniform
-    _wire_job(ctx, kind, widgets, [], run, stop, None, [status, chart, gallery, files, error, job_id], job_id)
+        with gr.Row(equal_height=False, elem_classes=["sdtrain-columns"]):
+            with gr.Column(scale=3, elem_id=f"{prefix}_form"):
+                for title, names in PREPROCESS_SECTIONS:
+                    with gr.Accordion(title, open=False) if title else gr.Group():
+                        for n in names:
+                            widgets[n] = _widget(specs[n], f"{prefix}_{n}")
+            with gr.Column(scale=2, elem_id=f"{prefix}_output", elem_classes=["sdtrain-output"]):
+                with gr.Row():
+                    run = gr.Button(value="Preprocess", variant="primary", elem_id=f"{prefix}_button")
+                    stop = gr.Button(value="Interrupt", elem_id=f"{prefix}_stop")
+                out = _output_column(ctx, prefix, charts=False, gallery_label="Output")
+    out["names"] = gr.State(None)
+    _wire_job(ctx, PreprocessConfig.kind, widgets, [], out, start=run, stop=stop)
 
 
-def _create_tab(ctx: UiContext, tk: TabKind) -> None:
-    specs = _specs(tk.create)
-    kind, prefix = tk.create.kind, f"sdtrain_create_{tk.noun}"
-    with gr.Tab(label=f"Create {tk.noun} (sdtrain)", id=prefix, elem_id=prefix):
-        gr.HTML(value=ctx.model_note, elem_id=f"{prefix}_model_note")  # the family and what a file holds
-        inputs = [_widget(specs[n], f"{prefix}_{n}") for n in tk.create_fields]
-        button = gr.Button(value=f"Create {tk.noun}", variant="primary", elem_id=f"{prefix}_button")
-        out = gr.Textbox(show_label=False, elem_id=f"{prefix}_output", interactive=False)
-        err = gr.HTML(elem_id=f"{prefix}_error")
+# -- Jobs: every job, whoever started it -----------------------------------------------------------------
+JOB_COLUMNS = ["id", "kind", "name", "state", "step", "loss", "created"]
 
-    def create(*values):
-        data = tk.create.merge_defaults(ctx.defaults(kind), dict(zip(tk.create_fields, values)))
+
+def jobs_table(service: JobService) -> list[list[Any]]:
+    """Newest first: one row a job, from the tab, the API or another browser."""
+    import time as _time
+
+    rows = []
+    for job in reversed(service.list()):
+        d = job.to_dict(history=False)
+        cfg = d["config"]
+        name = cfg.get("embedding_name") or cfg.get("hypernetwork_name") or cfg.get("name") or cfg.get("process_dst", "")
+        step = f"{d['step']}/{d['total_steps']}" if d["total_steps"] else str(d["step"] or "")
+        loss = f"{d['last_loss']:.5f}" if isinstance(d["last_loss"], float) else ""
+        rows.append([d["id"], d["kind"].replace("_", " "), str(name), d["state"], step, loss,
+                     _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(d["created"]))])
+    return rows or [["", "", "", "", "", "", ""]]
+
+
+def build_jobs_tab(ctx: UiContext) -> None:
+    """"Jobs (sdtrain)": the list (refreshed every few seconds), and for the picked job: open it (its
+    status, charts, previews and files, live while it runs), stop a running one or cancel a queued
+    one, resume a stopped, failed or interrupted one."""
+    prefix = "sdtrain_jobs"
+    service = ctx.service
+
+    def choices() -> list[str]:
+        return [row[0] for row in jobs_table(service) if row[0]]
+
+    with gr.Tab(label="Jobs (sdtrain)", id=prefix, elem_id=prefix), gr.Row(equal_height=False,
+                                                                             elem_classes=["sdtrain-columns"]):
+            with gr.Column(scale=3, elem_id=f"{prefix}_form"):
+                table = gr.Dataframe(value=lambda: jobs_table(service), headers=JOB_COLUMNS, interactive=False,
+                                     every=ctx.jobs_refresh_seconds, elem_id=f"{prefix}_table", wrap=True)
+                with gr.Row():
+                    pick = _widget({"label": "Job", "default": None, "type": "str", "name": "job"},
+                                   f"{prefix}_pick", choices=choices())
+                    refresh = gr.Button(value="\U0001f504", elem_id=f"{prefix}_refresh", elem_classes=["tool"])
+                with gr.Row():
+                    show = gr.Button(value="Open", variant="primary", elem_id=f"{prefix}_open")
+                    stop = gr.Button(value="Stop / cancel", elem_id=f"{prefix}_stop")
+                    resume = gr.Button(value="Resume", elem_id=f"{prefix}_resume")
+                message = gr.HTML(elem_id=f"{prefix}_message")
+            with gr.Column(scale=2, elem_id=f"{prefix}_output", elem_classes=["sdtrain-output"]):
+                out = _output_column(ctx, prefix)
+    out["names"] = gr.State(None)
+    outputs = [out[k] for k in OUTPUTS]
+
+    refresh.click(lambda: (jobs_table(service), gr.update(choices=choices())), outputs=[table, pick])
+
+    def picked(evt: gr.SelectData, rows):  # a click on a row picks its job
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         try:
-            job = ctx.service.run(kind, data)
+            return gr.update(value=_cell(rows, row, 0), choices=choices())
+        except (IndexError, KeyError, TypeError):
+            return gr.update()
+
+    table.select(picked, inputs=[table], outputs=[pick])
+
+    def open_job(job_id: str):
+        yield from watch(service, service.get(job_id or ""), ctx.poll_seconds)
+
+    def stop_job(job_id: str):
+        job = service.get(job_id or "")
+        if job is None:
+            return _error(SdtrainError("Pick a job first.")), jobs_table(service)
+        if job.state in FINISHED_STATES:
+            return _error(SdtrainError(f"Job {job.id} has already finished ({job.state}).")), jobs_table(service)
+        service.stop(job.id)
+        return f"Asked job {html.escape(job.id)} to stop.", jobs_table(service)
+
+    def resume_job(job_id: str):
+        try:
+            job = service.resume(job_id or "")
         except SdtrainError as e:
-            return "", _error(e)
-        if job.error:
-            return "", _error(Exception(job.error))
-        return f"Created: {job.result}", ""
+            yield _failed(e)
+            return
+        yield from watch(service, job, ctx.poll_seconds)
 
-    button.click(create, inputs=inputs, outputs=[out, err])
-
-
-def _train_tab(ctx: UiContext, tk: TabKind, list_names, refresh_names) -> None:
-    specs = _specs(tk.train)
-    kind, prefix = tk.train.kind, f"sdtrain_train_{tk.noun}"
-    widgets: dict[str, Any] = {}
-    with gr.Tab(label=f"Train {tk.noun} (sdtrain)", id=prefix, elem_id=prefix):
-        gr.HTML(value=ctx.model_note, elem_id=f"{prefix}_model_note")
-        with gr.Row():
-            widgets[tk.name_field] = _widget(specs[tk.name_field], f"{prefix}_{tk.name_field}", choices=list_names())
-            refresh = gr.Button(value="\U0001f504", elem_id=f"{prefix}_refresh", elem_classes=["tool"])
-            refresh.click(lambda: gr.update(choices=refresh_names()), outputs=[widgets[tk.name_field]])
-        for n in tk.main[1:]:
-            choices = ctx.template_names() if n == "template_filename" else None
-            widgets[n] = _widget(specs[n], f"{prefix}_{n}", choices=choices)
-        with gr.Accordion("sdtrain options", open=False, elem_id=f"{prefix}_extra"):
-            for n in tk.extra:
-                widgets[n] = _widget(specs[n], f"{prefix}_{n}")
-        with gr.Row():
-            train = gr.Button(value=f"Train {tk.noun.capitalize()}", variant="primary", elem_id=f"{prefix}_button")
-            stop = gr.Button(value="Stop", elem_id=f"{prefix}_stop")
-            show = gr.Button(value="Show latest job", elem_id=f"{prefix}_watch")
-            resume = gr.Button(value="Resume last run", elem_id=f"{prefix}_resume")
-        status = gr.HTML(elem_id=f"{prefix}_status")
-        error = gr.HTML(elem_id=f"{prefix}_error")
-        chart = gr.Image(label="Loss", type="pil", interactive=False, elem_id=f"{prefix}_loss_chart")
-        gallery = gr.Gallery(label="Previews", elem_id=f"{prefix}_previews")
-        files = gr.Textbox(label="Files written", lines=4, interactive=False, elem_id=f"{prefix}_files")
-        job_id = gr.Textbox(visible=False, elem_id=f"{prefix}_job_id")
-
-    _wire_job(ctx, kind, widgets, list(ctx.txt2img_preview_params), train, stop, show,
-              [status, chart, gallery, files, error, job_id], job_id, resume_button=resume)
+    show.click(open_job, inputs=[pick], outputs=outputs, show_progress=False, **_STREAMING)
+    resume.click(resume_job, inputs=[pick], outputs=outputs, show_progress=False, **_STREAMING)
+    stop.click(stop_job, inputs=[pick], outputs=[message, table], **_STREAMING)
 
 
-def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs: list[Any], start_button,
-              stop_button, show_button, outputs: list[Any], job_id, resume_button=None) -> None:
-    """Start (a generator streaming the job's view), Stop, re-attach to the latest job of a kind, and
+def _cell(rows: Any, row: int, col: int) -> Any:
+    """A cell of the Dataframe's value: a pandas frame (gradio 4), a {"data": ...} dict or a list (3)."""
+    if hasattr(rows, "iloc"):
+        return rows.iloc[row, col]
+    if isinstance(rows, dict):
+        rows = rows["data"]
+    return rows[row][col]
+
+
+def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs: list[Any], out: dict[str, Any], *,
+              start, stop, show=None, resume=None, names: Callable[[], Any] | None = None) -> None:
+    """Start (a generator streaming the job's view), Interrupt, re-attach to the latest job of a kind, and
     resume the latest stopped, failed or interrupted one (a webui restart cut it short) with its settings."""
-    names = list(widgets)
+    fields = list(widgets)
+    outputs = [out[k] for k in OUTPUTS]
 
-    def start(*values):
-        form = dict(zip(names, values[: len(names)]))
+    def begin(*values):
+        form = dict(zip(fields, values[: len(fields)]))
         if form.get("preview_from_txt2img") and preview_inputs:
-            form.update(zip(PREVIEW_FIELDS, values[len(names):]))
+            form.update(zip(PREVIEW_FIELDS, values[len(fields):]))
         cls = job_config_types()[kind]
         data = cls.merge_defaults(ctx.defaults(kind), {k: v for k, v in form.items() if v is not None})
         try:
@@ -353,14 +536,14 @@ def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs
                 data = policy.confine(cls, data)
             job = ctx.service.submit(kind, data)
         except SdtrainError as e:
-            yield ("", None, [], "", _error(e), "")
+            yield _failed(e)
             return
-        yield from watch(ctx.service, job, ctx.poll_seconds)
+        yield from watch(ctx.service, job, ctx.poll_seconds, names)
 
     def latest():
         jobs = [j for j in ctx.service.list() if j.kind == kind]
         running = [j for j in jobs if j.state not in FINISHED_STATES]
-        yield from watch(ctx.service, (running or jobs or [None])[-1], ctx.poll_seconds)
+        yield from watch(ctx.service, (running or jobs or [None])[-1], ctx.poll_seconds, names)
 
     def resume_latest():
         jobs = [j for j in ctx.service.list() if j.kind == kind]
@@ -368,12 +551,12 @@ def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs
             try:
                 job = ctx.service.resume(jobs[-1].id)
             except SdtrainError as e:
-                yield ("", None, [], "", _error(e), "")
+                yield _failed(e)
                 return
-            yield from watch(ctx.service, job, ctx.poll_seconds)
+            yield from watch(ctx.service, job, ctx.poll_seconds, names)
             return
         why = f"the last {kind.replace('_', ' ')} job is {jobs[-1].state}" if jobs else "there is no job to resume"
-        yield ("", None, [], "", _error(SdtrainError(f"Nothing to resume: {why}.")), "")
+        yield _failed(SdtrainError(f"Nothing to resume: {why}."))
 
     def stop_job(current: str):
         jobs = [j for j in ctx.service.list() if j.kind == kind and j.state not in FINISHED_STATES]
@@ -381,10 +564,10 @@ def _wire_job(ctx: UiContext, kind: str, widgets: dict[str, Any], preview_inputs
         for j in [target] if target is not None else jobs:
             ctx.service.stop(j.id)
 
-    start_button.click(start, inputs=[widgets[n] for n in names] + preview_inputs, outputs=outputs,
-                       show_progress=False, **_STREAMING)
-    if show_button is not None:
-        show_button.click(latest, outputs=outputs, show_progress=False, **_STREAMING)
-    if resume_button is not None:
-        resume_button.click(resume_latest, outputs=outputs, show_progress=False, **_STREAMING)
-    stop_button.click(stop_job, inputs=[job_id], outputs=[], **_STREAMING)
+    start.click(begin, inputs=[widgets[n] for n in fields] + preview_inputs, outputs=outputs, show_progress=False,
+                **_STREAMING)
+    if show is not None:
+        show.click(latest, outputs=outputs, show_progress=False, **_STREAMING)
+    if resume is not None:
+        resume.click(resume_latest, outputs=outputs, show_progress=False, **_STREAMING)
+    stop.click(stop_job, inputs=[out["job_id"]], outputs=[], **_STREAMING)

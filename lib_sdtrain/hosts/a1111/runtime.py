@@ -7,6 +7,7 @@ service created here survives a reload: one worker, whatever the number of reloa
 from __future__ import annotations
 
 import atexit
+import html
 import logging
 import os
 import threading
@@ -173,6 +174,18 @@ def skipped_embeddings() -> dict[str, int]:
     return {name: int(e.shape or 0) for name, e in sd_hijack.model_hijack.embedding_db.skipped_embeddings.items()}
 
 
+def embedding_note() -> str:
+    """Which embedding files fit the loaded model: the list holds those; the webui skipped the others
+    (their vectors are another width: made for another model family)."""
+    fit, skipped = embedding_names(), skipped_embeddings()
+    text = f"{len(fit)} embedding{'s' if len(fit) != 1 else ''} fit the loaded model."
+    if skipped:
+        shown = ", ".join(f"{html.escape(n)} ({w} wide)" if w else html.escape(n) for n, w in sorted(skipped.items())[:20])
+        more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        text += f" Not listed, made for another model: {shown}{more}."
+    return f"<span class='sdtrain-note'>{text}</span>"
+
+
 def hypernetwork_names() -> list[str]:
     from modules import shared
 
@@ -229,6 +242,8 @@ def api_credentials() -> dict[str, str] | None:
 SETTING_REPLACE_ROUTES = "sdtrain_serve_host_training_routes"
 #: Settings → sdtrain: let requests write outside the webui's folders (off by default).
 SETTING_ANY_FOLDER = "sdtrain_allow_writes_outside_webui_folders"
+#: read by javascript/sdtrain.js (the webui hands every setting to the page as `opts`)
+SETTING_HIDE_HOST_TABS = "sdtrain_hide_host_training_tabs"
 
 
 def register_settings() -> None:
@@ -241,6 +256,10 @@ def register_settings() -> None:
     shared.opts.add_option(SETTING_ANY_FOLDER, shared.OptionInfo(
         False, "Let API requests (and the UI, when the webui is reachable from other machines) make sdtrain write "
                "log folders and preprocess output outside the webui's data, embeddings and hypernetworks folders",
+        section=("sdtrain", "sdtrain")))
+    shared.opts.add_option(SETTING_HIDE_HOST_TABS, shared.OptionInfo(
+        True, "Hide the webui's own Create embedding, Create hypernetwork and Train sub-tabs while sdtrain serves "
+              "their routes (sdtrain's tabs do the same; reload the page to apply)",
         section=("sdtrain", "sdtrain")))
 
 
