@@ -249,6 +249,17 @@ class TrainingConfig(ConfigBase):
     training_image_repeats_per_epoch: int = _opt(
         1, "Repeats per image per epoch (epoch display only)", minimum=1
     )
+    training_enable_tensorboard: bool = _opt(
+        False, "Enable tensorboard logging",
+        help="Loss and learning rate per step (the host's tags) in <log directory>/tensorboard; needs the "
+        "tensorboard package",
+    )
+    training_tensorboard_save_images: bool = _opt(
+        False, "Save generated images within tensorboard", help="The previews, when tensorboard logging is on"
+    )
+    training_tensorboard_flush_every: int = _opt(
+        120, "How often, in seconds, to flush the pending tensorboard events and summaries to disk", minimum=0
+    )
 
     # --- sdtrain's own options
     lr_scheduler: str = _opt(
@@ -524,12 +535,19 @@ def _validate_training(cfg: Any, save_every_field: str) -> None:
     _require(bool(cfg.data_root), "data_root", "Dataset directory is empty")
     _require(os.path.isdir(cfg.data_root), "data_root", f"Dataset directory doesn't exist: {cfg.data_root}")
     _require(bool(os.listdir(cfg.data_root)), "data_root", f"Dataset directory is empty: {cfg.data_root}")
+    _require(
+        cfg.training_tensorboard_flush_every >= 0,
+        "training_tensorboard_flush_every",
+        f"must be 0 (at once) or a positive number of seconds, got {cfg.training_tensorboard_flush_every}",
+    )
     if getattr(cfg, save_every_field) or cfg.create_image_every or cfg.training_write_csv_every:
         _require(
             bool(cfg.log_directory),
             "log_directory",
             "is empty but saves, images or the loss CSV need it",
         )
+    if cfg.training_enable_tensorboard:
+        _require(bool(cfg.log_directory), "log_directory", "is empty but tensorboard logging needs it")
     template = cfg.template_path()
     _require(os.path.isfile(template), "template_filename", f"prompt template not found: {template}")
 

@@ -32,7 +32,8 @@ NEUTRAL_FIELDS = frozenset({
     "preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler_name", "preview_cfg_scale",
     "preview_seed", "preview_width", "preview_height", "training_write_csv_every", "validation_every",
     "validation_images", "save_training_settings_to_txt", "log_directory", "save_embedding_every",
-    "save_hypernetwork_every", "save_image_with_stored_embedding",
+    "save_hypernetwork_every", "save_image_with_stored_embedding", "training_enable_tensorboard",
+    "training_tensorboard_save_images", "training_tensorboard_flush_every",
 })
 
 

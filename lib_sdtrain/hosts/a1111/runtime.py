@@ -142,7 +142,8 @@ def job_defaults(kind: str) -> dict[str, Any]:
         out["templates_dir"] = templates_dir()
         for key, cast in (("dataset_filename_word_regex", str), ("dataset_filename_join_string", str),
                           ("training_write_csv_every", int), ("save_training_settings_to_txt", bool),
-                          ("training_image_repeats_per_epoch", int)):
+                          ("training_image_repeats_per_epoch", int), ("training_enable_tensorboard", bool),
+                          ("training_tensorboard_save_images", bool), ("training_tensorboard_flush_every", int)):
             if key in getattr(opts, "data_labels", {}):  # the host registers the setting
                 out[key] = cast(getattr(opts, key))
     if "hypernetwork" in kind:
