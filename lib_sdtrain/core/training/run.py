@@ -52,6 +52,7 @@ from lib_sdtrain.core.training.resume import (
     resume_path,
     save_resume_point,
 )
+from lib_sdtrain.core.training.tensorboard import TensorBoardLog, tensorboard_log
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,17 @@ class TrainingRun:
         self.info = host.describe()
         self.files: list[str] = []
         self.resumed_from: int | None = None  # the step an interrupted run's resume point was at
+        self.tensorboard = TensorBoardLog()  # the run's TensorBoard events (nothing unless the setting is on)
         day = datetime.datetime.now().strftime("%Y-%m-%d")
         self.log_dir = os.path.join(cfg.log_directory, day, self.name) if cfg.log_directory else None
 
     def emit(self, kind: str, **data: Any) -> None:
         if self.control is not None:
             self.control.emit(kind, **data)
+
+    def say(self, text: str) -> None:
+        """A line for the run's log (the job's status shows it)."""
+        self.emit("log", text=text)
 
     def wrote(self, path: str, what: str) -> str:
         self.files.append(path)
@@ -265,6 +271,7 @@ class TrainingRun:
         atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
         self.files.append(path)
         self.emit("preview", path=path, step=state.step, prompt=req.prompt)
+        self.tensorboard.image(image, state.step, state.steps_per_epoch)
         self.kind.after_preview(self, image, state)
 
 
@@ -373,7 +380,10 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         "fp16": torch.float16,
         "bf16": torch.bfloat16,
     }[cfg.mixed_precision]
-    with host.gpu_session(kind.job_label, options) as session:
+    with (
+        tensorboard_log(cfg, run.log_dir, run.say) as run.tensorboard,  # closed also on stop or failure
+        host.gpu_session(kind.job_label, options) as session,
+    ):
         data.encode(host)
         schedule = host.noise_schedule()
         device = run.info.device
@@ -434,6 +444,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             text = report_text(st)
             run.emit("step", step=st.step, total=st.total, loss=st.last_loss, lr=st.last_lr, text=text)
             report(session, st, kind.progress_label)
+            run.tensorboard.step(st.step, st.steps_per_epoch, st.last_loss, st.last_lr)
             if cfg.training_write_csv_every and st.step % cfg.training_write_csv_every == 0 and run.log_dir:
                 write_loss_row(
                     run.log_dir, kind.loss_csv, st.step, st.steps_per_epoch, st.last_loss, st.last_lr
