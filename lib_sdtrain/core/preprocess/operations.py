@@ -469,7 +469,7 @@ def _process_one(run: _Run, index: int, source: Path) -> None:
         run.skip(source, "no output (auto-sized crop found no size within the error threshold)")
 
 
-def _check_captioners(
+def check_captioners(
     cfg: PreprocessConfig, captioner: Captioner | None, deepbooru: Captioner | None
 ) -> None:
     if cfg.process_caption and captioner is None:
@@ -498,7 +498,7 @@ def run_preprocess(
     run after the current image. Unreadable files are skipped and listed, never fatal.
     """
     cfg.validate()  # again: the destination may have been filled since the job was queued
-    _check_captioners(cfg, captioner, deepbooru)
+    check_captioners(cfg, captioner, deepbooru)
     sources = _source_files(cfg.src_path())
     run = _Run(cfg, cfg.dst_path(), control, captioner, deepbooru)
     run.result.total = len(sources)

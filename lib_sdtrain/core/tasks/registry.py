@@ -18,6 +18,9 @@ from lib_sdtrain.core.tasks.hypernetwork import create_hypernetwork, train_hyper
 from lib_sdtrain.core.tasks.preprocess import preprocess
 from lib_sdtrain.core.tasks.textual_inversion import create_embedding, train_embedding
 
+#: Kinds whose runner uses no model: at most the host's lock, progress bar and captioners.
+MODEL_FREE_KINDS = (CreateHypernetworkConfig.kind, PreprocessConfig.kind)
+
 
 def job_config_types() -> dict[str, type[ConfigBase]]:
     """kind → config class, for the surfaces (forms, schemas, validation)."""
