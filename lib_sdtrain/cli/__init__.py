@@ -1,5 +1,10 @@
 """CLI: `python -m lib_sdtrain ...` — a thin surface over the job service.
 
+One subcommand per job kind (create-embedding, train-embedding, create-hypernetwork,
+train-hypernetwork, preprocess), its flags generated from the kind's config dataclass, and `run
+job.json`, which takes the body of `POST /sdtrain/v1/jobs` as it is. Every job is validated before
+any model is loaded; kinds that use no model (create-hypernetwork, preprocess) never load one.
+
 The host is handed in by the composition root (`lib_sdtrain/__main__.py`), so this package never
 imports a host: `HostFactories` says how to open a checkpoint and how to build the tiny demo model.
 """
@@ -7,21 +12,30 @@ imports a host: `HostFactories` says how to open a checkpoint and how to build t
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib_sdtrain.core.errors import SdtrainError
+from lib_sdtrain.cli.progress import MODES, PROGRESS_ENV, printer_for
+from lib_sdtrain.cli.webui_folder import WebuiFolder, resolve_checkpoint, yaml_beside
+from lib_sdtrain.core.errors import ConfigError, SdtrainError
 from lib_sdtrain.core.jobs.service import DONE, Job, JobService
 from lib_sdtrain.core.jobs.signals import stop_jobs_on_signals
-from lib_sdtrain.core.options.config import CreateEmbeddingConfig, TrainEmbeddingConfig
-from lib_sdtrain.core.port import TrainingHost
-from lib_sdtrain.core.tasks.registry import job_runners
+from lib_sdtrain.core.port import SessionOptions, TrainingHost
+from lib_sdtrain.core.preprocess.operations import check_captioners
+from lib_sdtrain.core.tasks.registry import (
+    MODEL_FREE_KINDS,
+    job_config_types,
+    job_request,
+    job_runners,
+    json_object,
+)
 
 log = logging.getLogger("lib_sdtrain.cli")
 
@@ -55,7 +69,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (
                 flag,
                 dest=f["name"],
                 default=None,
-                metavar=f["type"].upper(),
+                metavar="LIST" if f["type"] in ("tuple", "list") else f["type"].upper(),
                 help=help_text,
                 choices=f.get("choices"),
             )
@@ -70,11 +84,44 @@ def _config_from_args(cls, args: argparse.Namespace, base: dict[str, Any] | None
     return data
 
 
+#: job kind → subcommand
+COMMANDS = {kind: kind.replace("_", "-") for kind in job_config_types()}
+HELP = {
+    "create_embedding": "create an embedding from an initialization text (the webui's Create embedding)",
+    "train_embedding": "train an embedding (the webui's Train embedding)",
+    "create_hypernetwork": "create a hypernetwork (the webui's Create hypernetwork; loads no model)",
+    "train_hypernetwork": "train a hypernetwork (the webui's Train hypernetwork)",
+    "preprocess": "prepare a folder of images for training (the webui's Preprocess images; loads no model)",
+}
+
+WEBUI_HELP = ("an installed webui's folder: --ckpt may name a checkpoint in its models/Stable-diffusion "
+              "(subfolders searched; the .yaml of the same name beside it is used), embeddings_dir and "
+              "hypernetwork_dir default to its embeddings and models/hypernetworks; SDXL's model code "
+              "(its repositories/generative-models) and default configs come from there")
+
+
+def _add_progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=MODES, default=None,
+                   help=f"bar: one line redrawn in place; lines: a line per report; auto (default): the bar "
+                   f"when the output is a terminal ({PROGRESS_ENV}=bar|lines sets it too)")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--ckpt", required=required,
+                   help="Stable Diffusion 1.x/2.x/XL checkpoint (.safetensors or .ckpt): a path, or with "
+                   "--webui its name (mymodel, mymodel.safetensors, sub/mymodel)"
+                   + ("" if required else "; needed by the kinds that use a model"))
+    p.add_argument("--yaml", help="model config, like the webui's configs/v1-inference.yaml (default: the "
+                   ".yaml beside the checkpoint, else with --webui the webui's config for its family)")
+    p.add_argument("--webui", help=WEBUI_HELP)
+    p.add_argument("--clip-dir", help="local folder with the CLIP tokenizer and text-model config (no download)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lib_sdtrain",
-        description="sdtrain: train textual-inversion embeddings "
-        "compatible with AUTOMATIC1111's webui, outside the webui.",
+        description="sdtrain: train textual-inversion embeddings and hypernetworks compatible with "
+        "AUTOMATIC1111's webui, and prepare their images, outside the webui.",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
@@ -85,46 +132,54 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--seed", type=int, default=0)
+    _add_progress_flag(d)
 
-    for name, cls in (("create-embedding", CreateEmbeddingConfig), ("train-embedding", TrainEmbeddingConfig)):
-        s = sub.add_parser(name, help=f"{cls.__doc__.splitlines()[0]}")
-        s.add_argument(
-            "--ckpt", required=True, help="Stable Diffusion 1.x/2.x/XL checkpoint (.safetensors or .ckpt)"
-        )
-        s.add_argument("--yaml", help="model config, like the webui's configs/v1-inference.yaml (default: "
-                       "the webui's config for the checkpoint's family, with --webui)")
-        s.add_argument("--webui", help="an installed webui's folder: SDXL's model code (its repositories/"
-                       "generative-models) and default configs come from there")
-        s.add_argument(
-            "--clip-dir", help="local folder with the CLIP tokenizer and text-model config (no download)"
-        )
+    for kind, cls in job_config_types().items():
+        s = sub.add_parser(COMMANDS[kind], help=HELP.get(kind, (cls.__doc__ or kind).splitlines()[0]))
+        if kind not in MODEL_FREE_KINDS:
+            _add_model_flags(s, required=True)
+        elif "hypernetwork_dir" in {f["name"] for f in cls.describe()}:
+            s.add_argument("--webui", help="an installed webui's folder: hypernetwork_dir defaults to its "
+                           "models/hypernetworks (no model is loaded for this kind)")
         s.add_argument("--config", help="JSON file with the job's fields; flags override it")
+        _add_progress_flag(s)
         _add_config_flags(s, cls)
+
+    r = sub.add_parser("run", help="run a job file: the body of POST /sdtrain/v1/jobs, "
+                       '{"kind": ..., "config": {...}} (exit 0 done, 1 failed or stopped, 2 bad input)')
+    r.add_argument("job", help="the job's JSON file (- reads it from standard input)")
+    _add_model_flags(r, required=False)
+    _add_progress_flag(r)
     return p
 
 
-def _print_progress(job: Job, every: float = 1.0) -> None:
-    seen, last = 0, 0.0
-    while True:
-        finished = job.wait(0.2)
-        for e in job.events_since(seen):  # after `finished` this drains what is left
-            seen = e.seq
-            if e.kind == "step" and (time.time() - last >= every or e.data["step"] == e.data["total"]):
-                last = time.time()
-                print(f"  {e.data.get('text', '')}", flush=True)
-            elif e.kind in ("file", "preview"):
-                print(f"  wrote {e.data['path']}", flush=True)
-            elif e.kind == "validation":
-                print(f"  validation loss at step {e.data['step']}: {e.data['loss']:.5f}", flush=True)
-            elif e.kind == "log":
-                print(f"  {e.data['text']}", flush=True)
-        if finished:
-            return
+class _SessionWithoutModel:
+    def report(self, step: int, total: int, text: str) -> None:
+        log.debug("%d/%d %s", step, total, text)
+
+    def interrupted(self) -> bool:
+        return False  # a stop reaches the job through its control
 
 
-def _run(service: JobService, kind: str, config: dict[str, Any]) -> Job:
+class NoModelHost:
+    """The host of the kinds that use no model (MODEL_FREE_KINDS): one job at a time, no captioners
+    (the command line has no BLIP or deepbooru)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def gpu_session(self, label: str, options: SessionOptions) -> Iterator[_SessionWithoutModel]:
+        with self._lock:
+            yield _SessionWithoutModel()
+
+    def captioners(self) -> dict[str, Any]:
+        return {}
+
+
+def _run(service: JobService, kind: str, config: Any, progress: str | None = None) -> Job:
     job = service.submit(kind, config)  # validates: a bad field raises before any model work
-    _print_progress(job)
+    printer_for(progress).follow(job)
     job.wait()
     if job.state != DONE:
         print(f"{kind} {job.state}" + (f": {job.error}" if job.error else ""), file=sys.stderr)
@@ -153,6 +208,7 @@ def demo(args: argparse.Namespace, hosts: HostFactories) -> int:
             "embeddings_dir": str(emb_dir),
             "overwrite_old": True,
         },
+        args.progress,
     )
     if created.state != DONE:
         return 1
@@ -179,6 +235,7 @@ def demo(args: argparse.Namespace, hosts: HostFactories) -> int:
             "validation_every": 10,
             "seed": args.seed,
         },
+        args.progress,
     )
     service.shutdown()
     if job.state != DONE:
@@ -195,7 +252,62 @@ def demo(args: argparse.Namespace, hosts: HostFactories) -> int:
     return 0
 
 
+def _read_json(path: str) -> dict[str, Any]:
+    """A JSON object from a file (- : standard input); SdtrainError naming the file if unreadable."""
+    try:
+        raw = sys.stdin.read() if path == "-" else Path(path).read_bytes()
+    except OSError as e:
+        raise SdtrainError(f"cannot read {path}: {e.strerror or e}") from None
+    return json_object(raw)
+
+
+def _host_for(kind: str, args: argparse.Namespace, hosts: HostFactories,
+              webui: WebuiFolder | None) -> Callable[[], Any]:
+    """The job's host, the checkpoint found and loaded now (after the job was validated); none for the
+    kinds that use no model."""
+    if kind in MODEL_FREE_KINDS:
+        if getattr(args, "ckpt", None):
+            log.info("%s uses no model: %s is not loaded", kind, args.ckpt)
+        no_model = NoModelHost()
+        return lambda: no_model
+    if not args.ckpt:
+        raise SdtrainError(f"a {kind} job needs a model: give --ckpt (a checkpoint file, or its name with --webui)")
+    ckpt = resolve_checkpoint(args.ckpt, webui)
+    yaml = args.yaml or yaml_beside(ckpt)
+    if webui is not None:
+        print(f"checkpoint: {ckpt}" + (f" (config {yaml})" if yaml else ""), flush=True)
+    host = hosts.checkpoint(str(ckpt), str(yaml) if yaml else None, args.clip_dir, args.webui)
+    return lambda: host
+
+
+def run_job(kind: str, data: dict[str, Any], args: argparse.Namespace, hosts: HostFactories) -> int:
+    """Validate the job (the webui folder's places under it), then load what it needs and run it:
+    0 done, 1 failed or stopped; a bad field raises ConfigError before any model is loaded."""
+    cls = job_config_types()[kind]
+    webui = WebuiFolder(args.webui) if getattr(args, "webui", None) else None
+    if webui is not None:
+        data = cls.merge_defaults(webui.defaults(), data)  # as the API merges the webui's folders
+    config = cls.from_dict(data)  # refuse bad input before loading a model
+    if kind == "preprocess":
+        try:
+            check_captioners(config, None, None)
+        except ConfigError as e:
+            raise ConfigError(e.field, f"{e.message}: the command line has no captioner (caption in a "
+                              "webui, or put <image>.txt files beside the images and set "
+                              "preprocess_txt_action)") from None
+    service = JobService(_host_for(kind, args, hosts, webui), job_runners())
+    stop_jobs_on_signals(service)  # kill/Ctrl-C: the run saves and keeps a resume point first
+    try:
+        job = _run(service, kind, config, args.progress)
+    finally:
+        service.shutdown()
+    if job.state == DONE and job.result is not None:
+        print(f"done: {job.result}")
+    return 0 if job.state == DONE else 1
+
+
 def main(argv: list[str] | None, hosts: HostFactories) -> int:
+    """Exit status: 0 done, 1 the job failed or was stopped, 2 bad input (nothing was run)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="[sdtrain] %(message)s"
@@ -203,17 +315,18 @@ def main(argv: list[str] | None, hosts: HostFactories) -> int:
     try:
         if args.command == "demo":
             return demo(args, hosts)
-        cls = CreateEmbeddingConfig if args.command == "create-embedding" else TrainEmbeddingConfig
-        base = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
-        config = cls.from_dict(_config_from_args(cls, args, base))  # refuse bad input before loading a model
-        host = hosts.checkpoint(args.ckpt, args.yaml, args.clip_dir, args.webui)
-        service = JobService(lambda: host, job_runners())
-        stop_jobs_on_signals(service)  # kill/Ctrl-C: the run saves and keeps a resume point first
-        job = _run(service, cls.kind, config)
-        service.shutdown()
-        if job.state == DONE and job.result is not None:
-            print(f"done: {job.result}")
-        return 0 if job.state == DONE else 1
+        if args.command == "run":
+            kind, data = job_request(_read_json(args.job))  # what POST /sdtrain/v1/jobs checks
+            return run_job(kind, data, args, hosts)
+        kind = next(k for k, name in COMMANDS.items() if name == args.command)
+        cls = job_config_types()[kind]
+        base = {}
+        if args.config:
+            try:
+                base = _read_json(args.config)
+            except ConfigError as e:
+                raise ConfigError("--config", f"{args.config}: {e.message}") from None
+        return run_job(kind, _config_from_args(cls, args, base), args, hosts)
     except SdtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
