@@ -39,6 +39,10 @@ window.sdtrain = window.sdtrain || {};
         var first = buttons.filter(isOurs)[0];
         if (hid && first && (!selected || selected.style.display === "none")) {
             first.click();
+            setTimeout(function() {  // the buttons gradio re-creates for the new selection
+                sdtrain.hideHostTabs();
+                sdtrain.fitTrainTab();
+            }, 0);
         }
         return hid;
     };
@@ -52,7 +56,23 @@ window.sdtrain = window.sdtrain || {};
             return;
         }
         var selected = trainTabButtons().filter(function(b) { return b.classList.contains("selected"); })[0];
-        container.style.display = selected && isOurs(selected) ? "none" : "";
+        var ours = Boolean(selected && isOurs(selected));
+        // the Train tab's row is the webui's resizable grid (javascript/resizeHandle.js): the form's
+        // column takes the whole width while the host's column and the handle are hidden
+        var row = container.parentElement;
+        container.style.display = ours ? "none" : "";
+        if (row && row.resizeHandle) {
+            row.resizeHandle.style.display = ours ? "none" : "";
+        }
+        if (row && row.style.display === "grid") {
+            if (ours && row.dataset.sdtrainColumns === undefined) {
+                row.dataset.sdtrainColumns = row.style.gridTemplateColumns;
+                row.style.gridTemplateColumns = "1fr";
+            } else if (!ours && row.dataset.sdtrainColumns !== undefined) {
+                row.style.gridTemplateColumns = row.dataset.sdtrainColumns;
+                delete row.dataset.sdtrainColumns;
+            }
+        }
     };
 
     // Lists right at once: the webui may load the model (and so its embeddings) after the page was
@@ -72,6 +92,10 @@ window.sdtrain = window.sdtrain || {};
             return;
         }
         started = true;
+        var tabs = app().querySelector("#train_tabs");
+        if (tabs) {  // a sub-tab picked: the host's output column shows for the host's tabs only
+            tabs.addEventListener("click", function() { setTimeout(sdtrain.fitTrainTab, 0); });
+        }
         sdtrain.hideHostTabs();
         sdtrain.fitTrainTab();
         sdtrain.refreshLists();
@@ -86,7 +110,11 @@ window.sdtrain = window.sdtrain || {};
     if (typeof onAfterUiUpdate === "function") {
         onAfterUiUpdate(function() {
             start();
-            sdtrain.fitTrainTab();
+            if (started) {
+                // gradio re-creates a tab button when its selection changes: hide again what came back
+                sdtrain.hideHostTabs();
+                sdtrain.fitTrainTab();
+            }
         });
     }
 })(window.sdtrain);

@@ -27,6 +27,7 @@ def _ui_context(preview_params=None) -> UiContext:
         template_names=runtime.template_names,
         model_note=runtime.model_note,
         embedding_note=runtime.embedding_note,
+        tensorboard_note=runtime.tensorboard_note,
         captioner_note=runtime.captioner_note,
         txt2img_preview_params=list(preview_params or []),
         write_policy=runtime.ui_write_policy,

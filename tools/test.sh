@@ -30,6 +30,9 @@ if [ "$#" -gt 0 ]; then  # a developer's selection: pytest as asked
   exit
 fi
 start=$SECONDS
+# the browser the UI tests drive (Debian's chromium: installed here when missing)
+SDTRAIN_CHROMIUM="$(bash tools/browser.sh)" || SDTRAIN_CHROMIUM=""
+export SDTRAIN_CHROMIUM
 echo "[sdtrain] unit tests"
 OMP_NUM_THREADS=1 python -m pytest -n 2 -q tests --ignore=tests/webui
 # One UI and API code base for both gradio majors: the same tests on Forge's package set.

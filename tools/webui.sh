@@ -8,7 +8,7 @@
 # goes to stderr). With SDTRAIN_WEBUI_DIR already set (a developer's own checkout), nothing is built:
 # the checkout and its Python (SDTRAIN_WEBUI_PYTHON, default <dir>/venv/bin/python) are checked and
 # printed. Otherwise the archive is taken from SDTRAIN_HOSTS_DIR (default ../shared/hosts beside
-# this checkout), unpacked into .webuis/<host>/ (ignored by git) and given its own virtual environment
+# this checkout), unpacked into webuis/<host>/ (ignored by git; SDTRAIN_WEBUIS_DIR moves it) and given its own virtual environment
 # with the webui's pinned packages (its requirements_versions.txt) on the local CPU build of torch.
 # Exit status 3 (and a reason on stderr) when the archive is not there.
 set -euo pipefail
@@ -70,7 +70,9 @@ if [ ! -f "$SRC" ]; then
   say "no $ARCHIVE in $HOSTS_DIR (set SDTRAIN_HOSTS_DIR, or SDTRAIN_WEBUI_DIR for a checkout of your own)"
   exit 3
 fi
-DEST="$ROOT/.webuis/$HOST"
+# Not under a dot-folder: gradio refuses to serve any file whose path has one (routes.py, is_dotfile),
+# and the webui serves its own page scripts through that route, so its page would break.
+DEST="${SDTRAIN_WEBUIS_DIR:-$ROOT/webuis}/$HOST"
 WEBUI="$DEST/$TOP"
 VENV="$DEST/venv"
 # The stamp names the archive (size, mtime) and this script's recipe: either changing rebuilds.

@@ -233,10 +233,10 @@ def _output_column(ctx: UiContext, prefix: str, *, charts: bool = True, gallery_
     out["status"] = gr.HTML(elem_id=f"{prefix}_status")
     out["error"] = gr.HTML(elem_id=f"{prefix}_error")
     if charts:
-        hover = {"tooltip": ["step", "value", "series"]} if _GRADIO_MAJOR < 4 else {}
+        hover = {"tooltip": ["step", "value", "series"], "overlay_point": True} if _GRADIO_MAJOR < 4 else {}
         out["loss"] = gr.LinePlot(x="step", y="value", color="series", title="Loss", label="Loss", height=220,
                                   elem_id=f"{prefix}_loss_chart", **hover)
-        hover = {"tooltip": ["step", "learning rate"]} if _GRADIO_MAJOR < 4 else {}
+        hover = {"tooltip": ["step", "learning rate"], "overlay_point": True} if _GRADIO_MAJOR < 4 else {}
         out["lr"] = gr.LinePlot(x="step", y="learning rate", title="Learning rate", label="Learning rate",
                                 height=140, elem_id=f"{prefix}_lr_chart", **hover)
     else:  # keeps the outputs uniform

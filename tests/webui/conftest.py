@@ -260,7 +260,7 @@ def webui_assets(tmp_path_factory):
     # the extension as "Install from URL" would get it: tracked files, no local environments or caches
     # (.venv-forge alone is 1.4 GB, and every server gets its own copy)
     shutil.copytree(REPO, ext, ignore=shutil.ignore_patterns(
-        ".git", ".venv*", ".webuis", "__pycache__", "*.pyc", "demo_out", ".pytest_cache", ".ruff_cache",
+        ".git", ".venv*", ".webuis", "webuis", "__pycache__", "*.pyc", "demo_out", ".pytest_cache", ".ruff_cache",
         ".hypothesis", ".import_linter_cache", "tests"))
     return {"root": root, "ckpt": ckpt, "hf": root / "hf", "clip_dir": snap, "data": data, "extension": ext,
             "shims": shims}

@@ -54,8 +54,7 @@ def test_starts_cleanly_with_the_sub_tabs(webui):
     assert status == 200
     by_id = {c["id"]: c for c in config["components"]}
     tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
-    for label in ("Create embedding", "Train embedding", "Create hypernetwork", "Train hypernetwork",
-                  "Preprocess images"):
+    for label in ("Textual inversion", "Hypernetwork", "Preprocess images", "Jobs"):
         assert f"{label} (sdtrain)" in tabs
 
     def ancestors_labels(node, target, path=()):
@@ -69,11 +68,13 @@ def test_starts_cleanly_with_the_sub_tabs(webui):
                 return found
         return None
 
-    where = ancestors_labels(config["layout"], "Train embedding (sdtrain)")
+    where = ancestors_labels(config["layout"], "Textual inversion (sdtrain)")
     assert where is not None and where[0] == ("Train" if HOST.verdict("train_tab") is None else "Train (sdtrain)"), where
     ids = {c["props"].get("elem_id") for c in config["components"]}
     for kind in ("embedding", "hypernetwork"):
-        assert {f"sdtrain_train_{kind}_{x}" for x in ("button", "stop", "loss_chart", "previews", "status")} <= ids
+        assert {f"sdtrain_train_{kind}_{x}" for x in ("button", "stop", "loss_chart", "lr_chart", "previews", "status")} <= ids
+        assert f"sdtrain_create_{kind}_button" in ids
+    assert {"sdtrain_jobs_table", "sdtrain_jobs_open", "sdtrain_jobs_stop"} <= ids
 
 
 def test_create_and_train_through_the_host_routes(webui, webui_assets):
@@ -427,6 +428,6 @@ def test_reload_ui_keeps_one_service_and_re_adds_everything(webui):
     assert status == 202 and webui.wait_job(out["id"])["state"] == "done"
     _, config = webui.get("/config")
     tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
-    assert tabs.count("Train embedding (sdtrain)") == 1
+    assert tabs.count("Textual inversion (sdtrain)") == 1
     new_log = webui.log_text()[marker:]
     assert not [ln for ln in new_log.splitlines() if "sdtrain" in ln.lower() and re.search(r"error|traceback", ln, re.I)]

@@ -187,6 +187,18 @@ def embedding_note() -> str:
     return f"<span class='sdtrain-note'>{text}</span>"
 
 
+def tensorboard_note() -> str:
+    """How to get TensorBoard logging, when the webui's setting asks for it and the package is missing."""
+    from modules import shared
+
+    from lib_sdtrain.core.training.tensorboard import tensorboard_status
+
+    if not getattr(shared.opts, "training_enable_tensorboard", False):
+        return ""
+    text = tensorboard_status()
+    return f"<span class='sdtrain-note'>{html.escape(text)}</span>" if text else ""
+
+
 def hypernetwork_names() -> list[str]:
     from modules import shared
 
