@@ -111,7 +111,7 @@ def test_train_from_the_tab_in_a_browser(page, webui, webui_assets):
         time.sleep(0.5)
     assert len(set(steps)) >= 3 and steps == sorted(steps), steps
     box = status.bounding_box()  # in view beside the form's end, no scrolling back up
-    assert 0 <= box["y"] and box["y"] + box["height"] <= VIEWPORT["height"], box
+    assert box["y"] >= 0 and box["y"] + box["height"] <= VIEWPORT["height"], box
     chart = pg.locator("#sdtrain_train_embedding_loss_chart").first
     chart.locator(".vega-embed canvas, .vega-embed svg, canvas").first.wait_for()
     pg.wait_for_function("() => document.querySelectorAll('#sdtrain_train_embedding_previews img').length > 0",
