@@ -60,7 +60,7 @@ def _tree(*folders: Path) -> set[str]:
     out = set()
     for folder in folders:
         for base, _dirs, files in os.walk(folder):
-            if ".git" in base or "__pycache__" in base or ".pytest_cache" in base:
+            if any(part in base for part in (".git", "__pycache__", ".pytest_cache", ".hypothesis")):  # tools' caches
                 continue
             out.update(os.path.join(base, f) for f in files)
     return out

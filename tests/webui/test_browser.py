@@ -145,6 +145,20 @@ def test_train_from_the_tab_in_a_browser(page, webui, webui_assets):
     table = pg.locator("#sdtrain_jobs_table").first
     pg.wait_for_function("() => /browserti/.test(document.querySelector('#sdtrain_jobs_table').innerText)")
     assert "stopped" in table.inner_text()
+    # a click on its row picks it; Open shows its chart and files
+    table.get_by_text("stopped", exact=True).last.click()  # the training's row (gradio 4 keeps a hidden copy first)
+    pick = pg.locator("#sdtrain_jobs_pick input").first
+    pg.wait_for_function("el => /^[0-9a-f]{12}$/.test(el.value)", arg=pick.element_handle())
+    pg.locator("#sdtrain_jobs_open").first.click()
+    pg.wait_for_function("() => /stopped/.test(document.querySelector('#sdtrain_jobs_status').innerText)")
+    pg.locator("#sdtrain_jobs_loss_chart").first.locator(".vega-embed canvas, .vega-embed svg, canvas").first.wait_for()
+    assert "browserti.pt" in pg.locator("#sdtrain_jobs_files textarea").first.input_value()
     shot(pg, "jobs")
+    # the list survives a page reload (the service holds it; Reload UI: test_contract.py)
+    pg.reload(wait_until="domcontentloaded")
+    pg.wait_for_selector("#sdtrain_jobs", state="attached", timeout=180_000)
+    tab_button(pg, "#tabs", top).click()
+    tab_button(pg, "body", "Jobs (sdtrain)").click()
+    pg.wait_for_function("() => /browserti/.test(document.querySelector('#sdtrain_jobs_table').innerText)")
     ours = [e for e in pg.console_errors if "sdtrain" in e.lower()]
     assert ours == [], ours
