@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,6 +183,8 @@ def job_view(job: Job | None) -> dict[str, Any]:
     name = d["config"].get("embedding_name") or d["config"].get("hypernetwork_name") or d["config"].get("name")
     if name:
         status += f" — {html.escape(str(name))}"
+    if text and d["state"] in FINISHED_STATES:  # no time left to estimate
+        text = re.sub(r",?\s*ETA\b.*$", "", text)
     if text:  # "loss …, lr …, step n/N, it/s, ETA"
         status += f"<br><span class='sdtrain-progress'>{html.escape(text)}</span>"
     elif d["total_steps"]:
