@@ -250,18 +250,6 @@ def _output_column(ctx: UiContext, prefix: str, *, charts: bool = True, gallery_
     return out
 
 
-PREPROCESS_SECTIONS = (
-    (None, ("process_src", "process_dst", "process_width", "process_height", "preprocess_txt_action",
-            "process_keep_original_size", "process_flip", "process_split", "process_focal_crop", "process_multicrop",
-            "process_caption", "process_caption_deepbooru", "overwrite")),
-    ("Split oversized images", ("process_split_threshold", "process_overlap_ratio")),
-    ("Auto focal point crop", ("process_focal_crop_face_weight", "process_focal_crop_entropy_weight",
-                               "process_focal_crop_edges_weight", "process_focal_crop_debug")),
-    ("Auto-sized crop", ("process_multicrop_mindim", "process_multicrop_maxdim", "process_multicrop_minarea",
-                         "process_multicrop_maxarea", "process_multicrop_objective", "process_multicrop_threshold")),
-)
-
-
 # -- the tabs -----------------------------------------------------------------------------------------
 def build_all_tabs(ctx: UiContext) -> None:
     """Every sub-tab: Textual inversion, Hypernetwork, Preprocess images, Jobs. A host difference must
