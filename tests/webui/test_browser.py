@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import WebUI
 from webui_hosts import selected
 
 HOST = selected()
@@ -21,6 +22,15 @@ CHROMIUM = os.environ.get("SDTRAIN_CHROMIUM") or shutil.which("chromium") or shu
 pytestmark = [pytest.mark.webui,
               pytest.mark.skipif(not CHROMIUM, reason="no chromium here (tools/browser.sh installs Debian's)")]
 VIEWPORT = {"width": 1366, "height": 768}
+
+
+@pytest.fixture(scope="module")
+def webui(webui_assets):
+    """A server of this module's own (each module's servers need folders of their own: another module may
+    have run in this worker before, with the shared `webui` server's)."""
+    server = WebUI(webui_assets, "browser")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
