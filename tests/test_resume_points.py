@@ -76,3 +76,25 @@ def test_other_settings_or_a_fresh_start_do_not_take_the_point(tiny_sd1, tmp_pat
     assert fresh.step == 8 and "resumed from step" not in fresh.message
     assert not (folder / "drop.pt.resume").exists()
     shutil.rmtree(tmp_path / "run")
+
+
+def test_settings_at_their_default_leave_the_fingerprint_alone(tmp_path):
+    """A setting left at its default is not part of the fingerprint: naming it explicitly changes nothing,
+    and neither does an sdtrain update that adds a setting (at a default keeping the old behaviour), so
+    the resume points written before the update still resume. A changed setting does count."""
+    import dataclasses
+
+    from lib_sdtrain.core.options.config import TrainEmbeddingConfig
+    from lib_sdtrain.core.training.resume import fingerprint
+
+    data = write_sample_dataset(tmp_path / "data", count=2, size=64)
+    fields = {"embedding_name": "x", "data_root": str(data), "learn_rate": "0.01", "seed": 3}
+    base = TrainEmbeddingConfig.from_dict(fields)
+    named = TrainEmbeddingConfig.from_dict({**fields, "loss_type": "mse", "noise_offset": 0.0, "optimizer_name": "AdamW"})
+    assert fingerprint(named) == fingerprint(base)
+    later = dataclasses.make_dataclass("Later", [("a_new_option", float, dataclasses.field(default=0.0))],
+                                       bases=(TrainEmbeddingConfig,))
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    assert fingerprint(later(**values)) == fingerprint(base)
+    assert fingerprint(later(**values, a_new_option=0.5)) != fingerprint(base)
+    assert fingerprint(TrainEmbeddingConfig.from_dict({**fields, "noise_offset": 0.05})) != fingerprint(base)

@@ -111,7 +111,9 @@ class TrainDataset:
         self.rng = random.Random(resolve_seed(opts.seed))
         self.generator = torch.Generator().manual_seed(self.rng.getrandbits(63))
         self.latent_sampling_method: LatentSampling = opts.latent_sampling_method
-        self.item_image = [i for _ in range(opts.repeats) for i in range(len(self.images))]
+        # pass k lists every image still repeated k+1 times: with one count for all, the host's order
+        counts = [opts.repeats * rec.repeats for rec in self.images]
+        self.item_image = [i for k in range(max(counts)) for i, c in enumerate(counts) if k < c]
         n = len(self.item_image)
         # host dataset.py:136-137: both clamped so that one optimizer step fits in an epoch
         self.batch_size = min(opts.batch_size, n)
@@ -123,7 +125,7 @@ class TrainDataset:
             log.info("Buckets: %s", ", ".join(f"{w}x{h}: {len(v)}" for (w, h), v in sorted(groups.items())))
         self.sampler = GroupedBatchSampler(list(groups.values()), self.batch_size, self.rng)
         # host dataset.py:126-127: without shuffle/dropout each item's prompt is drawn once, at load.
-        self.texts_fixed = not (opts.tag_drop_out != 0 or opts.shuffle_tags)
+        self.texts_fixed = not (opts.tag_drop_out != 0 or opts.shuffle_tags or opts.caption_dropout_rate != 0)
         self._texts = (
             [self.create_text(self.images[i].filename_text) for i in self.item_image]
             if self.texts_fixed
@@ -155,14 +157,19 @@ class TrainDataset:
 
     # -- captions --
     def create_text(self, filename_text: str) -> str:
-        """Host `create_text` (dataset.py:152-161) on the dataset's RNG."""
+        """Host `create_text` (dataset.py:152-161) on the dataset's RNG, plus kohya's caption options:
+        with `caption_dropout_rate` the [filewords] part is empty that often (the bare template);
+        the first `keep_tokens` tags stay first and are never dropped. Both off draw as the host."""
         text = self.rng.choice(self.lines)
+        if self.opts.caption_dropout_rate != 0 and self.rng.random() < self.opts.caption_dropout_rate:
+            return text.replace("[filewords]", "").replace("[name]", self.opts.placeholder_token)
         tags = filename_text.split(",")
+        kept, tags = tags[: self.opts.keep_tokens], tags[self.opts.keep_tokens :]
         if self.opts.tag_drop_out != 0:
             tags = [t for t in tags if self.rng.random() > self.opts.tag_drop_out]
         if self.opts.shuffle_tags:
             self.rng.shuffle(tags)
-        text = text.replace("[filewords]", ",".join(tags))
+        text = text.replace("[filewords]", ",".join(kept + tags))
         return text.replace("[name]", self.opts.placeholder_token)
 
     def text(self, item: int) -> str:

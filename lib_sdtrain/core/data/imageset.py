@@ -55,6 +55,10 @@ class DatasetOptions:
     latent_sampling_method: LatentSampling = "once"
     latent_downscale: int = 8
     seed: int | None = None  # None or < 0: fresh randomness each run
+    # captions and folder repeats (kohya's options; all off by default, as the host)
+    keep_tokens: int = 0  # the first N comma-separated tags are neither shuffled nor dropped
+    caption_dropout_rate: float = 0.0  # chance that a prompt's [filewords] is empty (the bare template)
+    folder_repeats: bool = False  # also read `N_name` subfolders of data_root, each image counting N times
 
     def validate(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
@@ -74,6 +78,16 @@ class DatasetOptions:
             f"must be between 0 and 1, got {self.tag_drop_out}",
         )
         need(0.0 <= self.flip_p <= 1.0, "flip_p", f"must be between 0 and 1, got {self.flip_p}")
+        need(
+            isinstance(self.keep_tokens, int) and not isinstance(self.keep_tokens, bool) and self.keep_tokens >= 0,
+            "keep_tokens",
+            f"must be 0 (off) or a positive whole number, got {self.keep_tokens!r}",
+        )
+        need(
+            0.0 <= self.caption_dropout_rate <= 1.0,
+            "caption_dropout_rate",
+            f"must be between 0 and 1, got {self.caption_dropout_rate}",
+        )
         need(self.crop in CROPS, "crop", f"must be one of {', '.join(CROPS)}, got {self.crop!r}")
         need(
             self.latent_sampling_method in LATENT_SAMPLING_METHODS,
@@ -98,6 +112,7 @@ class ImageRecord:
     source_size: tuple[int, int] | None = None
     resized_size: tuple[int, int] | None = None
     crop_left_top: tuple[int, int] = (0, 0)
+    repeats: int = 1  # items per epoch from its folder's `N_` prefix (folder_repeats); 1 otherwise
 
     def geometry(self, flipped: bool = False) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """(original (h, w), crop (top, left), target (h, w)) as SDXL takes them; a mirrored
@@ -200,9 +215,39 @@ def _read_image(
     return fit(rgb), (fit(alpha) if alpha is not None else None), rgb.size, size, (left, top)
 
 
+_RE_FOLDER_REPEATS = re.compile(r"^(\d+)_(.+)$")  # kohya's `10_concept`
+
+
+def folder_repeats(name: str) -> int:
+    """The repeat count a subfolder's name gives (kohya's `N_name`), 1 for a name without it."""
+    m = _RE_FOLDER_REPEATS.match(name)
+    return int(m.group(1)) if m else 1
+
+
+def _image_candidates(root: Path, names: list[str], subfolders: bool) -> list[tuple[Path, int]]:
+    """(path, repeats) of every file to try: the folder's own files (the host reads only those), and
+    with `subfolders` the files of each subfolder one level down, counted N times for `N_name`
+    (a `0_name` folder is left out, as kohya does; dot-folders are skipped)."""
+    out: list[tuple[Path, int]] = []
+    for name in names:
+        path = root / name
+        if not (subfolders and path.is_dir()):
+            out.append((path, 1))
+            continue
+        if name.startswith("."):
+            continue
+        n = folder_repeats(name)
+        if n == 0:
+            log.info("Leaving out %s: a 0_ folder repeats its images 0 times", path)
+            continue
+        out.extend((path / sub, n) for sub in sorted(os.listdir(path)))
+    return out
+
+
 def load_images(opts: DatasetOptions) -> ImageSet:
-    """Read every image of `opts.data_root` (sorted by name). Non-image files are ignored; files with
-    an image extension that fail to decode are skipped, logged and listed in `skipped`."""
+    """Read every image of `opts.data_root` (sorted by name; with `folder_repeats` also those of its
+    subfolders, see `_image_candidates`). Non-image files are ignored; files with an image extension
+    that fail to decode are skipped, logged and listed in `skipped`."""
     opts.validate()
     root = Path(opts.data_root) if str(opts.data_root).strip() else None
     if root is None:
@@ -217,8 +262,7 @@ def load_images(opts: DatasetOptions) -> ImageSet:
     rng = random.Random(f"{seed}-crop" if seed is not None else None)
     images: list[ImageRecord] = []
     skipped: list[tuple[str, str]] = []
-    for name in names:
-        path = root / name
+    for path, repeats in _image_candidates(root, names, opts.folder_repeats):
         if not path.is_file():
             continue
         if path.suffix.lower() == ".txt":
@@ -243,6 +287,7 @@ def load_images(opts: DatasetOptions) -> ImageSet:
                 source_size=source_size,
                 resized_size=resized,
                 crop_left_top=crop,
+                repeats=repeats,
             )
         )
     if not images:

@@ -37,6 +37,7 @@ __all__ = [
     "IMAGE_EXTS",
     "PT_EXTS",
     "SAFETENSORS_EXTS",
+    "SDTRAIN_STATE_KEY",
     "decode_pixel_data",
     "decode_text_chunk",
     "embedding_from_data",
@@ -360,26 +361,39 @@ def save_embedding_image(
 # --- optimizer sidecar ------------------------------------------------------------------------
 
 
+#: where a `.optim` keeps a state the host must not load (an optimizer it would not build: it loads
+#: `optimizer_state_dict` into its own AdamW, or for a hypernetwork into the torch.optim class named)
+SDTRAIN_STATE_KEY = "sdtrain_optimizer_state_dict"
+
+
 def save_optim(
     artifact_path: str | os.PathLike[str],
     optimizer_state_dict: Mapping[str, Any],
     checksum: str,
     optimizer_name: str | None = None,
     step: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+    host_loadable: bool = True,
 ) -> str:
-    """Core: write `<artifact>.optim` = {'hash', 'optimizer_state_dict'[, 'optimizer_name'][, 'step']}.
+    """Core: write `<artifact>.optim` = {'hash', 'optimizer_state_dict'[, 'optimizer_name'][, 'step']
+    [, 'optimizer_settings']}.
 
     The host's shapes: Embedding.save (hash + state) and Hypernetwork.save (+ optimizer_name).
     `step` is sdtrain's addition for files that cannot hold one (an SDXL `.pt` is two tensors and
-    nothing else); the host ignores keys it does not read. Tensors are moved to the CPU.
-    Host-safe-check compatible, atomic. Returns the path.
+    nothing else), `settings` the optimizer's settings (weight decay, ...); the host ignores keys it
+    does not read. With `host_loadable` off the state goes under SDTRAIN_STATE_KEY, so the host
+    starts a fresh optimizer ("No saved optimizer") instead of loading a state of another kind.
+    Tensors are moved to the CPU. Host-safe-check compatible, atomic. Returns the path.
     """
     target = f"{os.fspath(artifact_path)}.optim"
-    saved: dict[str, Any] = {"hash": checksum, "optimizer_state_dict": to_cpu(dict(optimizer_state_dict))}
+    state_key = "optimizer_state_dict" if host_loadable else SDTRAIN_STATE_KEY
+    saved: dict[str, Any] = {"hash": checksum, state_key: to_cpu(dict(optimizer_state_dict))}
     if optimizer_name is not None:
         saved["optimizer_name"] = optimizer_name
     if step is not None:
         saved["step"] = int(step)
+    if settings is not None:
+        saved["optimizer_settings"] = dict(settings)
     save_torch_file(saved, target)
     return target
 
@@ -387,8 +401,9 @@ def save_optim(
 def load_optim(artifact_path: str | os.PathLike[str], expected_hash: str) -> dict[str, Any] | None:
     """Core: the saved `.optim` dict next to `artifact_path` if its hash matches, else None.
 
-    Returns the whole dict ({'hash', 'optimizer_state_dict'[, 'optimizer_name']}); None when the
-    file is missing, the hash differs or it holds no state (host: "No saved optimizer").
+    Returns the whole dict ({'hash', 'optimizer_state_dict'[, 'optimizer_name']...}; a state kept
+    under SDTRAIN_STATE_KEY is returned as 'optimizer_state_dict'); None when the file is missing,
+    the hash differs or it holds no state (host: "No saved optimizer").
     Raises FormatError when the file is unreadable or unsafe.
     """
     target = f"{os.fspath(artifact_path)}.optim"
@@ -397,6 +412,9 @@ def load_optim(artifact_path: str | os.PathLike[str], expected_hash: str) -> dic
     saved = load_torch_file(target)
     if not isinstance(saved, Mapping):
         raise FormatError(target, f"holds a {type(saved).__name__}, not an optimizer state dict")
-    if saved.get("hash") != expected_hash or not isinstance(saved.get("optimizer_state_dict"), Mapping):
+    out = dict(saved)
+    if not isinstance(out.get("optimizer_state_dict"), Mapping):
+        out["optimizer_state_dict"] = out.get(SDTRAIN_STATE_KEY)
+    if out.get("hash") != expected_hash or not isinstance(out["optimizer_state_dict"], Mapping):
         return None
-    return dict(saved)
+    return out

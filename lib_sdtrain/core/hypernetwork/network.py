@@ -26,7 +26,7 @@ from lib_sdtrain.core.formats.embedding_io import load_optim, save_optim
 from lib_sdtrain.core.formats.torchfile import load_torch_file, save_torch_file
 from lib_sdtrain.core.options.hypernetwork_spec import HN_WEIGHT_INITS as WEIGHT_INITS
 from lib_sdtrain.core.options.hypernetwork_spec import check_layer_structure, parse_float_list
-from lib_sdtrain.core.options.optimizers import OPTIMIZERS, optimizer_class
+from lib_sdtrain.core.options.optimizers import OPTIMIZERS, host_builds, optimizer_class
 
 __all__ = [
     "ACTIVATIONS",
@@ -375,10 +375,17 @@ def hypernetwork_hash(path: str | os.PathLike[str]) -> str:
 
 
 def save_hypernetwork_optim(
-    path: str | os.PathLike[str], optimizer_state_dict: Mapping[str, Any], optimizer_name: str
+    path: str | os.PathLike[str],
+    optimizer_state_dict: Mapping[str, Any],
+    optimizer_name: str,
+    settings: Mapping[str, Any] | None = None,
 ) -> str:
-    """`<path>.optim` = {'optimizer_name', 'hash', 'optimizer_state_dict'} for the file now at `path`."""
-    return save_optim(path, optimizer_state_dict, hypernetwork_hash(path), optimizer_name=optimizer_name)
+    """`<path>.optim` = {'optimizer_name', 'hash', 'optimizer_state_dict'[, 'optimizer_settings']} for
+    the file now at `path`. The host builds any torch.optim class by that name and loads the state
+    into it; the state of an optimizer from another package (Lion, ...) is kept where the host does
+    not look, so it starts a fresh AdamW instead of failing."""
+    return save_optim(path, optimizer_state_dict, hypernetwork_hash(path), optimizer_name=optimizer_name,
+                      settings=settings, host_loadable=host_builds(optimizer_name))
 
 
 def load_hypernetwork_optim(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from lib_sdtrain.core.options.hypernetwork_spec import (
     parse_float_list,
 )
 from lib_sdtrain.core.options.lr_schedule import Schedule, make_schedule
+from lib_sdtrain.core.options.optimizers import OPTIMIZERS, OptimizerChoice, optimizer_class, parse_betas
 
 #: Our own copy of the host's six prompt templates (same names and placeholders).
 DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parents[3] / "textual_inversion_templates")
@@ -267,9 +268,43 @@ class TrainingConfig(ConfigBase):
     )
     lr_warmup_steps: int = _opt(0, "Warm-up steps (cosine, constant_with_warmup)", minimum=0)
     lr_min: float = _opt(0.0, "Final learning rate (cosine)", minimum=0.0)
+    # optimizer (core.options.optimizers); name and settings go into the .optim file
+    optimizer_name: str = _opt(
+        "AdamW", "Optimizer", choices=OPTIMIZERS,
+        help="AdamW (the host's), Adam, SGD, Adagrad; Lion, Prodigy (use learning rate 1) and AdamW8bit when "
+        "their package (lion-pytorch, prodigyopt, bitsandbytes) is installed in the webui's venv",
+    )
+    weight_decay: float = _opt(
+        0.0, "Weight decay", minimum=0.0, help="The host's: 0 for embeddings, AdamW's 0.01 for hypernetworks"
+    )
+    momentum: float = _opt(0.9, "Momentum (SGD)", minimum=0.0, help="Below 1; 0: plain SGD")
+    betas: str = _opt(
+        "", "Betas (Adam, AdamW, Lion, Prodigy, AdamW8bit)",
+        help="Two numbers like 0.9, 0.999; empty: the optimizer's own (Lion 0.9, 0.99; others 0.9, 0.999)",
+    )
     flip_p: float = _opt(0.0, "Random horizontal flip probability", minimum=0.0, maximum=1.0)
     crop: str = _opt("resize", "Fit images by", choices=("resize", "center", "random"))
     seed: int = _opt(-1, "Seed (-1: random)")
+    # loss options (core.training.loss has the formulas); each off by default: the host's loss
+    loss_type: str = _opt(
+        "mse", "Loss", choices=("mse", "l1", "huber", "smooth_l1"),
+        help="mse: d²; l1: |d|; huber: 2c·(√(d²+c²) - c) (pseudo-Huber, kohya's); smooth_l1: 2·(√(d²+c²) - c); "
+        "d = prediction - target, c = Huber c",
+    )
+    huber_c: float = _opt(0.1, "Huber c (huber, smooth_l1)", help="Where the loss turns from squared to linear",
+                          minimum=0.0)
+    min_snr_gamma: float = _opt(
+        0.0, "Min-SNR-γ weighting, 0 to disable", minimum=0.0,
+        help="Each sample's loss times min(SNR, γ)/SNR (noise prediction) or min(SNR, γ)/(SNR+1) (v-prediction); "
+        "5 is typical",
+    )
+    noise_offset: float = _opt(
+        0.0, "Noise offset, 0 to disable", minimum=0.0, maximum=1.0, step=0.01,
+        help="Adds offset × one random value per image and latent channel to the noise; 0.05-0.1 is typical",
+    )
+    timestep_min: int = _opt(0, "Timestep range start", minimum=0, maximum=1000)
+    timestep_max: int = _opt(1000, "Timestep range end (excluded)", minimum=1, maximum=1000,
+                             help="Timesteps are drawn uniformly from [start, end); 1000: up to the model's last")
     validation_every: int = _opt(
         0, "Measure fixed-noise validation loss every N steps, 0 to disable", minimum=0
     )
@@ -283,10 +318,37 @@ class TrainingConfig(ConfigBase):
         help="the same job again continues exactly where that run was; off: start over from the file")
     resume_point_minutes: float = _opt(
         10.0, "Also keep a resume point every N minutes (0: only when the file is saved)", minimum=0.0)
+    # --- captions (kohya's keep_tokens, caption dropout, N_name folder repeats) and EMA; all off by default
+    keep_tokens: int = _opt(
+        0, "Keep the first N tags in place when shuffling or dropping tags", minimum=0,
+        help="kohya's keep_tokens: the first N comma-separated tags of a caption are never shuffled or dropped",
+    )
+    caption_dropout_rate: float = _opt(
+        0.0, "Caption dropout: chance of an empty [filewords] (the bare template)", minimum=0.0, maximum=1.0,
+        help="drawn per prompt; 0: never",
+    )
+    folder_repeats: bool = _opt(
+        False, "Repeat the images of N_name subfolders N times per epoch (kohya's folders)",
+        help="also reads the subfolders of the dataset directory (one level): 10_concept/ counts 10 times, a "
+        "folder without the N_ prefix once, 0_ folders not at all; off: only the directory's own files, as the host",
+    )
+    ema_decay: float = _opt(
+        0.0, "EMA decay of the trained tensors (0: off, e.g. 0.999)", minimum=0.0, maximum=1.0,
+        help="after each optimizer step: ema = decay * ema + (1 - decay) * tensors",
+    )
+    ema_start_step: int = _opt(
+        0, "Start the EMA at step", minimum=0, help="a copy of the tensors at that step (or when the run begins)"
+    )
+    ema_for_output: bool = _opt(
+        False, "Save the EMA tensors as the final file", help="intermediate saves keep the trained tensors"
+    )
+    ema_for_previews: bool = _opt(False, "Use the EMA tensors for previews and the validation loss")
 
     def validate(self) -> None:
         super().validate()
         _validate_training(self, self.save_every_field)
+        self.optimizer_choice()
+        _validate_captions_ema(self)
 
     def template_path(self) -> str:
         return find_template(self.templates_dir, self.template_filename)
@@ -304,6 +366,15 @@ class TrainingConfig(ConfigBase):
             return None
         return make_schedule("dsl", self.clip_grad_value, self.steps, cur_step, field="clip_grad_value",
                              gradient_step=gradient_step)
+
+    def optimizer_choice(self) -> OptimizerChoice:
+        """The optimizer and its settings, checked (each error names its field; an optional optimizer
+        whose package is missing says which to install)."""
+        _require(self.weight_decay >= 0, "weight_decay", f"must be 0 or more, got {self.weight_decay}")
+        _require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        choice = OptimizerChoice(self.optimizer_name, self.weight_decay, self.momentum, parse_betas(self.betas))
+        optimizer_class(self.optimizer_name)
+        return choice
 
 
 @dataclass
@@ -490,10 +561,9 @@ class TrainHypernetworkConfig(TrainingConfig):
         "Hypernetwork file",
         help="Train this file instead of looking the name up in the hypernetworks folder",
     )
-    optimizer_name: str = _opt(
-        "AdamW",
-        "Optimizer (a torch.optim class)",
-        help="Created with the learning rate only, as the host; its name is stored in the .optim file",
+    weight_decay: float = _opt(
+        0.01, "Weight decay", minimum=0.0, help="The host's: AdamW's default, 0.01 (it builds the optimizer "
+        "with the learning rate only)"
     )
     attention_optimization: bool = _opt(
         False,
@@ -504,9 +574,6 @@ class TrainHypernetworkConfig(TrainingConfig):
     def validate(self) -> None:
         _check_name("hypernetwork_name", self.hypernetwork_name)
         super().validate()
-        from lib_sdtrain.core.options.optimizers import optimizer_class
-
-        optimizer_class(self.optimizer_name)
         if self.hypernetwork_file:
             _require(
                 os.path.isfile(self.hypernetwork_file),
@@ -526,6 +593,16 @@ def _validate_training(cfg: Any, save_every_field: str) -> None:
     cfg.clip_schedule()
     _require(0.0 <= cfg.tag_drop_out <= 1.0, "tag_drop_out", "must be between 0 and 1")
     _require(0.0 <= cfg.flip_p <= 1.0, "flip_p", "must be between 0 and 1")
+    _require(cfg.huber_c > 0, "huber_c", f"must be positive, got {cfg.huber_c}")
+    _require(cfg.min_snr_gamma >= 0, "min_snr_gamma", f"must be 0 (off) or positive, got {cfg.min_snr_gamma}")
+    _require(0.0 <= cfg.noise_offset <= 1.0, "noise_offset", f"must be between 0 and 1, got {cfg.noise_offset}")
+    _require(cfg.timestep_min >= 0, "timestep_min", f"must be 0 or more, got {cfg.timestep_min}")
+    _require(cfg.timestep_max <= 1000, "timestep_max", f"must be at most 1000, got {cfg.timestep_max}")
+    _require(
+        cfg.timestep_min < cfg.timestep_max,
+        "timestep_max",
+        f"must be above the range start timestep_min ({cfg.timestep_min}), got {cfg.timestep_max}",
+    )
     for name in ("training_width", "training_height", "preview_width", "preview_height"):
         value = getattr(cfg, name)
         _require(
@@ -550,6 +627,13 @@ def _validate_training(cfg: Any, save_every_field: str) -> None:
         _require(bool(cfg.log_directory), "log_directory", "is empty but tensorboard logging needs it")
     template = cfg.template_path()
     _require(os.path.isfile(template), "template_filename", f"prompt template not found: {template}")
+
+
+def _validate_captions_ema(cfg: Any) -> None:
+    _require(cfg.keep_tokens >= 0, "keep_tokens", "must be 0 (off) or a positive integer")
+    _require(0.0 <= cfg.caption_dropout_rate <= 1.0, "caption_dropout_rate", "must be between 0 and 1")
+    _require(0.0 <= cfg.ema_decay < 1.0, "ema_decay", "must be 0 (off) or between 0 and 1 (1 would never move)")
+    _require(cfg.ema_start_step >= 0, "ema_start_step", "must be 0 or a positive integer")
 
 
 def find_template(templates_dir: str, filename: str) -> str:

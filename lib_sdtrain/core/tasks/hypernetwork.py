@@ -17,7 +17,6 @@ from lib_sdtrain.core.hypernetwork.network import (
     find_hypernetwork_file,
     load_hypernetwork,
     load_hypernetwork_optim,
-    optimizer_class,
     save_hypernetwork,
     save_hypernetwork_optim,
 )
@@ -82,8 +81,8 @@ def _dry_run(hn: Hypernetwork) -> None:
 # -- train --------------------------------------------------------------------------------------------------
 class HypernetworkTraining(TrainingKind):
     """The hypernetwork part of a run (the host's train_hypernetwork): the modules trained in train
-    mode with multiplier 1, in eval mode for previews; the optimizer chosen by name from
-    torch.optim with the learning rate only; `.pt` saves storing the base name."""
+    mode with multiplier 1, in eval mode for previews; the optimizer chosen by name (the host's:
+    AdamW with the learning rate only); `.pt` saves storing the base name."""
 
     noun = "hypernetwork"
     job_label = "train-hypernetwork"
@@ -109,6 +108,7 @@ class HypernetworkTraining(TrainingKind):
         # back to the source, so a hypernetwork in a subfolder keeps being the one the host lists.
         self.out_file = src
         self.save_every = cfg.save_hypernetwork_every
+        self.optimizer_choice = cfg.optimizer_choice()
         self.optimizer_name = cfg.optimizer_name
 
     def settings(self) -> dict[str, Any]:
@@ -136,7 +136,7 @@ class HypernetworkTraining(TrainingKind):
     def setup(self, device: torch.device, lr: float) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
         self.hn.to(device).set_multiplier(1.0).train(True)
         params = self.hn.trainable_params()
-        return params, optimizer_class(self.optimizer_name)(params, lr=lr)
+        return params, self.optimizer_choice.build(params, lr)
 
     def resume(self, optimizer: torch.optim.Optimizer) -> str | None:
         # The host reads a matching .optim whatever save_optimizer_state says.
@@ -146,9 +146,9 @@ class HypernetworkTraining(TrainingKind):
         if saved["optimizer_name"] != self.optimizer_name:
             return (
                 f"ignored {self.source}.optim: it holds {saved['optimizer_name']} state and this run "
-                f"uses {self.optimizer_name}"
+                f"uses {self.optimizer_name}; starting {self.optimizer_name} afresh"
             )
-        why = restore_optimizer(optimizer, saved["optimizer_state_dict"])
+        why = restore_optimizer(optimizer, saved["optimizer_state_dict"], keep=self.optimizer_choice.kwargs())
         if why is not None:
             return f"ignored {self.source}.optim: {why}"
         return f"resumed optimizer state from {self.source}.optim"
@@ -186,7 +186,8 @@ class HypernetworkTraining(TrainingKind):
         if self.cfg.save_optimizer_state:
             # Paired by the sha256 of the file just written, which is what the host compares on
             # load. (The host hashes its *source* file here, so its intermediate .optim never match.)
-            save_hypernetwork_optim(path, optimizer.state_dict(), self.optimizer_name)
+            save_hypernetwork_optim(path, optimizer.state_dict(), self.optimizer_name,
+                                    self.optimizer_choice.settings(optimizer))
 
     def finish(self) -> None:
         self.hn.eval()

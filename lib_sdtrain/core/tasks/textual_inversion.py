@@ -23,6 +23,7 @@ from lib_sdtrain.core.formats.embedding_io import (
 from lib_sdtrain.core.formats.fsutil import resolve_inside, safe_name
 from lib_sdtrain.core.jobs.service import JobControl
 from lib_sdtrain.core.options.config import CreateEmbeddingConfig, TrainEmbeddingConfig
+from lib_sdtrain.core.options.optimizers import saved_optimizer_name
 from lib_sdtrain.core.port import ModelInfo, TrainingHost
 from lib_sdtrain.core.training.loop import LoopState
 from lib_sdtrain.core.training.optimizer_state import restore_optimizer
@@ -100,7 +101,8 @@ def create_embedding(
 # -- train ------------------------------------------------------------------------------------------------
 class EmbeddingTraining(TrainingKind):
     """The textual-inversion part of a run (the host's train_embedding): live vectors spliced into
-    prompts by the host, AdamW, files in the chosen format, image embeddings after previews."""
+    prompts by the host, AdamW (or the optimizer chosen), files in the chosen format, image embeddings
+    after previews."""
 
     noun = "embedding"
     job_label = "train-embedding"
@@ -142,6 +144,7 @@ class EmbeddingTraining(TrainingKind):
         self.save_every = cfg.save_embedding_every
         self.vectors: dict[str, torch.Tensor] = {}
         self.last_intermediate: Embedding | None = None
+        self.optimizer_choice = cfg.optimizer_choice()
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -158,7 +161,7 @@ class EmbeddingTraining(TrainingKind):
             for k, v in self.emb.vectors.items()
         }
         params = [self.vectors[k] for k in self.trained_keys]
-        return params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return params, self.optimizer_choice.build(params, lr)  # the host: AdamW(lr, weight_decay=0.0)
 
     def resume(self, optimizer: torch.optim.Optimizer) -> str | None:
         if not self.cfg.save_optimizer_state:
@@ -166,7 +169,11 @@ class EmbeddingTraining(TrainingKind):
         saved = load_optim(self.source, self.emb.checksum())
         if saved is None:
             return None
-        why = restore_optimizer(optimizer, saved["optimizer_state_dict"])
+        name, held = self.optimizer_choice.name, saved_optimizer_name(saved)  # the host's files: AdamW
+        if held != name:
+            return (f"ignored {self.source}.optim: it holds {held} state and this run uses {name}; "
+                    f"starting {name} afresh")
+        why = restore_optimizer(optimizer, saved["optimizer_state_dict"], keep=self.optimizer_choice.kwargs())
         if why is not None:
             return f"ignored {self.source}.optim: {why}"
         return f"resumed optimizer state from {self.source}.optim"
@@ -187,7 +194,10 @@ class EmbeddingTraining(TrainingKind):
         emb = self.snapshot(step, stored_name)
         save_embedding_file(emb, path, _metadata(self.cfg, self.info, self.prediction, step))
         if self.cfg.save_optimizer_state:
-            save_optim(path, optimizer.state_dict(), emb.checksum(), step=step)
+            # the host loads `optimizer_state_dict` into its AdamW: another optimizer's state is kept apart
+            choice = self.optimizer_choice
+            save_optim(path, optimizer.state_dict(), emb.checksum(), optimizer_name=choice.name, step=step,
+                       settings=choice.settings(optimizer), host_loadable=choice.name == "AdamW")
 
     def after_intermediate(self, step: int, stored_name: str) -> None:
         self.last_intermediate = self.snapshot(step, stored_name)

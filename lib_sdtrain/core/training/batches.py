@@ -77,6 +77,9 @@ def prepare_training_data(
         require_name_in_template=require_name,
         latent_sampling_method=cfg.latent_sampling_method,
         seed=seed,
+        keep_tokens=cfg.keep_tokens,
+        caption_dropout_rate=cfg.caption_dropout_rate,
+        folder_repeats=cfg.folder_repeats,
     )
     return TrainingData(TrainDataset.from_options(opts), validation_count)
 
@@ -91,7 +94,8 @@ def validation_loss(
 ) -> float:
     """Loss on fixed latents, prompts, timesteps and noise: a far steadier progress signal than the
     training loss, whose timestep and noise are drawn anew each step. Timesteps are spread evenly
-    over the schedule so every noise level counts."""
+    over the schedule so every noise level counts. It is always the plain MSE over the whole schedule
+    without noise offset, whatever the run's loss options, so curves compare across settings."""
     info = host.describe()
     g = torch.Generator().manual_seed(seed + 7919)
     total, n = 0.0, 0

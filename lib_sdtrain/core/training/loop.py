@@ -22,6 +22,14 @@ import torch
 
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.port import ImageSize, NoiseSchedule, Session, TrainingHost
+from lib_sdtrain.core.training.loss import (
+    PLAIN,
+    LossOptions,
+    elementwise_loss,
+    reduce_loss,
+    sample_noise,
+    sample_timesteps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +45,30 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    options: LossOptions | None = None,
 ) -> torch.Tensor:
     """ldm's `p_losses` with l2 loss (what `LatentDiffusion.forward` returns for SD1/SD2 configs):
     t ~ U[0, T), x_t = sqrt(ā)·x0 + sqrt(1-ā)·ε, MSE against ε (eps) or sqrt(ā)·ε - sqrt(1-ā)·x0 (v).
     `weight` (`[B, h, w]` or `[B, C, h, w]`) scales the per-element loss before the mean, like the
-    host's `weighted_forward` (modules/sd_hijack.py)."""
+    host's `weighted_forward` (modules/sd_hijack.py). `options` (core.training.loss; None: the host's
+    loss) change the loss type, weight samples by min-SNR-γ, offset the noise and narrow the timestep
+    range; a given `t` or `noise` is used as it is."""
+    opts = options or PLAIN
     b = x0.shape[0]
     if t is None:
-        t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator)
+        t = sample_timesteps(b, schedule, opts, generator)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+        noise = sample_noise(x0.shape, opts, generator)
     noise = noise.to(x0.device, x0.dtype)
     a = schedule.alphas_cumprod.to(x0.device)[t.to(x0.device)].to(x0.dtype).view(b, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     out = host.predict(x_t, t.to(x0.device), cond)
     target = noise if schedule.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
-    err = (out.float() - target.float()) ** 2
+    err = elementwise_loss(out.float(), target.float(), opts.loss_type, opts.huber_c)
     if weight is not None:
         w = weight.to(err.device, err.dtype)
         err = err * (w.unsqueeze(1) if w.dim() == 3 else w)
-    return err.mean()
+    return reduce_loss(err, t, schedule, opts)
 
 
 # 2. the loop ---------------------------------------------------------------------------------------
@@ -124,6 +136,7 @@ def run_loop(
     autocast_dtype: torch.dtype | None = None,
     nan_guard: bool = True,
     scaler_state: dict[str, Any] | None = None,
+    loss_options: LossOptions | None = None,
 ) -> LoopState:
     """Train until `state.total` steps, the schedule's end, or a stop request. A resumed run
     (`state.skip_micro`) first puts the data order back as its epoch began and passes over the
@@ -163,7 +176,8 @@ def run_loop(
                 cond = hooks.encode(batch.prompts, batch.sizes)
                 loss = (
                     diffusion_loss(
-                        host, schedule, batch.latents, cond, weight=batch.weight, generator=generator
+                        host, schedule, batch.latents, cond, weight=batch.weight, generator=generator,
+                        options=loss_options,
                     )
                     / gradient_step
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
@@ -87,5 +88,6 @@ def draw_loss_curve(
 
 def save_loss_curve(path: str, steps: Sequence[int], losses: Sequence[float], **kwargs) -> str:
     img = draw_loss_curve(steps, losses, **kwargs)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # a run that wrote nothing else there
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
     return path

@@ -5,7 +5,8 @@ boundary: the trained tensors, the optimizer (and loss-scaler) state, the step, 
 the run started from (the learning-rate language counts from there), and every random state that
 decides a later step — the noise/timestep generator, torch's global generator (dropout), the data
 order's Python generator, the latent-sampling generator and the sampler's group order as they were when the current epoch
-began, with the number of micro-batches of that epoch already trained. It is written atomically
+began, with the number of micro-batches of that epoch already trained — and the trained tensors'
+moving average when `ema_decay` is on. It is written atomically
 (temporary file, then rename: the previous point stays until the new one is complete) at every save
 of the file, every `resume_point_minutes`, and when the run is stopped; it is removed when the run
 ends normally. A later run of the same job (same settings, whatever `steps` says) continues from it;
@@ -14,6 +15,7 @@ one with other settings, or with `resume_interrupted` off, starts from the file 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,7 +36,22 @@ NEUTRAL_FIELDS = frozenset({
     "validation_images", "save_training_settings_to_txt", "log_directory", "save_embedding_every",
     "save_hypernetwork_every", "save_image_with_stored_embedding", "training_enable_tensorboard",
     "training_tensorboard_save_images", "training_tensorboard_flush_every",
+    "ema_for_output", "ema_for_previews",  # what the EMA is used for, not how it is made
 })
+
+
+def _defaults(cfg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def resume_path(out_file: str) -> str:
@@ -42,8 +59,12 @@ def resume_path(out_file: str) -> str:
 
 
 def fingerprint(cfg: Any) -> str:
-    """What a resume point must have been made with: every training-relevant setting."""
-    data = {k: v for k, v in cfg.to_dict().items() if k not in NEUTRAL_FIELDS}
+    """What a resume point must have been made with: every training-relevant setting that is not at its
+    default (so an sdtrain update that adds a setting, at a default that keeps the old behaviour, does
+    not orphan the resume points written before it)."""
+    defaults = _defaults(cfg)
+    data = {k: v for k, v in cfg.to_dict().items()
+            if k not in NEUTRAL_FIELDS and not (k in defaults and _same(v, defaults[k]))}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -60,6 +81,7 @@ class ResumePoint:
     torch_rng: torch.Tensor  # torch's global generator (dropout)
     epoch_data_state: Any  # (python Random state, data generator state, sampler group order) when the epoch began
     micro_in_epoch: int  # micro-batches of that epoch already trained
+    ema: list[torch.Tensor] | None = None  # the trained tensors' moving average (ema_decay), once begun
 
     def to_data(self) -> dict[str, Any]:
         py_state, gen_state, groups = self.epoch_data_state
@@ -72,6 +94,7 @@ class ResumePoint:
             "data_python_rng": [version, list(internal), gauss], "data_generator": gen_state,
             "data_groups": [list(g) for g in groups],
             "micro_in_epoch": self.micro_in_epoch,
+            "ema": [t.detach().cpu().clone() for t in self.ema] if self.ema is not None else None,
         }
 
     @classmethod
@@ -87,6 +110,7 @@ class ResumePoint:
                 epoch_data_state=((version, tuple(internal), gauss), data["data_generator"],
                                   [list(g) for g in data["data_groups"]]),
                 micro_in_epoch=int(data["micro_in_epoch"]),
+                ema=list(data["ema"]) if data.get("ema") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(path, f"an incomplete resume point ({e})") from None

@@ -33,6 +33,7 @@ from lib_sdtrain.core.formats.fsutil import atomic_write, remove_stale_temporari
 from lib_sdtrain.core.jobs.service import JobControl
 from lib_sdtrain.core.port import ImageSize, ModelInfo, PreviewRequest, SessionOptions, TrainingHost
 from lib_sdtrain.core.training.batches import TrainingData, prepare_training_data, validation_loss
+from lib_sdtrain.core.training.ema import Ema, swapped_in
 from lib_sdtrain.core.training.loop import (
     LoopHooks,
     LoopState,
@@ -42,6 +43,7 @@ from lib_sdtrain.core.training.loop import (
     run_loop,
     write_loss_row,
 )
+from lib_sdtrain.core.training.loss import LossOptions
 from lib_sdtrain.core.training.optimizer_state import restore_optimizer
 from lib_sdtrain.core.training.plot import save_loss_curve
 from lib_sdtrain.core.training.resume import (
@@ -314,10 +316,12 @@ def _resume_point(cfg: Any, kind: TrainingKind) -> tuple[ResumePoint | None, str
 
 
 def _apply_resume_point(point: ResumePoint, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                        generator: torch.Generator, state: LoopState) -> str | None:
+                        generator: torch.Generator, state: LoopState, ema: Ema | None = None) -> str | None:
     """Put the interrupted run's state back; None when done, else why it does not fit (nothing changed)."""
     if len(point.params) != len(params) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(point.params, params)):
         return "its tensors do not have the shapes of the ones this run trains"
+    if ema is not None and not ema.fits(point.ema, params):
+        return "its moving average (EMA) does not have the shapes of the tensors this run trains"
     why = restore_optimizer(optimizer, point.optimizer)
     if why:
         return why
@@ -330,6 +334,8 @@ def _apply_resume_point(point: ResumePoint, params: list[torch.Tensor], optimize
     state.epoch_data_state = point.epoch_data_state
     state.skip_micro = point.micro_in_epoch
     state.resuming = True
+    if ema is not None:
+        ema.load(point.ema, params)
     return None
 
 
@@ -386,6 +392,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
     ):
         data.encode(host)
         schedule = host.noise_schedule()
+        loss_options = LossOptions.from_config(cfg, schedule)  # the validation loss stays the plain one
         device = run.info.device
         params, optimizer = kind.setup(device, lr_sched.value(kind.initial_step))
         state = LoopState(
@@ -394,8 +401,9 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             total=cfg.steps,
             steps_per_epoch=data.steps_per_epoch,
         )
+        ema = Ema(cfg.ema_decay, cfg.ema_start_step) if cfg.ema_decay > 0 else None
         if point is not None:
-            why = _apply_resume_point(point, params, optimizer, generator, state)
+            why = _apply_resume_point(point, params, optimizer, generator, state, ema)
             if why:
                 run.emit("log", text=f"ignored {resume_path(kind.out_file)}: {why}; starting from the file")
                 point = None
@@ -406,6 +414,8 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             resumed = kind.resume(optimizer)
             if resumed:
                 run.emit("log", text=resumed)
+            if ema is not None:
+                ema.begin(params, state.step)
         fp = fingerprint(cfg)
         last_point = [time.monotonic()]
 
@@ -414,8 +424,13 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 step=st.step, run_start_step=run_start, seed=seed, fingerprint=fp, params=params,
                 optimizer=optimizer.state_dict(), scaler=st.scaler.state_dict() if st.scaler else None,
                 generator=generator.get_state(), torch_rng=torch.get_rng_state(),
-                epoch_data_state=st.epoch_data_state, micro_in_epoch=st.micro_in_epoch))
+                epoch_data_state=st.epoch_data_state, micro_in_epoch=st.micro_in_epoch,
+                ema=ema.state() if ema is not None else None))
             last_point[0] = time.monotonic()
+
+        def ema_in(use: bool):
+            """The EMA tensors in the live ones for a save, preview or validation, when `use` and begun."""
+            return swapped_in(params, ema.tensors if use and ema is not None else None)
         csv_path = os.path.join(run.log_dir, kind.loss_csv) if run.log_dir else None
         curve_path = os.path.join(run.log_dir, "loss.png") if run.log_dir else None
         history: list[tuple[int, float]] = []
@@ -433,12 +448,14 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             )
 
         def validate(step: int) -> None:
-            with kind.evaluating():
+            with kind.evaluating(), ema_in(cfg.ema_for_previews):
                 loss = validation_loss(host, schedule, data, seed, autocast_dtype)
             val_history.append((step, loss))
             run.emit("validation", step=step, loss=loss)
 
         def after_step(st: LoopState) -> None:
+            if ema is not None:
+                ema.update(params, st.step)
             saved = False
             history.append((st.step, st.last_loss))
             text = report_text(st)
@@ -459,7 +476,8 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             if cfg.validation_every and st.step % cfg.validation_every == 0:
                 validate(st.step)
             if cfg.create_image_every and st.step % cfg.create_image_every == 0:
-                run.preview(st)
+                with ema_in(cfg.ema_for_previews):
+                    run.preview(st)
             # last: the random states after everything this step drew (previews draw too)
             minutes = cfg.resume_point_minutes
             if saved or (minutes and time.monotonic() - last_point[0] >= minutes * 60):
@@ -507,6 +525,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                         autocast_dtype=autocast_dtype,
                         nan_guard=cfg.nan_guard,
                         scaler_state=point.scaler if point else None,
+                        loss_options=loss_options,
                     )
                 except NonFiniteLoss as e:
                     error = e  # the trained values are still the last finite ones: save them, then fail
@@ -517,7 +536,10 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 write_loss_row(run.log_dir, kind.loss_csv, state.step, state.steps_per_epoch,
                                state.last_loss, state.last_lr)
             # the final file, also after Stop/Interrupt (the host saves after its try, likewise)
-            run.save(optimizer, state.step, kind.out_file, run.name, noun)
+            if cfg.ema_for_output and ema is not None and not ema.started:
+                run.say(f"the EMA starts at step {cfg.ema_start_step}: the {noun} saved holds the trained tensors")
+            with ema_in(cfg.ema_for_output):
+                run.save(optimizer, state.step, kind.out_file, run.name, noun)
             if state.stopped and error is None:
                 keep_resume_point(state)  # the same job again goes on exactly from here
             elif error is None:
