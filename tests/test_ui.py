@@ -273,3 +273,35 @@ def test_dropdowns_say_which_embeddings_fit(tiny_sd1, tmp_path):
     refresh, _ = handler(demo, "sdtrain_train_embedding_refresh")
     choices, note = refresh()
     assert choices["choices"] == ["a", "b"] and note == "2 fit; skipped: wide (1024 wide)"
+
+
+#: config fields the training form does not show: the txt2img fields previews read (with "Read parameters
+#: from txt2img"), the webui's own Settings → Training values and folders (filled from the webui), and
+#: API-only file overrides
+NOT_IN_THE_FORM = {
+    "preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler_name", "preview_cfg_scale",
+    "preview_seed", "preview_width", "preview_height", "templates_dir", "save_training_settings_to_txt",
+    "training_write_csv_every", "dataset_filename_word_regex", "dataset_filename_join_string",
+    "training_image_repeats_per_epoch", "training_enable_tensorboard", "training_tensorboard_save_images",
+    "training_tensorboard_flush_every", "embeddings_dir", "embedding_file", "hypernetwork_dir", "hypernetwork_file",
+}
+
+
+def test_every_training_option_is_in_the_form(ui):
+    """Each option of the training configs (loss, optimizer, captions, EMA, resume, SDXL encoders...) has its
+    widget, with the config's label and its default (the host's behaviour)."""
+    from lib_sdtrain.core.tasks.registry import job_config_types
+
+    demo, _, _ = ui
+    blocks = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    for kind in ("train_embedding", "train_hypernetwork"):
+        for spec in job_config_types()[kind].describe():
+            if spec["name"] in NOT_IN_THE_FORM:
+                continue
+            widget = blocks.get(f"sdtrain_{kind}_{spec['name']}")
+            assert widget is not None, f"{kind}: no widget for {spec['name']}"
+            assert widget.label == spec["label"], spec["name"]
+    for name, default in (("loss_type", "mse"), ("min_snr_gamma", 0.0), ("noise_offset", 0.0), ("ema_decay", 0.0),
+                          ("optimizer_name", "AdamW"), ("weight_decay", 0.0), ("caption_dropout_rate", 0.0)):
+        assert blocks[f"sdtrain_train_embedding_{name}"].value == default, name
+    assert blocks["sdtrain_train_hypernetwork_weight_decay"].value == 0.01

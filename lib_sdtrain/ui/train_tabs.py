@@ -44,8 +44,18 @@ class TabKind:
     create_fields: tuple[str, ...]
     main: tuple[str, ...]  # in-tree options, in the host's order (modules/ui.py, Train tab)
     extra: tuple[str, ...]  # sdtrain's own options, in an accordion
+    #: more of sdtrain's options, grouped in accordions of their own inside it
+    sections: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
+#: sdtrain's training options beyond the host's (each off by default: the host's behaviour)
+OPTION_SECTIONS = (
+    ("Optimizer settings", ("weight_decay", "momentum", "betas")),
+    ("Loss", ("loss_type", "huber_c", "min_snr_gamma", "noise_offset", "timestep_min", "timestep_max")),
+    ("Captions", ("keep_tokens", "caption_dropout_rate", "folder_repeats")),
+    ("EMA", ("ema_decay", "ema_start_step", "ema_for_output", "ema_for_previews")),
+)
+RESUME_SECTION = ("Resume", ("resume_interrupted", "resume_point_minutes"))
 EMBEDDING = TabKind(
     "embedding", CreateEmbeddingConfig, TrainEmbeddingConfig, "embedding_name",
     ("name", "init_text", "num_vectors_per_token", "overwrite_old", "save_format"),
@@ -53,9 +63,10 @@ EMBEDDING = TabKind(
      "data_root", "log_directory", "template_filename", "training_width", "training_height", "varsize", "steps",
      "create_image_every", "save_embedding_every", "use_weight", "save_image_with_stored_embedding",
      "preview_from_txt2img", "shuffle_tags", "tag_drop_out", "latent_sampling_method"),
-    ("save_format", "save_optimizer_state", "lr_scheduler", "lr_warmup_steps", "lr_min", "seed", "flip_p", "crop",
+    ("save_format", "optimizer_name", "save_optimizer_state", "lr_scheduler", "lr_warmup_steps", "lr_min", "seed", "flip_p", "crop",
      "validation_every", "validation_images", "gradient_checkpointing", "attention_optimization",
      "mixed_precision", "nan_guard"),
+    (("SDXL", ("train_encoders",)), *OPTION_SECTIONS, RESUME_SECTION),
 )
 HYPERNETWORK = TabKind(
     "hypernetwork", CreateHypernetworkConfig, TrainHypernetworkConfig, "hypernetwork_name",
@@ -68,6 +79,7 @@ HYPERNETWORK = TabKind(
     ("optimizer_name", "save_optimizer_state", "lr_scheduler", "lr_warmup_steps", "lr_min", "seed", "flip_p", "crop",
      "validation_every", "validation_images", "gradient_checkpointing", "attention_optimization",
      "mixed_precision", "nan_guard"),
+    (*OPTION_SECTIONS, RESUME_SECTION),
 )
 #: The txt2img components the host hands to train-tab callbacks, in its order (UiTrainTabParams).
 PREVIEW_FIELDS = ("preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler_name",
@@ -86,6 +98,8 @@ class UiContext:
     model_note: Callable[[], str] = lambda: ""
     #: which embeddings fit the loaded model and which the webui skipped (made for another model)
     embedding_note: Callable[[], str] = lambda: ""
+    #: which optional optimizers can be chosen here (their packages), and how to get the others
+    optimizer_note: Callable[[], str] = lambda: _optimizer_note()
     #: how to get TensorBoard logging where the host's setting asks for it and the package is missing
     tensorboard_note: Callable[[], str] = lambda: ""
     #: which captioners the host can run, e.g. "BLIP: not available (no model file in models/BLIP)"
@@ -96,6 +110,16 @@ class UiContext:
     jobs_refresh_seconds: float = 3.0
     #: where a form may make a job write (None: anywhere): the webui confines it when others can reach it
     write_policy: Callable[[], WritePolicy | None] = lambda: None
+
+
+def _optimizer_note() -> str:
+    from lib_sdtrain.core.options.optimizers import available_optimizers
+
+    missing = {name: why for name, why in available_optimizers().items() if why}
+    if not missing:
+        return ""
+    return ("<span class='sdtrain-note'>Optimizers not available here: "
+            + "; ".join(html.escape(f"{name} ({why})") for name, why in missing.items()) + "</span>")
 
 
 def _widget(spec: dict[str, Any], eid: str, choices: list[str] | None = None):
@@ -267,6 +291,7 @@ def build_all_tabs(ctx: UiContext) -> None:
         model_note=_guarded_note(ctx.model_note, problems),
         captioner_note=_guarded(ctx.captioner_note, "", problems),
         tensorboard_note=_guarded(ctx.tensorboard_note, "", problems),
+        optimizer_note=_guarded(ctx.optimizer_note, "", problems),
     )
     for listing in (safe.embedding_names, safe.hypernetwork_names, safe.template_names):
         listing()  # ask once up front, so the notes built below already say what is missing
@@ -344,6 +369,11 @@ def _kind_tab(ctx: UiContext, tk: TabKind, title: str, list_names, refresh_names
                 with gr.Accordion("sdtrain options", open=False, elem_id=f"{prefix}_extra"):
                     for n in tk.extra:
                         widgets[n] = _widget(train_specs[n], f"{prefix}_{n}")
+                    gr.HTML(value=ctx.optimizer_note, elem_id=f"{prefix}_optimizer_note")
+                    for section, names in tk.sections:
+                        with gr.Accordion(section, open=False):
+                            for n in names:
+                                widgets[n] = _widget(train_specs[n], f"{prefix}_{n}")
                     gr.HTML(value=ctx.tensorboard_note, elem_id=f"{prefix}_tensorboard_note")
             with gr.Column(scale=2, elem_id=f"{tab}_output", elem_classes=["sdtrain-output"]):
                 with gr.Row():
