@@ -1,26 +1,43 @@
-"""sdtrain's tabs in a real browser, in a real webui: Debian's chromium driven by Playwright (pointed at
-the system browser; nothing downloads one). At 1366x768, as a user: open the Train tab (Forge: sdtrain's
-own tab), create an embedding (it is selected for training at once), fill the form, Train, watch the
-status and the charts update beside the form (hover shows values), Interrupt, see the file listed, find
-the job in Jobs. No console error from sdtrain's page code. With SDTRAIN_SCREENSHOTS set, the
-screenshots go there (tools/screenshots.sh copies them into docs/)."""
+"""A user's session with a real webui, on one server: sdtrain's tabs in a real browser, then the webui's
+end and restart with a run going.
+
+The browser: Debian's chromium driven by Playwright (pointed at the system browser; nothing downloads one).
+At 1366x768, as a user: open the Train tab (Forge: sdtrain's own tab), create an embedding (it is
+selected for training at once), fill the form, Train, watch the status and the charts update beside the
+form (hover shows values), Interrupt, see the file listed, find the job in Jobs, open it, reload the page.
+No console error from sdtrain's page code. With SDTRAIN_SCREENSHOTS set, the screenshots go there.
+
+The restart: a training run outlives the webui's end, killed (SIGKILL: a power cut, the OOM killer) or
+shut down (SIGINT from Ctrl-C, SIGTERM from a service manager): started again on the same folders, the
+webui lists the jobs it had, shows the cut one as interrupted (or stopped, when the signal let it save
+first), and one request resumes it from its resume point; the run ends bit-identical to one never
+interrupted. Ctrl-C is checked where the webui runs in the main thread (A1111) and in Forge's worker
+thread; SIGTERM in reForge's (the same worker-thread path as Forge's); the unit tests take both signals
+through the handler itself (tests/test_signal_stop.py)."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import WebUI
 from webui_hosts import selected
 
+from lib_sdtrain.core.formats.embedding_io import load_embedding
+
 HOST = selected()
 CHROMIUM = os.environ.get("SDTRAIN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.webui,
-              pytest.mark.skipif(not CHROMIUM, reason="no chromium here (tools/browser.sh installs Debian's)")]
+pytestmark = pytest.mark.webui
+needs_browser = pytest.mark.skipif(not CHROMIUM, reason="no chromium here (tools/browser.sh installs Debian's)")
+#: the shutdown signal sent mid-run in each host
+SHUTDOWN = {"a1111": signal.SIGINT, "reforge": signal.SIGTERM, "forge": signal.SIGINT}[HOST.name]
+STEPS = 40
 VIEWPORT = {"width": 1366, "height": 768}
 
 
@@ -28,7 +45,7 @@ VIEWPORT = {"width": 1366, "height": 768}
 def webui(webui_assets):
     """A server of this module's own (each module's servers need folders of their own: another module may
     have run in this worker before, with the shared `webui` server's)."""
-    server = WebUI(webui_assets, "browser")
+    server = WebUI(webui_assets, "session")
     yield server
     server.stop()
 
@@ -67,6 +84,7 @@ def fill(pg, elem_id: str, value) -> None:
     field.press("Tab")
 
 
+@needs_browser
 def test_train_from_the_tab_in_a_browser(page, webui, webui_assets):
     pg = page
     top = "Train" if HOST.verdict("train_tab") is None else "Train (sdtrain)"
@@ -172,3 +190,79 @@ def test_train_from_the_tab_in_a_browser(page, webui, webui_assets):
     pg.wait_for_function("() => /browserti/.test(document.querySelector('#sdtrain_jobs_table').innerText)")
     ours = [e for e in pg.console_errors if "sdtrain" in e.lower()]
     assert ours == [], ours
+
+
+def body(name: str, data) -> dict:
+    """A run with a resume point after every step (resume_point_minutes), so a kill can land anywhere."""
+    return {"embedding_name": name, "data_root": str(data), "steps": STEPS, "training_width": 64,
+            "training_height": 64, "learn_rate": "0.02", "batch_size": 2, "seed": 7, "flip_p": 0.5,
+            "shuffle_tags": True, "template_filename": "subject_filewords.txt", "create_image_every": 0,
+            "save_embedding_every": 0, "log_directory": "ti_log", "resume_point_minutes": 0.0001}
+
+
+def run_until(server: WebUI, job_id: str, step: int) -> int:
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        job = server.get(f"/sdtrain/v1/jobs/{job_id}")[1]
+        assert job["state"] in ("queued", "running"), job
+        if job["step"] >= step:
+            return job["step"]
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach step {step}")
+
+
+def create(server: WebUI, name: str) -> None:
+    _, out = server.post("/sdtrain/v1/jobs", {"kind": "create_embedding",
+                                              "config": {"name": name, "init_text": "shape", "num_vectors_per_token": 2}})
+    job = server.wait_job(out["id"])
+    assert job["state"] == "done", (job, server.log_text()[-3000:])
+
+
+def test_a_run_cut_by_kill_then_by_shutdown_resumes_after_restarts_and_ends_bit_identical(webui, webui_assets):
+    """After the browser test, on the same server (a start less per host): SIGKILL mid-run, restart, the
+    job is interrupted and resumes; then the webui's shutdown signal mid-run (SHUTDOWN: Ctrl-C or
+    SIGTERM, by host), restart, the job is stopped with its file saved, and resumes to the end,
+    bit-identical to a run never interrupted."""
+    server, data = webui, webui_assets["data"]
+    create(server, "whole")
+    create(server, "cut")
+    _, ref = server.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": body("whole", data)})
+    ref = server.wait_job(ref["id"])
+    assert ref["state"] == "done" and ref["step"] == STEPS, ref
+
+    # 1. SIGKILL mid-run: nothing runs at the end, the resume point on disk is all there is
+    _, cut = server.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": body("cut", data)})
+    at = run_until(server, cut["id"], 5)
+    assert server.end(signal.SIGKILL) == -signal.SIGKILL
+    point = server.embeddings / "cut.pt.resume"
+    assert point.exists()
+    server.start()
+    jobs = {j["id"]: j for j in server.get("/sdtrain/v1/jobs")[1]}
+    assert jobs[ref["id"]]["state"] == "done" and jobs[ref["id"]]["step"] == STEPS  # finished jobs stay listed
+    assert jobs[cut["id"]]["state"] == "interrupted", jobs[cut["id"]]
+    assert "resume it" in jobs[cut["id"]]["error"]
+    status, again = server.post(f"/sdtrain/v1/jobs/{cut['id']}/resume")
+    assert status == 202, again
+
+    # 2. the webui's shutdown signal mid-run (Ctrl-C or a service manager's SIGTERM): the job stops as Stop
+    # does (file saved, resume point kept), then the webui's own handling of the signal ends the process
+    at = run_until(server, again["id"], at + 4)
+    code = server.end(SHUTDOWN)
+    log = server.log_text()
+    assert f"{SHUTDOWN.name}: stopping running jobs" in log, log[-3000:]
+    assert point.exists()
+    server.start()
+    stopped = {j["id"]: j for j in server.get("/sdtrain/v1/jobs")[1]}[again["id"]]
+    assert stopped["state"] == "stopped" and at <= stopped["step"] < STEPS, stopped
+    assert load_embedding(server.embeddings / "cut.pt").step == stopped["step"]  # saved before the exit
+    status, again = server.post(f"/sdtrain/v1/jobs/{again['id']}/resume")
+    assert status == 202, again
+    at = stopped["step"]
+    last = server.wait_job(again["id"])
+    assert last["state"] == "done" and last["step"] == STEPS, last
+    assert f"resumed from step {at}" in last["message"], last
+
+    whole, cut_file = load_embedding(server.embeddings / "whole.pt"), load_embedding(server.embeddings / "cut.pt")
+    assert cut_file.step == STEPS and torch.equal(cut_file.vectors["*"], whole.vectors["*"])  # bit-identical
+    assert not point.exists()
+    print(f"\nrestart ({HOST.name}): SIGKILL, then {SHUTDOWN.name} (exit {code}), ended at {STEPS}, bit-identical")
