@@ -14,6 +14,7 @@ import sys
 from typing import Any, TextIO
 
 from lib_sdtrain.core.jobs.service import Event, Job
+from lib_sdtrain.core.training.loop import duration
 
 #: environment variable that forces the form: "bar", "lines" (anything else: decide by the TTY)
 PROGRESS_ENV = "SDTRAIN_PROGRESS"
@@ -33,14 +34,6 @@ def use_bar(mode: str | None, stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
         return False
-
-
-def duration(seconds: float) -> str:
-    """m:ss, or h:mm:ss from an hour on."""
-    s = max(0, round(seconds))
-    h, rest = divmod(s, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def bar_line(step: int, total: int, *, loss: float | None, lr: float | None, rate: float | None,
@@ -173,4 +166,4 @@ def printer_for(mode: str | None, stream: TextIO | None = None) -> ProgressPrint
     return ProgressPrinter(stream, bar=use_bar(mode, stream))
 
 
-__all__ = ["MODES", "PROGRESS_ENV", "ProgressPrinter", "bar_line", "duration", "printer_for", "use_bar"]
+__all__ = ["MODES", "PROGRESS_ENV", "ProgressPrinter", "bar_line", "printer_for", "use_bar"]

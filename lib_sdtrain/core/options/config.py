@@ -30,6 +30,8 @@ from lib_sdtrain.core.options.optimizers import OPTIMIZERS, OptimizerChoice, opt
 DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parents[3] / "textual_inversion_templates")
 
 CONFIG_VERSION = 1
+#: the loss types (core.training.loss computes them), by their kohya names
+LOSS_TYPES = ("mse", "l1", "huber", "smooth_l1")
 
 
 def _opt(default: Any, label: str, help: str = "", choices: tuple | None = None, **extra: Any):
@@ -287,7 +289,7 @@ class TrainingConfig(ConfigBase):
     seed: int = _opt(-1, "Seed (-1: random)")
     # loss options (core.training.loss has the formulas); each off by default: the host's loss
     loss_type: str = _opt(
-        "mse", "Loss", choices=("mse", "l1", "huber", "smooth_l1"),
+        "mse", "Loss", choices=LOSS_TYPES,
         help="mse: d²; l1: |d|; huber: 2c·(√(d²+c²) - c) (pseudo-Huber, kohya's); smooth_l1: 2·(√(d²+c²) - c); "
         "d = prediction - target, c = Huber c",
     )

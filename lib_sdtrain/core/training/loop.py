@@ -245,7 +245,15 @@ def eta_text(state: LoopState) -> str:
         return f"step {state.step}/{state.total}"
     rate = done / elapsed
     left = (state.total - state.step) / rate
-    return f"step {state.step}/{state.total}, {rate:.2f} it/s, ETA {int(left // 60)}:{int(left % 60):02d}"
+    return f"step {state.step}/{state.total}, {rate:.2f} it/s, ETA {duration(left)}"
+
+
+def duration(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
+    s = max(0, round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def report(session: Session | None, state: LoopState, what: str) -> None:

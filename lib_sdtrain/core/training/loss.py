@@ -27,10 +27,8 @@ from typing import Any
 import torch
 
 from lib_sdtrain.core.errors import ConfigError
+from lib_sdtrain.core.options.config import LOSS_TYPES
 from lib_sdtrain.core.port import NoiseSchedule
-
-#: the loss types, by their kohya names
-LOSS_TYPES = ("mse", "l1", "huber", "smooth_l1")
 
 
 @dataclass(frozen=True)
