@@ -54,6 +54,7 @@ OPTION_SECTIONS = (
     ("Loss", ("loss_type", "huber_c", "min_snr_gamma", "noise_offset", "timestep_min", "timestep_max")),
     ("Captions", ("keep_tokens", "caption_dropout_rate", "folder_repeats")),
     ("EMA", ("ema_decay", "ema_start_step", "ema_for_output", "ema_for_previews")),
+    ("Aspect-ratio buckets", ("bucketing", "bucket_step", "bucket_max_aspect", "bucket_upscale")),
 )
 RESUME_SECTION = ("Resume", ("resume_interrupted", "resume_point_minutes"))
 EMBEDDING = TabKind(

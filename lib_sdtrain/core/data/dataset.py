@@ -141,6 +141,18 @@ class TrainDataset:
         lines = read_template(opts.template_file, opts.require_name_in_template)
         return cls(load_images(opts), lines, opts)
 
+    def bucket_note(self) -> str:
+        """One line on the aspect-ratio buckets (empty without them): images per training size."""
+        plan = self.opts.buckets()
+        if plan is None:
+            return ""
+        counts: dict[tuple[int, int], int] = {}
+        for rec in self.images:
+            counts[rec.size] = counts.get(rec.size, 0) + 1
+        sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        return (f"aspect-ratio buckets (area {plan.width}x{plan.height}, step {plan.step} px, {len(plan.sizes)} "
+                f"sizes): {len(self.images)} images in {len(counts)} buckets: {sizes}")
+
     # -- sizes (host textual_inversion.py:495-499) --
     def __len__(self) -> int:
         return len(self.item_image)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from lib_sdtrain.core.data.buckets import BucketPlan
 from lib_sdtrain.core.errors import ConfigError, DatasetError
 from lib_sdtrain.core.formats.limits import open_image
 
@@ -59,6 +60,17 @@ class DatasetOptions:
     keep_tokens: int = 0  # the first N comma-separated tags are neither shuffled nor dropped
     caption_dropout_rate: float = 0.0  # chance that a prompt's [filewords] is empty (the bare template)
     folder_repeats: bool = False  # also read `N_name` subfolders of data_root, each image counting N times
+    # aspect-ratio buckets (core.data.buckets): each image fits the bucket of width×height's area closest
+    # to its aspect ratio, by `crop` (resize: stretched to it, no crop); off: every image is width×height
+    bucketing: bool = False
+    bucket_step: int = 64  # px; a multiple of 8 the model's UNet can take (64 SD1/SD2, 32 SDXL)
+    bucket_max_aspect: float = 4.0
+    bucket_upscale: bool = False  # enlarge an image smaller than its bucket (off: a smaller bucket fits it)
+
+    def buckets(self) -> BucketPlan | None:
+        if not self.bucketing:
+            return None
+        return BucketPlan(self.width, self.height, self.bucket_step, self.bucket_max_aspect, self.bucket_upscale)
 
     def validate(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
@@ -94,6 +106,15 @@ class DatasetOptions:
             "latent_sampling_method",
             f"must be one of {', '.join(LATENT_SAMPLING_METHODS)}, got {self.latent_sampling_method!r}",
         )
+        if self.bucketing:
+            need(not self.varsize, "bucketing", "cannot be used with varsize (do not resize images): choose one")
+            need(
+                isinstance(self.bucket_step, int) and self.bucket_step > 0 and self.bucket_step % 8 == 0,
+                "bucket_step",
+                f"must be a positive multiple of 8, got {self.bucket_step!r}",
+            )
+            need(self.bucket_max_aspect >= 1, "bucket_max_aspect", f"must be 1 or more, got {self.bucket_max_aspect}")
+            self.buckets().sizes  # noqa: B018 -- raises ConfigError when the step leaves no bucket
         try:
             re.compile(self.filename_word_regex or "")
         except re.error as e:
@@ -194,7 +215,8 @@ def _read_image(
         rgb = im.convert("RGB")
     if opts.varsize:
         return rgb, alpha, rgb.size, rgb.size, (0, 0)
-    w, h = opts.width, opts.height
+    buckets = opts.buckets()
+    w, h = buckets.pick(rgb.size) if buckets is not None else (opts.width, opts.height)
     if opts.crop == "resize":
         box = None
         size = (w, h)
@@ -213,6 +235,18 @@ def _read_image(
         return img.crop(box) if box else img
 
     return fit(rgb), (fit(alpha) if alpha is not None else None), rgb.size, size, (left, top)
+
+
+def _check_bucket_fit(path: Path, source: tuple[int, int], bucket: tuple[int, int], plan: BucketPlan) -> None:
+    """Warn about an image its bucket enlarges without bucket_upscale (a side below one step) or whose
+    shape is beyond the buckets' aspect-ratio limit (stretched or cropped to a bucket of another shape)."""
+    if not plan.upscale and (bucket[0] > source[0] or bucket[1] > source[1]):
+        log.warning("%s (%dx%d) is enlarged to %dx%d: a side is below the bucket step %d px",
+                    path, *source, *bucket, plan.step)
+    aspect = max(source[0] / source[1], source[1] / source[0])
+    if aspect > plan.max_aspect:
+        log.warning("%s (%dx%d) has an aspect ratio of %.2f, beyond bucket_max_aspect %g: it trains at %dx%d",
+                    path, *source, aspect, plan.max_aspect, *bucket)
 
 
 _RE_FOLDER_REPEATS = re.compile(r"^(\d+)_(.+)$")  # kohya's `10_concept`
@@ -262,6 +296,7 @@ def load_images(opts: DatasetOptions) -> ImageSet:
     rng = random.Random(f"{seed}-crop" if seed is not None else None)
     images: list[ImageRecord] = []
     skipped: list[tuple[str, str]] = []
+    buckets = opts.buckets()
     for path, repeats in _image_candidates(root, names, opts.folder_repeats):
         if not path.is_file():
             continue
@@ -276,6 +311,8 @@ def load_images(opts: DatasetOptions) -> ImageSet:
                 log.warning("Skipping unreadable image %s (%s)", path, reason)
                 skipped.append((str(path), reason))
             continue  # other files that are not images are ignored silently, like the host
+        if buckets is not None:
+            _check_bucket_fit(path, source_size, rgb.size, buckets)
         pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
         images.append(
             ImageRecord(

@@ -345,12 +345,28 @@ class TrainingConfig(ConfigBase):
         False, "Save the EMA tensors as the final file", help="intermediate saves keep the trained tensors"
     )
     ema_for_previews: bool = _opt(False, "Use the EMA tensors for previews and the validation loss")
+    # --- aspect-ratio buckets (core.data.buckets); off by default: every image fitted to width×height
+    bucketing: bool = _opt(
+        False, "Aspect-ratio buckets: train each image near its own shape",
+        help="each image is fitted (by 'Fit images by') to the size of the width×height area whose aspect ratio "
+        "is closest to its own; images of one size batch together. resize: stretched to it, nothing cropped",
+    )
+    bucket_step: int = _opt(
+        0, "Bucket step in px (0: auto, 64 SD1/SD2, 32 SDXL)", minimum=0, step=8,
+        help="bucket sides are multiples of it; SD1/SD2 need multiples of 64, SDXL of 32",
+    )
+    bucket_max_aspect: float = _opt(4.0, "Most elongated bucket (long side / short side)", minimum=1.0)
+    bucket_upscale: bool = _opt(
+        False, "Enlarge images smaller than their bucket",
+        help="off: such an image trains at the largest bucket-step size inside it, so no image is enlarged",
+    )
 
     def validate(self) -> None:
         super().validate()
         _validate_training(self, self.save_every_field)
         self.optimizer_choice()
         _validate_captions_ema(self)
+        _validate_buckets(self)
 
     def template_path(self) -> str:
         return find_template(self.templates_dir, self.template_filename)
@@ -636,6 +652,15 @@ def _validate_captions_ema(cfg: Any) -> None:
     _require(0.0 <= cfg.caption_dropout_rate <= 1.0, "caption_dropout_rate", "must be between 0 and 1")
     _require(0.0 <= cfg.ema_decay < 1.0, "ema_decay", "must be 0 (off) or between 0 and 1 (1 would never move)")
     _require(cfg.ema_start_step >= 0, "ema_start_step", "must be 0 or a positive integer")
+
+
+def _validate_buckets(cfg: Any) -> None:
+    """What can be checked without the model (the step it needs is checked when the run knows it)."""
+    if cfg.bucketing:
+        _require(not cfg.varsize, "bucketing", "cannot be used with varsize (Do not resize images): choose one")
+    _require(cfg.bucket_step >= 0 and cfg.bucket_step % 8 == 0, "bucket_step",
+             f"must be 0 (auto) or a positive multiple of 8, got {cfg.bucket_step}")
+    _require(cfg.bucket_max_aspect >= 1, "bucket_max_aspect", f"must be 1 or more, got {cfg.bucket_max_aspect}")
 
 
 def find_template(templates_dir: str, filename: str) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lib_sdtrain.core.data.buckets import resolve_step
 from lib_sdtrain.core.data.dataset import DatasetOptions, TrainDataset
 from lib_sdtrain.core.port import ImageSize, NoiseSchedule, TrainingHost
 from lib_sdtrain.core.training.loop import Batch, autocast_context, diffusion_loss
@@ -25,6 +26,12 @@ class TrainingData:
     @property
     def skipped(self) -> list[tuple[str, str]]:
         return [(str(p), r) for p, r in self.dataset.skipped]
+
+    @property
+    def notes(self) -> list[str]:
+        """Lines for the run's log about how the images were read (the buckets, when on)."""
+        note = self.dataset.bucket_note()
+        return [note] if note else []
 
     @property
     def steps_per_epoch(self) -> int:
@@ -54,10 +61,12 @@ class TrainingData:
 
 
 def prepare_training_data(
-    cfg, *, placeholder: str, seed: int, validation_count: int = 4, require_name: bool = True
+    cfg, *, placeholder: str, seed: int, validation_count: int = 4, require_name: bool = True,
+    family: str | None = None,
 ) -> TrainingData:
     """Read and check the images and the template (no model work): errors name the file.
-    `require_name`: the template must hold [name] (textual inversion; hypernetworks need none)."""
+    `require_name`: the template must hold [name] (textual inversion; hypernetworks need none).
+    `family` (the model's, "sd1"/"sd2"/"sdxl") decides the bucket step the UNet can take."""
     opts = DatasetOptions(
         data_root=cfg.data_root,
         width=cfg.training_width,
@@ -80,6 +89,10 @@ def prepare_training_data(
         keep_tokens=cfg.keep_tokens,
         caption_dropout_rate=cfg.caption_dropout_rate,
         folder_repeats=cfg.folder_repeats,
+        bucketing=cfg.bucketing,
+        bucket_step=resolve_step(cfg.bucket_step, family) if cfg.bucketing else 64,
+        bucket_max_aspect=cfg.bucket_max_aspect,
+        bucket_upscale=cfg.bucket_upscale,
     )
     return TrainingData(TrainDataset.from_options(opts), validation_count)
 

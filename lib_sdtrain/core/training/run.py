@@ -367,11 +367,14 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         seed=seed,
         validation_count=cfg.validation_images,
         require_name=kind.require_name_in_template,
+        family=run.info.family,
     )
     lr_sched = cfg.lr_schedule(run_start, data.gradient_step)
     clip_sched = cfg.clip_schedule(run_start, data.gradient_step)
     for path, reason in data.skipped:
         run.emit("log", text=f"skipped {path}: {reason}")
+    for note in data.notes:
+        run.emit("log", text=note)
     for note in kind.notes(run.info):
         run.emit("log", text=note)
     run.settings_file(data)
