@@ -20,12 +20,15 @@ from lib_sdtrain.core.data.buckets import BucketPlan, aspect_error, bucket_sizes
 from lib_sdtrain.core.data.dataset import DatasetOptions, TrainDataset, load_images
 from lib_sdtrain.core.errors import ConfigError
 from lib_sdtrain.core.formats.embedding_io import load_embedding
+from lib_sdtrain.core.hypernetwork.network import load_hypernetwork
 from lib_sdtrain.core.options.config import (
     CreateEmbeddingConfig,
+    CreateHypernetworkConfig,
     TrainEmbeddingConfig,
     TrainHypernetworkConfig,
 )
 from lib_sdtrain.core.port import ImageSize, LatentDist
+from lib_sdtrain.core.tasks.hypernetwork import create_hypernetwork, train_hypernetwork
 from lib_sdtrain.core.tasks.textual_inversion import create_embedding, train_embedding
 from lib_sdtrain.core.training.batches import prepare_training_data
 from lib_sdtrain.core.training.resume import fingerprint
@@ -291,6 +294,25 @@ def test_sd1_trains_in_buckets(tiny_sd1, tmp_path):
     logs = [e["text"] for e in rec.of("log")]
     assert ("aspect-ratio buckets (area 128x128, step 64 px, 5 sizes): 6 images in 3 buckets: "
             "64x192: 2, 128x128: 2, 192x64: 2") in logs
+
+
+def test_sd1_hypernetwork_trains_in_buckets(tiny_sd1, tmp_path):
+    host = Spy(tiny_sd1)
+    data = write_mixed(tmp_path / "data", TRAIN_SHAPES)
+    hn = str(tmp_path / "hn")
+    create_hypernetwork(None, CreateHypernetworkConfig.from_dict(
+        {"name": "h", "enable_sizes": [64, 32], "hypernetwork_dir": hn, "seed": 0}))
+    before = [p.detach().clone() for p in load_hypernetwork(os.path.join(hn, "h.pt")).trainable_params()]
+    rec = Recorder()
+    result = train_hypernetwork(host, TrainHypernetworkConfig.from_dict(
+        {"hypernetwork_name": "h", "hypernetwork_dir": hn, "data_root": str(data), "log_directory": str(tmp_path / "log"),
+         "training_width": 128, "training_height": 128, "learn_rate": "0.002", "batch_size": 2, "steps": 6,
+         "save_hypernetwork_every": 0, "create_image_every": 0, "seed": 3, "bucketing": True}), rec)
+    after = load_hypernetwork(result.file).trainable_params()
+    assert result.step == 6 and all(math.isfinite(e["loss"]) for e in rec.of("step"))
+    assert any(not torch.equal(x, y) for x, y in zip(before, after))
+    assert set(host.x_shapes) <= {(2, 4, 8, 24), (2, 4, 24, 8), (2, 4, 16, 16)} and len(set(host.x_shapes)) >= 2
+    assert any(e["text"].startswith("aspect-ratio buckets (area 128x128, step 64 px") for e in rec.of("log"))
 
 
 def test_sdxl_gets_source_size_no_crop_and_bucket_size(tiny_sdxl, tmp_path):
