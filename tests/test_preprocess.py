@@ -654,7 +654,7 @@ def test_describe_lists_every_field():
     fields = {f["name"]: f for f in PreprocessConfig.describe()}
     assert fields["preprocess_txt_action"]["choices"] == ("ignore", "copy", "prepend", "append")
     assert fields["process_multicrop_objective"]["choices"] == ("Maximize area", "Minimize error")
-    assert fields["overwrite"]["default"] is False and len(fields) == 25
+    assert fields["overwrite"]["default"] is False and len(fields) == 26  # with validation_split
 
 
 def test_failing_captioner_fails_the_job_naming_the_image(src: Path, tmp_path: Path):

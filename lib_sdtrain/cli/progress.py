@@ -134,7 +134,8 @@ class ProgressPrinter:
         elif e.kind in ("file", "preview"):
             self.message(f"wrote {d['path']}")
         elif e.kind == "validation":
-            self.message(f"validation loss at step {d['step']}: {d['loss']:.5f}")
+            best = f" (best: step {d['best_step']})" if d.get("best_step") is not None else ""
+            self.message(f"validation loss at step {d['step']}: {d['loss']:.5f}{best}")
         elif e.kind == "log":
             self.message(str(d["text"]))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ OPTION_SECTIONS = (
     ("Captions", ("keep_tokens", "caption_dropout_rate", "folder_repeats")),
     ("EMA", ("ema_decay", "ema_start_step", "ema_for_output", "ema_for_previews")),
     ("Aspect-ratio buckets", ("bucketing", "bucket_step", "bucket_max_aspect", "bucket_upscale")),
+    ("Validation and early stop", ("validation_every", "validation_images", "validation_split", "validation_dir",
+                                   "early_stop_patience", "early_stop_min_delta", "final_file")),
 )
 RESUME_SECTION = ("Resume", ("resume_interrupted", "resume_point_minutes"))
 EMBEDDING = TabKind(
@@ -65,7 +68,7 @@ EMBEDDING = TabKind(
      "create_image_every", "save_embedding_every", "use_weight", "save_image_with_stored_embedding",
      "preview_from_txt2img", "shuffle_tags", "tag_drop_out", "latent_sampling_method"),
     ("save_format", "optimizer_name", "save_optimizer_state", "lr_scheduler", "lr_warmup_steps", "lr_min", "seed", "flip_p", "crop",
-     "validation_every", "validation_images", "gradient_checkpointing", "attention_optimization",
+     "gradient_checkpointing", "attention_optimization",
      "mixed_precision", "nan_guard"),
     (("SDXL", ("train_encoders",)), *OPTION_SECTIONS, RESUME_SECTION),
 )
@@ -78,7 +81,7 @@ HYPERNETWORK = TabKind(
      "create_image_every", "save_hypernetwork_every", "use_weight", "preview_from_txt2img", "shuffle_tags",
      "tag_drop_out", "latent_sampling_method"),
     ("optimizer_name", "save_optimizer_state", "lr_scheduler", "lr_warmup_steps", "lr_min", "seed", "flip_p", "crop",
-     "validation_every", "validation_images", "gradient_checkpointing", "attention_optimization",
+     "gradient_checkpointing", "attention_optimization",
      "mixed_precision", "nan_guard"),
     (*OPTION_SECTIONS, RESUME_SECTION),
 )
@@ -180,8 +183,9 @@ def _thin(rows: list, limit: int = CHART_POINTS) -> list:
     return rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
 
 
-def loss_frame(loss: list, validation: list):
-    """Long-form table for the loss chart: loss, its smoothed curve and validation loss against step."""
+def loss_frame(loss: list, validation: list, best: list | None = None):
+    """Long-form table for the loss chart: loss, its smoothed curve and validation loss against step,
+    and the best validation step (one point) when the run tracks it."""
     import pandas as pd
 
     steps = [int(s) for s, _, _ in loss]
@@ -189,6 +193,9 @@ def loss_frame(loss: list, validation: list):
     rows = _thin([(s, v, "loss") for s, v in zip(steps, values)])
     rows += _thin([(s, v, "smoothed loss") for s, v in zip(steps, smooth(values))])
     rows += _thin([(int(s), float(v), "validation loss") for s, v in validation])
+    if best:  # a vertical mark at the best step, from the chart's lowest value up to its loss
+        low = min([float(best[1])] + [r[1] for r in rows if math.isfinite(r[1])])
+        rows += [(int(best[0]), low, "best validation"), (int(best[0]), float(best[1]), "best validation")]
     return pd.DataFrame(rows, columns=["step", "value", "series"])
 
 
@@ -218,7 +225,8 @@ def job_view(job: Job | None) -> dict[str, Any]:
         status += f"<br>{html.escape(job.message)}"
     loss = lr = None
     if d["loss_history"]:
-        loss, lr = loss_frame(d["loss_history"], d["validation_history"]), lr_frame(d["loss_history"])
+        loss = loss_frame(d["loss_history"], d["validation_history"], d.get("validation_best"))
+        lr = lr_frame(d["loss_history"])
     gallery = list(d["previews"])
     if job.kind == "preprocess":  # a few of the prepared images
         gallery = [f for f in d["files"] if f.lower().endswith(".png")][:12]
@@ -413,7 +421,7 @@ def _kind_tab(ctx: UiContext, tk: TabKind, title: str, list_names, refresh_names
 PREPROCESS_SECTIONS = (
     (None, ("process_src", "process_dst", "process_width", "process_height", "preprocess_txt_action",
             "process_keep_original_size", "process_flip", "process_split", "process_focal_crop", "process_multicrop",
-            "process_caption", "process_caption_deepbooru", "overwrite")),
+            "process_caption", "process_caption_deepbooru", "overwrite", "validation_split")),
     ("Split oversized images", ("process_split_threshold", "process_overlap_ratio")),
     ("Auto focal point crop", ("process_focal_crop_face_weight", "process_focal_crop_entropy_weight",
                                "process_focal_crop_edges_weight", "process_focal_crop_debug")),

@@ -75,6 +75,7 @@ class Job:
     total_steps: int = 0
     loss: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, lr)
     validation: list[tuple[int, float]] = field(default_factory=list)
+    best: tuple[int, float] | None = None  # the best validation (step, loss) so far, when the run tracks it
     files: list[str] = field(default_factory=list)
     previews: list[str] = field(default_factory=list)
     error: str | None = None
@@ -108,6 +109,8 @@ class Job:
                 self.total_steps = int(d["total"])
             elif event.kind == "validation":
                 self.validation.append((int(d["step"]), float(d["loss"])))
+                if d.get("best_step") is not None:
+                    self.best = (int(d["best_step"]), float(d["best_loss"]))
             elif event.kind == "file":
                 self.files.append(str(d["path"]))
             elif event.kind == "preview":
@@ -151,6 +154,7 @@ class Job:
             if history:
                 out["loss_history"] = [list(x) for x in self.loss]
                 out["validation_history"] = [list(x) for x in self.validation]
+                out["validation_best"] = list(self.best) if self.best is not None else None
             return out
 
 
@@ -287,6 +291,7 @@ class JobService:
                           started=d.get("started"), finished=d.get("finished") or time.time(),
                           loss=[tuple(x) for x in d.get("loss_history") or []],
                           validation=[tuple(x) for x in d.get("validation_history") or []],
+                          best=tuple(d["validation_best"]) if d.get("validation_best") else None,
                           _on_change=self._save)
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("sdtrain: skipped a job of the saved list (%s)", e)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lib_sdtrain.core.errors import ConfigError
+from lib_sdtrain.core.options.holdout import FINAL_FILES, check_validation_options
 from lib_sdtrain.core.options.hypernetwork_spec import (
     HN_ACTIVATIONS,
     HN_MODULE_SIZES,
@@ -310,7 +311,29 @@ class TrainingConfig(ConfigBase):
     validation_every: int = _opt(
         0, "Measure fixed-noise validation loss every N steps, 0 to disable", minimum=0
     )
-    validation_images: int = _opt(4, "Images used for the validation loss", minimum=1)
+    validation_images: int = _opt(4, "Images used for the validation loss", minimum=1,
+                                  help="the first N training images, when no images are held out")
+    # held-out validation and early stopping (core.training.best); all off by default
+    validation_split: float = _opt(
+        0.0, "Hold out this fraction of the images for the validation loss (0: none)", minimum=0.0, maximum=0.9,
+        step=0.05, help="chosen from the file names (the same every run, whatever the seed); they are never "
+        "trained on, and all of them make the validation loss",
+    )
+    validation_dir: str = _opt(
+        "", "Validation images folder (instead of a split)",
+        help="images (with their .txt captions) never trained on; all of them make the validation loss",
+    )
+    early_stop_patience: int = _opt(
+        0, "Stop after N validations without a better validation loss (0: never)", minimum=0
+    )
+    early_stop_min_delta: float = _opt(
+        0.0, "Smallest decrease of the validation loss that counts as better", minimum=0.0
+    )
+    final_file: str = _opt(
+        "last", "The final file holds", choices=FINAL_FILES,
+        help="last: the last step's tensors; best: the step with the lowest validation loss (its tensors, "
+        "step and optimizer state, as an intermediate save at that step)",
+    )
     gradient_checkpointing: bool = _opt(False, "Gradient checkpointing (less memory, slower)")
     attention_optimization: bool = _opt(True, "Use the host's cross-attention optimization while training")
     mixed_precision: str = _opt("auto", "Mixed precision", choices=("auto", "no", "fp16", "bf16"))
@@ -367,6 +390,7 @@ class TrainingConfig(ConfigBase):
         self.optimizer_choice()
         _validate_captions_ema(self)
         _validate_buckets(self)
+        check_validation_options(self)
 
     def template_path(self) -> str:
         return find_template(self.templates_dir, self.template_filename)

@@ -22,6 +22,7 @@ from lib_sdtrain.core.errors import ConfigError, SdtrainError
 from lib_sdtrain.core.formats.fsutil import atomic_write, atomic_write_bytes
 from lib_sdtrain.core.formats.limits import open_image
 from lib_sdtrain.core.options.config import ConfigBase, _opt
+from lib_sdtrain.core.options.holdout import held_out
 from lib_sdtrain.core.preprocess.crop import (
     MULTICROP_STEP,
     OBJECTIVES,
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 TXT_ACTIONS = ("ignore", "copy", "prepend", "append")
 #: The old API's names for two fields (the 1.6 function's parameters; its UI used the process_ names).
 API_ALIASES = {"split_threshold": "process_split_threshold", "overlap_ratio": "process_overlap_ratio"}
+#: with validation_split: the training and the validation folder inside the destination
+SPLIT_FOLDERS = ("train", "validation")
 DEBUG_FOLDER = "focal-crop-debug"  # debug images go here, so training never picks them up
 MAX_BASENAME_BYTES = 160  # keeps "{index:05}-{sub}-{name}.png" and its temporary twin under 255 bytes
 MAX_SIDE = 8192
@@ -100,6 +103,11 @@ class PreprocessConfig(ConfigBase):
     process_multicrop_objective: str = _opt("Maximize area", "Resizing objective", choices=OBJECTIVES)
     process_multicrop_threshold: float = _opt(0.1, "Error threshold", minimum=0.0, maximum=1.0, step=0.01)
     overwrite: bool = _opt(False, "Write into a destination that already has files (same names are replaced)")
+    validation_split: float = _opt(
+        0.0, "Hold out this fraction of the pictures for validation (0: none)", minimum=0.0, maximum=0.9, step=0.05,
+        help="writes <destination>/train and <destination>/validation; every output of one picture (flips, "
+        "tiles, crops) goes to the same one; chosen from the file names, the same every run",
+    )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, ignore: tuple[str, ...] = ()) -> Any:
@@ -118,6 +126,8 @@ class PreprocessConfig(ConfigBase):
         self._validate_sizes()
         self._validate_ratios()
         self._validate_multicrop()
+        _require(0.0 <= self.validation_split < 1.0, "validation_split",
+                 f"must be 0 (off) or a fraction below 1, got {self.validation_split}")
 
     def _validate_src(self) -> None:
         _require(self.process_src.strip(), "process_src", "Source directory is empty")
@@ -287,6 +297,9 @@ class PreprocessResult:
     total: int = 0
     processed: int = 0
     stopped: bool = False
+    #: with validation_split: the two folders written
+    train_dir: str | None = None
+    validation_dir: str | None = None
 
     @property
     def images(self) -> list[str]:
@@ -300,14 +313,21 @@ class PreprocessResult:
             "total": self.total,
             "processed": self.processed,
             "stopped": self.stopped,
+            "train_dir": self.train_dir,
+            "validation_dir": self.validation_dir,
         }
 
     def __str__(self) -> str:
         head = "Preprocessing stopped" if self.stopped else "Preprocessing finished"
-        return (
+        text = (
             f"{head}: {self.processed}/{self.total} source files, {len(self.images)} images written, "
             f"{len(self.skipped)} skipped"
         )
+        if self.train_dir and self.validation_dir:
+            held = sum(1 for p in self.images if Path(p).parent == Path(self.validation_dir))
+            text += (f"; training images in {self.train_dir}, {held} held-out validation images in "
+                     f"{self.validation_dir}")
+        return text
 
 
 @dataclass
@@ -502,12 +522,20 @@ def run_preprocess(
     sources = _source_files(cfg.src_path())
     run = _Run(cfg, cfg.dst_path(), control, captioner, deepbooru)
     run.result.total = len(sources)
+    held = held_out([s.name for s in sources], cfg.validation_split) if cfg.validation_split else set()
     run.dst.mkdir(parents=True, exist_ok=True)
+    folders = {False: run.dst, True: run.dst}  # held out → its folder
+    if cfg.validation_split:
+        folders = {False: run.dst / SPLIT_FOLDERS[0], True: run.dst / SPLIT_FOLDERS[1]}
+        for folder in folders.values():
+            folder.mkdir(exist_ok=True)
+        run.result.train_dir, run.result.validation_dir = str(folders[False]), str(folders[True])
     run.emit("progress", done=0, total=len(sources))
     for index, source in enumerate(sources):
         if run.stop_requested:
             run.result.stopped = True
             break
+        run.dst = folders[source.name in held]
         _process_one(run, index, source)
         run.result.processed = index + 1
         run.emit("progress", done=index + 1, total=len(sources))

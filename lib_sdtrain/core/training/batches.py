@@ -9,6 +9,7 @@ import torch
 
 from lib_sdtrain.core.data.buckets import resolve_step
 from lib_sdtrain.core.data.dataset import DatasetOptions, TrainDataset
+from lib_sdtrain.core.data.holdout import split_dataset
 from lib_sdtrain.core.port import ImageSize, NoiseSchedule, TrainingHost
 from lib_sdtrain.core.training.loop import Batch, autocast_context, diffusion_loss
 
@@ -17,6 +18,9 @@ from lib_sdtrain.core.training.loop import Batch, autocast_context, diffusion_lo
 class TrainingData:
     dataset: TrainDataset
     validation_count: int
+    #: held-out validation images (validation_split / validation_dir), never in a batch; None: the
+    #: validation set is the first `validation_count` training images
+    holdout: TrainDataset | None = None
     #: fixed (latent, prompt, weight, size) for the validation loss, filled by `encode`
     validation_set: list[tuple[torch.Tensor, str, torch.Tensor | None, ImageSize]] = field(default_factory=list)
 
@@ -47,10 +51,22 @@ class TrainingData:
         device = host.describe().device
         self.dataset.cache_latents(lambda px: host.encode_images(px.to(device)))
         ds = self.dataset
-        for item in range(min(self.validation_count, len(ds.images))):
+        count = min(self.validation_count, len(ds.images))
+        if self.holdout is not None:  # every held-out image, encoded after the training ones
+            ds = self.holdout
+            ds.cache_latents(lambda px: host.encode_images(px.to(device)))
+            count = len(ds.images)
+        for item in range(count):
             latent = ds.latent(item)
             weight = ds.weight_map(item, tuple(latent.shape[-2:])) if ds.opts.use_weight else None
             self.validation_set.append((latent.clone(), ds.text(item), weight, ds.image_size(item)))
+
+    @property
+    def validation_paths(self) -> list[str]:
+        """The images of the validation set."""
+        if self.holdout is not None:
+            return [str(rec.path) for rec in self.holdout.images]
+        return [str(rec.path) for rec in self.dataset.images[: self.validation_count]]
 
     def batches(self, device: torch.device) -> Iterator[Batch]:
         """One epoch of micro-batches, exactly those the host's loop would train on."""
@@ -94,7 +110,9 @@ def prepare_training_data(
         bucket_max_aspect=cfg.bucket_max_aspect,
         bucket_upscale=cfg.bucket_upscale,
     )
-    return TrainingData(TrainDataset.from_options(opts), validation_count)
+    train, holdout = split_dataset(opts, split=getattr(cfg, "validation_split", 0.0),
+                                   validation_dir=getattr(cfg, "validation_dir", ""))
+    return TrainingData(train, validation_count, holdout)
 
 
 @torch.no_grad()

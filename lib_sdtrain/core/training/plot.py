@@ -25,10 +25,12 @@ def draw_loss_curve(
     losses: Sequence[float],
     *,
     validation: Sequence[tuple[int, float]] = (),
+    best: tuple[int, float] | None = None,
     title: str = "loss",
     size: tuple[int, int] = (640, 360),
 ) -> Image.Image:
-    """Raw loss (light), its moving average (dark) and validation loss (dots) against step."""
+    """Raw loss (light), its moving average (dark) and validation loss (dots) against step; `best`,
+    the best validation step, as a ringed dot."""
     w, h = size
     left, right, top, bottom = 60, 16, 28, 36
     img = Image.new("RGB", size, "white")
@@ -36,11 +38,14 @@ def draw_loss_curve(
     d.text((left, 8), title, fill="black")
     points = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)]
     vpoints = [(s, v) for s, v in validation if math.isfinite(v)]
+    if best is not None and not math.isfinite(best[1]):
+        best = None
     if not points and not vpoints:
         d.text((left, h // 2), "no data yet", fill="gray")
         return img
-    xs = [p[0] for p in points + vpoints]
-    ys = [p[1] for p in points + vpoints]
+    shown = points + vpoints + ([best] if best is not None else [])  # a resumed run's best may be earlier
+    xs = [p[0] for p in shown]
+    ys = [p[1] for p in shown]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     if x1 == x0:
@@ -77,7 +82,12 @@ def draw_loss_curve(
     for s, v in vpoints:
         x, y = px(s, v)
         d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(210, 80, 30))
-    legend = (("loss", (150, 180, 225)), ("smoothed", (20, 70, 160)), ("validation", (210, 80, 30)))
+    legend: tuple[tuple[str, tuple[int, int, int]], ...] = (
+        ("loss", (150, 180, 225)), ("smoothed", (20, 70, 160)), ("validation", (210, 80, 30)))
+    if best is not None:
+        x, y = px(*best)
+        d.ellipse([x - 7, y - 7, x + 7, y + 7], outline=(20, 140, 60), width=2)
+        legend += ((f"best: step {best[0]}", (20, 140, 60)),)
     widths = [d.textlength(label) for label, _ in legend]
     x = w - right - sum(widths) - 12 * (len(legend) - 1)
     for (label, color), width in zip(legend, widths):

@@ -6,7 +6,8 @@ the run started from (the learning-rate language counts from there), and every r
 decides a later step — the noise/timestep generator, torch's global generator (dropout), the data
 order's Python generator, the latent-sampling generator and the sampler's group order as they were when the current epoch
 began, with the number of micro-batches of that epoch already trained — and the trained tensors'
-moving average when `ema_decay` is on. It is written atomically
+moving average when `ema_decay` is on, and the best validation step so far (its tensors and
+optimizer state with final_file "best") when the validation loss is measured. It is written atomically
 (temporary file, then rename: the previous point stays until the new one is complete) at every save
 of the file, every `resume_point_minutes`, and when the run is stopped; it is removed when the run
 ends normally. A later run of the same job (same settings, whatever `steps` says) continues from it;
@@ -38,6 +39,9 @@ NEUTRAL_FIELDS = frozenset({
     "training_tensorboard_save_images", "training_tensorboard_flush_every",
     "ema_for_output", "ema_for_previews",  # what the EMA is used for, not how it is made
 })
+#: neutral fields that decide where a run stops and what its final file holds once early stopping or
+#: the best step's file is chosen (core.training.best)
+BEST_STEP_FIELDS = frozenset({"validation_every", "validation_images", "ema_for_previews"})
 
 
 def _defaults(cfg: Any) -> dict[str, Any]:
@@ -63,8 +67,11 @@ def fingerprint(cfg: Any) -> str:
     default (so an sdtrain update that adds a setting, at a default that keeps the old behaviour, does
     not orphan the resume points written before it)."""
     defaults = _defaults(cfg)
+    neutral = NEUTRAL_FIELDS
+    if getattr(cfg, "early_stop_patience", 0) or getattr(cfg, "final_file", "last") != "last":
+        neutral = NEUTRAL_FIELDS - BEST_STEP_FIELDS
     data = {k: v for k, v in cfg.to_dict().items()
-            if k not in NEUTRAL_FIELDS and not (k in defaults and _same(v, defaults[k]))}
+            if k not in neutral and not (k in defaults and _same(v, defaults[k]))}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -82,6 +89,7 @@ class ResumePoint:
     epoch_data_state: Any  # (python Random state, data generator state, sampler group order) when the epoch began
     micro_in_epoch: int  # micro-batches of that epoch already trained
     ema: list[torch.Tensor] | None = None  # the trained tensors' moving average (ema_decay), once begun
+    validation: dict[str, Any] | None = None  # the best validation step so far (core.training.best)
 
     def to_data(self) -> dict[str, Any]:
         py_state, gen_state, groups = self.epoch_data_state
@@ -95,6 +103,7 @@ class ResumePoint:
             "data_groups": [list(g) for g in groups],
             "micro_in_epoch": self.micro_in_epoch,
             "ema": [t.detach().cpu().clone() for t in self.ema] if self.ema is not None else None,
+            "validation": self.validation,
         }
 
     @classmethod
@@ -111,6 +120,7 @@ class ResumePoint:
                                   [list(g) for g in data["data_groups"]]),
                 micro_in_epoch=int(data["micro_in_epoch"]),
                 ema=list(data["ema"]) if data.get("ema") is not None else None,
+                validation=dict(data["validation"]) if data.get("validation") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(path, f"an incomplete resume point ({e})") from None

@@ -33,6 +33,14 @@ from lib_sdtrain.core.formats.fsutil import atomic_write, remove_stale_temporari
 from lib_sdtrain.core.jobs.service import JobControl
 from lib_sdtrain.core.port import ImageSize, ModelInfo, PreviewRequest, SessionOptions, TrainingHost
 from lib_sdtrain.core.training.batches import TrainingData, prepare_training_data, validation_loss
+from lib_sdtrain.core.training.best import (
+    best_in,
+    final_note,
+    make_tracker,
+    trim_validation_csv,
+    validation_note,
+    write_validation_row,
+)
 from lib_sdtrain.core.training.ema import Ema, swapped_in
 from lib_sdtrain.core.training.loop import (
     LoopHooks,
@@ -99,6 +107,7 @@ class TrainResult:
     files: list[str] = field(default_factory=list)
     message: str = ""
     kind: str = "embedding"  # what `file` is: "embedding" or "hypernetwork"
+    saved_step: int | None = None  # the step of the tensors in `file` (final_file "best": the best step)
 
     @property
     def embedding_file(self) -> str:
@@ -375,7 +384,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         run.emit("log", text=f"skipped {path}: {reason}")
     for note in data.notes:
         run.emit("log", text=note)
-    for note in kind.notes(run.info):
+    for note in kind.notes(run.info) + validation_note(cfg, data):
         run.emit("log", text=note)
     run.settings_file(data)
 
@@ -405,6 +414,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             steps_per_epoch=data.steps_per_epoch,
         )
         ema = Ema(cfg.ema_decay, cfg.ema_start_step) if cfg.ema_decay > 0 else None
+        tracker = make_tracker(cfg)  # the best validation step (None: no validation)
         if point is not None:
             why = _apply_resume_point(point, params, optimizer, generator, state, ema)
             if why:
@@ -413,6 +423,10 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             else:
                 run.emit("log", text=f"resumed from step {point.step} (where the interrupted run was)")
                 run.resumed_from = point.step
+                if tracker is not None and point.validation is not None:
+                    tracker.load(point.validation)  # its evaluations count on, none is made again
+                    if run.log_dir:
+                        trim_validation_csv(run.log_dir, point.step)
         if point is None:
             resumed = kind.resume(optimizer)
             if resumed:
@@ -428,7 +442,8 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 optimizer=optimizer.state_dict(), scaler=st.scaler.state_dict() if st.scaler else None,
                 generator=generator.get_state(), torch_rng=torch.get_rng_state(),
                 epoch_data_state=st.epoch_data_state, micro_in_epoch=st.micro_in_epoch,
-                ema=ema.state() if ema is not None else None))
+                ema=ema.state() if ema is not None else None,
+                validation=tracker.state() if tracker is not None else None))
             last_point[0] = time.monotonic()
 
         def ema_in(use: bool):
@@ -447,14 +462,22 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 [s for s, _ in history],
                 [v for _, v in history],
                 validation=val_history,
+                best=(tracker.best_step, tracker.best_loss) if tracker and tracker.best_step is not None else None,
                 title=f"{run.name} loss",
             )
 
         def validate(step: int) -> None:
             with kind.evaluating(), ema_in(cfg.ema_for_previews):
                 loss = validation_loss(host, schedule, data, seed, autocast_dtype)
+                if tracker is not None:
+                    tracker.observe(step, loss, params, optimizer)  # the tensors evaluated
             val_history.append((step, loss))
-            run.emit("validation", step=step, loss=loss)
+            if tracker is None:
+                run.emit("validation", step=step, loss=loss)
+                return
+            run.emit("validation", step=step, loss=loss, best_step=tracker.best_step, best_loss=tracker.best_loss)
+            if run.log_dir:
+                write_validation_row(run.log_dir, step, loss, tracker)
 
         def after_step(st: LoopState) -> None:
             if ema is not None:
@@ -503,7 +526,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             batches=lambda: data.batches(device),
             encode=kind.encoder(host),
             lr_at=lr_sched.value,
-            finished=lr_sched.finished,
+            finished=lambda step: lr_sched.finished(step) or (tracker is not None and tracker.should_stop),
             clip=clip if clip_sched else None,
             after_step=after_step,
             should_stop=should_stop,
@@ -513,8 +536,8 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         error: NonFiniteLoss | None = None
         try:
             with kind.active(host):
-                if cfg.validation_every:
-                    validate(state.step)
+                if cfg.validation_every and not (tracker is not None and tracker.evaluations):
+                    validate(state.step)  # (a resumed run's tracker has made this evaluation)
                 try:
                     run_loop(
                         host,
@@ -541,8 +564,9 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             # the final file, also after Stop/Interrupt (the host saves after its try, likewise)
             if cfg.ema_for_output and ema is not None and not ema.started:
                 run.say(f"the EMA starts at step {cfg.ema_start_step}: the {noun} saved holds the trained tensors")
-            with ema_in(cfg.ema_for_output):
-                run.save(optimizer, state.step, kind.out_file, run.name, noun)
+            with ema_in(cfg.ema_for_output), best_in(params, optimizer, tracker) as best_step:
+                saved_step = state.step if best_step is None else best_step
+                run.save(optimizer, saved_step, kind.out_file, run.name, noun)
             if state.stopped and error is None:
                 keep_resume_point(state)  # the same job again goes on exactly from here
             elif error is None:
@@ -552,12 +576,14 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
     result = TrainResult(
         kind.out_file, state.step, stopped=state.stopped, log_dir=run.log_dir, files=run.files, kind=noun
     )
+    result.saved_step = saved_step
     if csv_path and os.path.exists(csv_path):
         result.loss_csv = csv_path
     result.loss_curve = curve()
     verb = "interrupted" if state.stopped else "finished"
     resumed = f" (resumed from step {run.resumed_from})" if run.resumed_from is not None else ""
     result.message = f"Training {verb} at {state.step} steps{resumed}.\n{noun.capitalize()} saved to {kind.out_file}"
+    result.message += final_note(cfg, tracker, state.step, saved_step, state.stopped)
     if error is not None:
-        raise SdtrainError(f"{error} The {noun} at step {state.step} was saved to {kind.out_file}.")
+        raise SdtrainError(f"{error} The {noun} at step {saved_step} was saved to {kind.out_file}.")
     return result
