@@ -163,6 +163,10 @@ class TrainingHost(Protocol):
         """Token embeddings of `init_text` spread over `n_vectors` rows, per text encoder
         (A1111 `create_embedding`; empty text gives zeros)."""
 
+    def token_embedding_norms(self) -> dict[str, float]:
+        """Per text encoder (keyed like `initial_vectors`), the typical norm of its token embeddings:
+        the median L2 norm of the rows of its token-embedding table (core.training.embedding_norm.typical_norm)."""
+
     def use_embedding(self, name: str, vectors: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
         """Make `name` in prompts resolve to `vectors` (the live tensors, which may require grad)."""
 

@@ -70,7 +70,8 @@ EMBEDDING = TabKind(
     ("save_format", "optimizer_name", "save_optimizer_state", "lr_scheduler", "lr_warmup_steps", "lr_min", "seed", "flip_p", "crop",
      "gradient_checkpointing", "attention_optimization",
      "mixed_precision", "nan_guard"),
-    (("SDXL", ("train_encoders",)), *OPTION_SECTIONS, RESUME_SECTION),
+    (("SDXL", ("train_encoders", "learn_rate_clip_l", "learn_rate_clip_g")), ("Vector norm", ("norm_limit",)),
+     *OPTION_SECTIONS, RESUME_SECTION),
 )
 HYPERNETWORK = TabKind(
     "hypernetwork", CreateHypernetworkConfig, TrainHypernetworkConfig, "hypernetwork_name",

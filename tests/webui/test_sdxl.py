@@ -109,6 +109,34 @@ def test_sdxl_job_matches_the_standalone_conditioning(sdxl_webui, sdxl_assets):
     assert losses == pytest.approx([loss for _step, loss, _lr in ref.loss], rel=1e-4)
 
 
+def test_sdxl_encoder_rate_and_norm_limit_in_the_webui(sdxl_webui, sdxl_assets):
+    """learn_rate_clip_g 0 keeps the CLIP-G vectors as created while CLIP-L trains; norm_limit holds the
+    CLIP-L vectors at limit × the webui host's typical norm (its token_embedding_norms, read from the table
+    the host's splice wraps), which is the median row norm of the checkpoint's CLIP-L token table: the
+    standalone host's, loaded from the same file."""
+    from lib_sdtrain.hosts.standalone.host import StandaloneHost
+
+    s = sdxl_webui
+    _, out = s.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {
+        "name": "xlnorm", "num_vectors_per_token": 2, "init_text": "shape", "save_format": "safetensors"}})
+    assert s.wait_job(out["id"])["state"] == "done"
+    initial = load_embedding(s.embeddings / "xlnorm.safetensors").vectors
+    fields = train_fields("xlnorm", sdxl_assets["data"], s.dir / "norm_log", save_format="safetensors", steps=4,
+                          create_image_every=0, save_embedding_every=0, learn_rate="3", learn_rate_clip_g="0",
+                          norm_limit=1.5)
+    status, out = s.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": fields})
+    assert status == 202, out
+    job = s.wait_job(out["id"])
+    assert job["state"] == "done" and job["step"] == 4, job
+    trained = load_embedding(s.embeddings / "xlnorm.safetensors").vectors
+    assert torch.equal(trained["clip_g"], initial["clip_g"])
+    assert not torch.equal(trained["clip_l"], initial["clip_l"])
+    ckpt = sdxl_assets["ckpt"]
+    typical = StandaloneHost.load_checkpoint(ckpt, ckpt.with_suffix(".yaml")).token_embedding_norms()
+    top = float(trained["clip_l"].norm(dim=-1).max())
+    assert top == pytest.approx(1.5 * typical["clip_l"], rel=1e-5)
+
+
 @pytest.mark.needs("hypernetwork_prompt")
 def test_sdxl_hypernetwork_created_trained_and_applied_in_a_prompt(sdxl_webui, sdxl_assets):
     s = sdxl_webui

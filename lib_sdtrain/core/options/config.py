@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lib_sdtrain.core.errors import ConfigError
+from lib_sdtrain.core.options.encoder_rates import check_encoder_options
 from lib_sdtrain.core.options.holdout import FINAL_FILES, check_validation_options
 from lib_sdtrain.core.options.hypernetwork_spec import (
     HN_ACTIVATIONS,
@@ -444,6 +445,22 @@ class TrainEmbeddingConfig(TrainingConfig):
         "both", "Text encoders to train (SDXL)", choices=("both", "clip_l", "clip_g"),
         help="SDXL embeddings hold one vector set per text encoder; the other set is kept as it is",
     )
+    # per-encoder learning rates and the norm limit (core.options.encoder_rates); off by default
+    learn_rate_clip_l: str = _opt(
+        "", "CLIP-L learning rate (SDXL; empty: the Embedding Learning rate)",
+        help="A rate or a schedule like the Embedding Learning rate, read with the same schedule type, "
+        "warm-up and final rate",
+    )
+    learn_rate_clip_g: str = _opt(
+        "", "CLIP-G learning rate (SDXL; empty: the Embedding Learning rate)",
+        help="A rate or a schedule like the Embedding Learning rate, read with the same schedule type, "
+        "warm-up and final rate",
+    )
+    norm_limit: float = _opt(
+        0.0, "Limit each vector's norm to N × the typical token-embedding norm, 0 to disable", minimum=0.0,
+        help="After each optimizer step a vector longer than N times the median norm of its text encoder's "
+        "token embeddings is scaled back to that length (against overcooked embeddings); 1-2 is typical",
+    )
 
     def validate(self) -> None:
         _check_name("embedding_name", self.embedding_name)
@@ -455,6 +472,7 @@ class TrainEmbeddingConfig(TrainingConfig):
             "template_filename",
             f"{self.template_filename} has no [name]: the embedding would never appear in a prompt and learn nothing",
         )
+        check_encoder_options(self)
         if self.embedding_file:
             _require(
                 os.path.isfile(self.embedding_file), "embedding_file", f"no such file: {self.embedding_file}"

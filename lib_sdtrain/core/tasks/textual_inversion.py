@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,10 +24,17 @@ from lib_sdtrain.core.formats.embedding_io import (
 from lib_sdtrain.core.formats.fsutil import resolve_inside, safe_name
 from lib_sdtrain.core.jobs.service import JobControl
 from lib_sdtrain.core.options.config import CreateEmbeddingConfig, TrainEmbeddingConfig
+from lib_sdtrain.core.options.encoder_rates import (
+    encoder_rate_fields,
+    encoder_schedules,
+    not_for_this_embedding,
+)
+from lib_sdtrain.core.options.lr_schedule import Schedule
 from lib_sdtrain.core.options.optimizers import saved_optimizer_name
 from lib_sdtrain.core.port import ModelInfo, TrainingHost
+from lib_sdtrain.core.training.embedding_norm import limit_norms, norm_summary
 from lib_sdtrain.core.training.loop import LoopState
-from lib_sdtrain.core.training.optimizer_state import restore_optimizer
+from lib_sdtrain.core.training.optimizer_state import regrouped, restore_optimizer
 from lib_sdtrain.core.training.run import TrainingKind, TrainingRun, TrainResult, report_text, run_training
 
 log = logging.getLogger(__name__)
@@ -135,6 +143,16 @@ class EmbeddingTraining(TrainingKind):
                 "(choosing an encoder is for SDXL embeddings)"
             )
         self.trained_keys = sorted(trained)
+        not_for_this_embedding(cfg, list(self.emb.vectors), src)
+        #: one optimizer parameter group per trained encoder when an encoder has a rate of its own
+        self.grouped = bool(encoder_rate_fields(cfg))
+        #: the typical token-embedding norm per trained encoder and the bound norm_limit puts on vectors
+        self.typical_norms: dict[str, float] = {}
+        self.norm_bounds: dict[str, float] = {}
+        if cfg.norm_limit > 0:
+            norms = host.token_embedding_norms()
+            self.typical_norms = {k: float(norms[k]) for k in self.trained_keys}
+            self.norm_bounds = {k: cfg.norm_limit * n for k, n in self.typical_norms.items()}
         # the final file: the source itself when it is in the chosen format, else <dir>/<name>.<fmt>
         if src.lower().endswith("." + cfg.save_format):
             self.out_file = src
@@ -161,7 +179,29 @@ class EmbeddingTraining(TrainingKind):
             for k, v in self.emb.vectors.items()
         }
         params = [self.vectors[k] for k in self.trained_keys]
-        return params, self.optimizer_choice.build(params, lr)  # the host: AdamW(lr, weight_decay=0.0)
+        groups: list[Any] = [{"params": [p]} for p in params] if self.grouped else params
+        return params, self.optimizer_choice.build(groups, lr)  # the host: AdamW(lr, weight_decay=0.0)
+
+    def group_rates(self, main: Schedule, run_start: int, gradient_step: int) -> Callable[[int], list[float]] | None:
+        """Per trained encoder (the groups' order), its own schedule, else the Embedding Learning rate's."""
+        if not self.grouped:
+            return None
+        own = encoder_schedules(self.cfg, run_start, gradient_step)
+        schedules = [own.get(k, main) for k in self.trained_keys]
+        return lambda step: [s.value(step) for s in schedules]
+
+    def notes(self, info: ModelInfo) -> list[str]:
+        if not self.norm_bounds:
+            return []
+        text = ", ".join(f"{k} {self.typical_norms[k]:.4g} (limit {b:.4g})" for k, b in self.norm_bounds.items())
+        return [f"typical token-embedding norm: {text}"]
+
+    def after_update(self, step: int) -> None:
+        if self.norm_bounds:
+            limit_norms(self.vectors, self.norm_bounds)
+
+    def summary(self, step: int) -> list[str]:
+        return [norm_summary(self.vectors, self.trained_keys, self.typical_norms, step)] if self.vectors else []
 
     def resume(self, optimizer: torch.optim.Optimizer) -> str | None:
         if not self.cfg.save_optimizer_state:
@@ -173,7 +213,8 @@ class EmbeddingTraining(TrainingKind):
         if held != name:
             return (f"ignored {self.source}.optim: it holds {held} state and this run uses {name}; "
                     f"starting {name} afresh")
-        why = restore_optimizer(optimizer, saved["optimizer_state_dict"], keep=self.optimizer_choice.kwargs())
+        state = regrouped(saved["optimizer_state_dict"], optimizer)  # per-encoder rates turned on or off
+        why = restore_optimizer(optimizer, state, keep=self.optimizer_choice.kwargs())
         if why is not None:
             return f"ignored {self.source}.optim: {why}"
         return f"resumed optimizer state from {self.source}.optim"
@@ -197,7 +238,8 @@ class EmbeddingTraining(TrainingKind):
             # the host loads `optimizer_state_dict` into its AdamW: another optimizer's state is kept apart
             choice = self.optimizer_choice
             save_optim(path, optimizer.state_dict(), emb.checksum(), optimizer_name=choice.name, step=step,
-                       settings=choice.settings(optimizer), host_loadable=choice.name == "AdamW")
+                       settings=choice.settings(optimizer),
+                       host_loadable=choice.name == "AdamW" and len(optimizer.param_groups) == 1)
 
     def after_intermediate(self, step: int, stored_name: str) -> None:
         self.last_intermediate = self.snapshot(step, stored_name)

@@ -115,6 +115,8 @@ class LoopHooks:
     #: the data order's random state, and putting it back (resume points); None: not kept
     data_state: Callable[[], Any] | None = None
     set_data_state: Callable[[Any], None] | None = None
+    #: one learning rate per parameter group (their own schedules); None: every group takes `lr_at`'s
+    group_lrs: Callable[[int], list[float]] | None = None
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -167,8 +169,9 @@ def run_loop(
                 state.stopped = True
                 return state
             lr = hooks.lr_at(state.step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            rates = hooks.group_lrs(state.step) if hooks.group_lrs else [lr] * len(optimizer.param_groups)
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
 
             # forward: the conditioning goes through the host's text encoder so the live
             # vectors are spliced in and receive gradients

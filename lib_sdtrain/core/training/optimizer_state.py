@@ -56,3 +56,27 @@ def restore_optimizer(
     for group, values in zip(optimizer.param_groups, configured):
         group.update(values)
     return None
+
+
+def regrouped(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> Mapping[str, Any]:
+    """`saved` with its parameter groups laid out as `optimizer`'s when only the grouping differs (one
+    group for all tensors, or one per tensor: an SDXL embedding with per-encoder learning rates): the
+    same parameters in the same order, each group taking the settings of the saved first group. The
+    per-parameter state is kept as it is. Anything else is returned unchanged (restore_optimizer says
+    why it does not fit)."""
+    groups = saved.get("param_groups")
+    ours = optimizer.param_groups
+    if not isinstance(groups, list) or not groups or len(groups) == len(ours):
+        return saved
+    if not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
+        return saved
+    order = [i for g in groups for i in g["params"]]
+    count = sum(len(g["params"]) for g in ours)
+    if order != sorted(order) or len(order) != count:
+        return saved
+    template = {k: v for k, v in groups[0].items() if k != "params"}
+    laid_out, index = [], 0
+    for group in ours:
+        laid_out.append({**template, "params": order[index:index + len(group["params"])]})
+        index += len(group["params"])
+    return {**saved, "param_groups": laid_out}

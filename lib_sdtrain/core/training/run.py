@@ -31,6 +31,7 @@ from PIL import Image
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.formats.fsutil import atomic_write, remove_stale_temporaries
 from lib_sdtrain.core.jobs.service import JobControl
+from lib_sdtrain.core.options.lr_schedule import Schedule
 from lib_sdtrain.core.port import ImageSize, ModelInfo, PreviewRequest, SessionOptions, TrainingHost
 from lib_sdtrain.core.training.batches import TrainingData, prepare_training_data, validation_loss
 from lib_sdtrain.core.training.best import (
@@ -156,6 +157,18 @@ class TrainingKind:
     def resume(self, optimizer: torch.optim.Optimizer) -> str | None:
         """Load the saved optimizer state that belongs to `source`; a line for the log, or None."""
         return None
+
+    def group_rates(self, main: Schedule, run_start: int, gradient_step: int) -> Callable[[int], list[float]] | None:
+        """step → one learning rate per optimizer parameter group, when the groups have rates of their
+        own; None: every group takes `main`'s rate."""
+        return None
+
+    def after_update(self, step: int) -> None:
+        """Right after each optimizer step (before the EMA and the saves see the tensors)."""
+
+    def summary(self, step: int) -> list[str]:
+        """Lines for the log after the final save."""
+        return []
 
     def encoder(self, host: TrainingHost) -> Callable[[list[str], list[ImageSize] | None], Any]:
         """(prompts, sizes) → conditioning for the loop."""
@@ -379,6 +392,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         family=run.info.family,
     )
     lr_sched = cfg.lr_schedule(run_start, data.gradient_step)
+    group_lrs = kind.group_rates(lr_sched, run_start, data.gradient_step)
     clip_sched = cfg.clip_schedule(run_start, data.gradient_step)
     for path, reason in data.skipped:
         run.emit("log", text=f"skipped {path}: {reason}")
@@ -480,6 +494,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 write_validation_row(run.log_dir, step, loss, tracker)
 
         def after_step(st: LoopState) -> None:
+            kind.after_update(st.step)
             if ema is not None:
                 ema.update(params, st.step)
             saved = False
@@ -526,6 +541,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             batches=lambda: data.batches(device),
             encode=kind.encoder(host),
             lr_at=lr_sched.value,
+            group_lrs=group_lrs,
             finished=lambda step: lr_sched.finished(step) or (tracker is not None and tracker.should_stop),
             clip=clip if clip_sched else None,
             after_step=after_step,
@@ -567,6 +583,8 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             with ema_in(cfg.ema_for_output), best_in(params, optimizer, tracker) as best_step:
                 saved_step = state.step if best_step is None else best_step
                 run.save(optimizer, saved_step, kind.out_file, run.name, noun)
+            for line in kind.summary(state.step):
+                run.say(line)
             if state.stopped and error is None:
                 keep_resume_point(state)  # the same job again goes on exactly from here
             elif error is None:

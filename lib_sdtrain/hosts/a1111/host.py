@@ -29,6 +29,7 @@ from lib_sdtrain.core.port import (
     SessionOptions,
     TextEncoderInfo,
 )
+from lib_sdtrain.core.training.embedding_norm import typical_norm
 from lib_sdtrain.hosts.a1111 import checkpointing
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,17 @@ def _sdxl_text_wrappers(m) -> list[tuple[str, Any]]:
         if key is not None:
             out.append((key, embedder))
     return out
+
+
+def _token_table(text_model: torch.nn.Module) -> torch.Tensor:
+    """The token-embedding weight under the host's splice (EmbeddingsWithFixes.wrapped, or a
+    TextualInversionEmbeddings table itself)."""
+    for mod in text_model.modules():
+        if hasattr(mod, "textual_inversion_key"):
+            table = getattr(mod, "wrapped", mod)
+            if isinstance(getattr(table, "weight", None), torch.Tensor):
+                return table.weight
+    raise SdtrainError(f"found no token-embedding table in {type(text_model).__name__}")
 
 
 @contextlib.contextmanager
@@ -270,6 +282,14 @@ class A1111Host:
                 embedded = {SINGLE: cond_model.encode_embedding_init_text(init_text or "*", n_vectors)}
         return {key: spread_rows(rows if init_text else None, n_vectors, int(rows.shape[1]))
                 for key, rows in embedded.items()}
+
+    def token_embedding_norms(self) -> dict[str, float]:
+        """The median row norm of each text encoder's token-embedding table: the table the host's
+        EmbeddingsWithFixes wraps (the module carrying `textual_inversion_key`)."""
+        m = self.model()
+        if getattr(m, "is_sdxl", False):
+            return {key: typical_norm(_token_table(w)) for key, w in _sdxl_text_wrappers(m)}
+        return {SINGLE: typical_norm(_token_table(m.cond_stage_model))}
 
     # -- reversible state ------------------------------------------------------------------------
     @contextlib.contextmanager

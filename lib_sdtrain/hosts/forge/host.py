@@ -35,6 +35,7 @@ from lib_sdtrain.core.port import (
     SessionOptions,
     TextEncoderInfo,
 )
+from lib_sdtrain.core.training.embedding_norm import typical_norm
 from lib_sdtrain.hosts.a1111 import checkpointing
 from lib_sdtrain.hosts.a1111.host import A1111Host, A1111Session, clear_cond_caches
 from lib_sdtrain.hosts.forge.trainable import Aliases, out_of_place_residuals
@@ -190,6 +191,9 @@ class ForgeHost(A1111Host):
                 rows = weight[torch.tensor(ids, dtype=torch.long, device=weight.device)].detach().float().cpu().clone()
             out[key] = spread_rows(rows if init_text else None, n_vectors, int(weight.shape[1]))
         return out
+
+    def token_embedding_norms(self) -> dict[str, float]:
+        return {key: typical_norm(_token_weight(engine)) for key, engine in engines(self.model())}
 
     # -- noise prediction ------------------------------------------------------------------------
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:

@@ -37,6 +37,7 @@ from lib_sdtrain.core.port import (
     SessionOptions,
     TextEncoderInfo,
 )
+from lib_sdtrain.core.training.embedding_norm import typical_norm
 
 log = logging.getLogger(__name__)
 MAX_LENGTH = 77
@@ -400,6 +401,9 @@ class StandaloneHost:
             rows = weight[torch.tensor(ids, device=weight.device)] if ids else None
             out[te.key] = spread_rows(rows, n_vectors, int(weight.shape[1]))
         return out
+
+    def token_embedding_norms(self) -> dict[str, float]:
+        return {te.key: typical_norm(te.token_embedding.weight) for te in self.texts}
 
     @contextlib.contextmanager
     def use_embedding(self, name: str, vectors: dict[str, torch.Tensor]) -> Iterator[None]:
