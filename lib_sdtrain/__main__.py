@@ -7,10 +7,10 @@ import sys
 from lib_sdtrain.cli import HostFactories, main
 
 
-def _checkpoint(ckpt: str, yaml: str | None, clip_dir: str | None, webui: str | None = None):
+def _checkpoint(ckpt: str, yaml: str | None, clip_dir: str | None, webui: str | None = None, device=None):
     from lib_sdtrain.hosts.standalone.host import StandaloneHost
 
-    return StandaloneHost.load_checkpoint(ckpt, yaml, clip_dir, webui_dir=webui)
+    return StandaloneHost.load_checkpoint(ckpt, yaml, clip_dir, webui_dir=webui, device=device or "cpu")
 
 
 def _tiny(workdir: str):

@@ -36,6 +36,7 @@ from lib_sdtrain.core.tasks.registry import (
     job_runners,
     json_object,
 )
+from lib_sdtrain.core.training import distributed
 
 log = logging.getLogger("lib_sdtrain.cli")
 
@@ -43,7 +44,8 @@ log = logging.getLogger("lib_sdtrain.cli")
 @dataclass
 class HostFactories:
     #: (checkpoint, yaml or None, clip dir or None, webui folder or None) → host over a real
-    #: SD1/SD2/SDXL checkpoint (SDXL's model code and default yaml come from the webui folder)
+    #: SD1/SD2/SDXL checkpoint (SDXL's model code and default yaml come from the webui folder); under
+    #: torchrun also `device=` (cuda:LOCAL_RANK, or the CPU)
     checkpoint: Callable[[str, str | None, str | None, str | None], TrainingHost]
     #: work dir → host over a tiny randomly initialised SD1-architecture model (no download)
     tiny: Callable[[str], TrainingHost]
@@ -94,6 +96,13 @@ HELP = {
     "preprocess": "prepare a folder of images for training (the webui's Preprocess images; loads no model)",
 }
 
+#: the kinds that train data-parallel under torchrun (the others refuse to run there)
+PARALLEL_KINDS = ("train_embedding", "train_hypernetwork")
+TORCHRUN_HELP = ("more than one GPU: started by torchrun (torchrun --nproc_per_node N -m lib_sdtrain "
+                 "train-embedding ...) it trains data-parallel, NCCL on GPUs (one per process, cuda:LOCAL_RANK) "
+                 "or gloo on the CPU: batch_size is the combined batch (a multiple of N), each process takes "
+                 "its share of it, gradients are averaged, rank 0 writes the files and shows the progress")
+
 WEBUI_HELP = ("an installed webui's folder: --ckpt may name a checkpoint in its models/Stable-diffusion "
               "(subfolders searched; the .yaml of the same name beside it is used), embeddings_dir and "
               "hypernetwork_dir default to its embeddings and models/hypernetworks; SDXL's model code "
@@ -135,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_flag(d)
 
     for kind, cls in job_config_types().items():
-        s = sub.add_parser(COMMANDS[kind], help=HELP.get(kind, (cls.__doc__ or kind).splitlines()[0]))
+        s = sub.add_parser(COMMANDS[kind], help=HELP.get(kind, (cls.__doc__ or kind).splitlines()[0]),
+                           epilog=TORCHRUN_HELP if kind in PARALLEL_KINDS else None)
         if kind not in MODEL_FREE_KINDS:
             _add_model_flags(s, required=True)
         elif "hypernetwork_dir" in {f["name"] for f in cls.describe()}:
@@ -146,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(s, cls)
 
     r = sub.add_parser("run", help="run a job file: the body of POST /sdtrain/v1/jobs, "
-                       '{"kind": ..., "config": {...}} (exit 0 done, 1 failed or stopped, 2 bad input)')
+                       '{"kind": ..., "config": {...}} (exit 0 done, 1 failed or stopped, 2 bad input)',
+                       epilog=TORCHRUN_HELP + " (training jobs)")
     r.add_argument("job", help="the job's JSON file (- reads it from standard input)")
     _add_model_flags(r, required=False)
     _add_progress_flag(r)
@@ -177,12 +188,17 @@ class NoModelHost:
         return {}
 
 
-def _run(service: JobService, kind: str, config: Any, progress: str | None = None) -> Job:
+def _run(service: JobService, kind: str, config: Any, progress: str | None = None, *,
+         rank: int | None = None) -> Job:
+    """Run the job to its end, its progress printed; `rank` (a data-parallel process but rank 0):
+    nothing printed but a failure, marked with the rank."""
     job = service.submit(kind, config)  # validates: a bad field raises before any model work
-    printer_for(progress).follow(job)
+    if rank is None:
+        printer_for(progress).follow(job)
     job.wait()
-    if job.state != DONE:
-        print(f"{kind} {job.state}" + (f": {job.error}" if job.error else ""), file=sys.stderr)
+    if job.state != DONE and (rank is None or job.error):
+        mark = f"rank {rank}: " if rank is not None else ""
+        print(f"{mark}{kind} {job.state}" + (f": {job.error}" if job.error else ""), file=sys.stderr)
     return job
 
 
@@ -262,7 +278,7 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def _host_for(kind: str, args: argparse.Namespace, hosts: HostFactories,
-              webui: WebuiFolder | None) -> Callable[[], Any]:
+              webui: WebuiFolder | None, device: Any = None) -> Callable[[], Any]:
     """The job's host, the checkpoint found and loaded now (after the job was validated); none for the
     kinds that use no model."""
     if kind in MODEL_FREE_KINDS:
@@ -274,15 +290,21 @@ def _host_for(kind: str, args: argparse.Namespace, hosts: HostFactories,
         raise SdtrainError(f"a {kind} job needs a model: give --ckpt (a checkpoint file, or its name with --webui)")
     ckpt = resolve_checkpoint(args.ckpt, webui)
     yaml = args.yaml or yaml_beside(ckpt)
-    if webui is not None:
+    if webui is not None and distributed.current().is_writer:
         print(f"checkpoint: {ckpt}" + (f" (config {yaml})" if yaml else ""), flush=True)
-    host = hosts.checkpoint(str(ckpt), str(yaml) if yaml else None, args.clip_dir, args.webui)
+    where = {"device": device} if device is not None else {}
+    host = hosts.checkpoint(str(ckpt), str(yaml) if yaml else None, args.clip_dir, args.webui, **where)
     return lambda: host
 
 
 def run_job(kind: str, data: dict[str, Any], args: argparse.Namespace, hosts: HostFactories) -> int:
     """Validate the job (the webui folder's places under it), then load what it needs and run it:
-    0 done, 1 failed or stopped; a bad field raises ConfigError before any model is loaded."""
+    0 done, 1 failed or stopped; a bad field raises ConfigError before any model is loaded.
+    Under torchrun (more than one process) a training runs data-parallel (core/training/distributed.py)."""
+    parallel = distributed.from_environment()
+    if parallel is not None and kind not in PARALLEL_KINDS:
+        raise SdtrainError(f"{COMMANDS[kind]} does not run under torchrun ({parallel.world} processes): only "
+                           f"{' and '.join(COMMANDS[k] for k in PARALLEL_KINDS)} do; run it as one process")
     cls = job_config_types()[kind]
     webui = WebuiFolder(args.webui) if getattr(args, "webui", None) else None
     if webui is not None:
@@ -295,13 +317,26 @@ def run_job(kind: str, data: dict[str, Any], args: argparse.Namespace, hosts: Ho
             raise ConfigError(e.field, f"{e.message}: the command line has no captioner (caption in a "
                               "webui, or put <image>.txt files beside the images and set "
                               "preprocess_txt_action)") from None
-    service = JobService(_host_for(kind, args, hosts, webui), job_runners())
+    if parallel is None:
+        return _run_service(kind, config, args, _host_for(kind, args, hosts, webui))
+    distributed.DataParallel(world=parallel.world).check_batch(config.batch_size)  # before any model work
+    dp = distributed.start(parallel)
+    try:
+        with distributed.launched(dp):
+            return _run_service(kind, config, args, _host_for(kind, args, hosts, webui, dp.device), dp)
+    finally:
+        distributed.stop()
+
+
+def _run_service(kind: str, config: Any, args: argparse.Namespace, host: Callable[[], Any],
+                 dp: distributed.DataParallel = distributed.SINGLE) -> int:
+    service = JobService(host, job_runners())
     stop_jobs_on_signals(service)  # kill/Ctrl-C: the run saves and keeps a resume point first
     try:
-        job = _run(service, kind, config, args.progress)
+        job = _run(service, kind, config, args.progress, rank=None if dp.is_writer else dp.rank)
     finally:
         service.shutdown()
-    if job.state == DONE and job.result is not None:
+    if job.state == DONE and job.result is not None and dp.is_writer:
         print(f"done: {job.result}")
     return 0 if job.state == DONE else 1
 
@@ -314,6 +349,8 @@ def main(argv: list[str] | None, hosts: HostFactories) -> int:
     )
     try:
         if args.command == "demo":
+            if distributed.from_environment() is not None:
+                raise SdtrainError("demo does not run under torchrun: run it as one process")
             return demo(args, hosts)
         if args.command == "run":
             kind, data = job_request(_read_json(args.job))  # what POST /sdtrain/v1/jobs checks

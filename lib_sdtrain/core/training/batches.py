@@ -11,6 +11,7 @@ from lib_sdtrain.core.data.buckets import resolve_step
 from lib_sdtrain.core.data.dataset import DatasetOptions, TrainDataset
 from lib_sdtrain.core.data.holdout import split_dataset
 from lib_sdtrain.core.port import ImageSize, NoiseSchedule, TrainingHost
+from lib_sdtrain.core.training.distributed import SINGLE, DataParallel
 from lib_sdtrain.core.training.loop import Batch, autocast_context, diffusion_loss
 
 
@@ -122,23 +123,31 @@ def validation_loss(
     data: TrainingData,
     seed: int,
     autocast_dtype: torch.dtype | None = None,
+    parallel: DataParallel | None = None,
 ) -> float:
     """Loss on fixed latents, prompts, timesteps and noise: a far steadier progress signal than the
     training loss, whose timestep and noise are drawn anew each step. Timesteps are spread evenly
     over the schedule so every noise level counts. It is always the plain MSE over the whole schedule
-    without noise offset, whatever the run's loss options, so curves compare across settings."""
+    without noise offset, whatever the run's loss options, so curves compare across settings.
+    `parallel`: each process computes every world-th image and the sum is shared, so every process
+    gets the same value (decisions on it agree)."""
+    dp = parallel or SINGLE
     info = host.describe()
     g = torch.Generator().manual_seed(seed + 7919)
     total, n = 0.0, 0
     repeats = 4
-    for latent, prompt, weight, size in data.validation_set:
+    for i, (latent, prompt, weight, size) in enumerate(data.validation_set):
         x0 = latent.unsqueeze(0).expand(repeats, *latent.shape).to(info.device)
         t = torch.linspace(0, schedule.num_timesteps - 1, repeats + 2)[1:-1].round().long()
         noise = torch.randn(x0.shape, generator=g)
+        if dp.active and i % dp.world != dp.rank:  # another process' image (its noise drawn all the same)
+            continue
         w = weight.unsqueeze(0).expand(repeats, *weight.shape) if weight is not None else None
         with autocast_context(info.device, autocast_dtype):
             cond = host.encode_text([prompt] * repeats, [size] * repeats)
             loss = diffusion_loss(host, schedule, x0, cond, weight=w, t=t, noise=noise)
         total += float(loss)
         n += 1
+    if dp.active:
+        total, n = dp.sum(total), len(data.validation_set)
     return total / max(1, n)

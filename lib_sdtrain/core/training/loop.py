@@ -22,6 +22,7 @@ import torch
 
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.port import ImageSize, NoiseSchedule, Session, TrainingHost
+from lib_sdtrain.core.training.distributed import SINGLE, DataParallel
 from lib_sdtrain.core.training.loss import (
     PLAIN,
     LossOptions,
@@ -139,10 +140,14 @@ def run_loop(
     nan_guard: bool = True,
     scaler_state: dict[str, Any] | None = None,
     loss_options: LossOptions | None = None,
+    parallel: DataParallel | None = None,
 ) -> LoopState:
     """Train until `state.total` steps, the schedule's end, or a stop request. A resumed run
     (`state.skip_micro`) first puts the data order back as its epoch began and passes over the
-    micro-batches already trained (building them again draws the same random numbers)."""
+    micro-batches already trained (building them again draws the same random numbers).
+    `parallel` (core.training.distributed): this process trains its share of each batch, and the
+    gradients and the loss are averaged over the processes before each optimizer step."""
+    dp = parallel or SINGLE
     info = host.describe()
     scaler = torch.amp.GradScaler(info.device.type) if autocast_dtype == torch.float16 else None
     if scaler is not None and scaler_state:
@@ -175,12 +180,15 @@ def run_loop(
 
             # forward: the conditioning goes through the host's text encoder so the live
             # vectors are spliced in and receive gradients
+            drawn: dict[str, torch.Tensor] = {}
+            if dp.active:  # the whole batch's draws, as one process makes them; then this process' rows
+                drawn["t"], drawn["noise"], batch = _share(batch, dp, schedule, loss_options or PLAIN, generator)
             with autocast_context(info.device, autocast_dtype):
                 cond = hooks.encode(batch.prompts, batch.sizes)
                 loss = (
                     diffusion_loss(
                         host, schedule, batch.latents, cond, weight=batch.weight, generator=generator,
-                        options=loss_options,
+                        options=loss_options, **drawn,
                     )
                     / gradient_step
                 )
@@ -192,6 +200,9 @@ def run_loop(
                 continue
 
             # optimizer step
+            if dp.active:
+                dp.average_gradients(params)
+                accumulated = dp.mean(accumulated)  # the same value everywhere: the guard agrees
             if nan_guard and not math.isfinite(accumulated):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(state.step + 1, accumulated)
@@ -213,6 +224,17 @@ def run_loop(
             if state.step >= state.total:
                 return state
     return state
+
+
+def _share(batch: Batch, dp: DataParallel, schedule: NoiseSchedule, options: LossOptions,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Batch]:
+    """Timesteps then noise for the whole batch (the draws `diffusion_loss` makes for it in one
+    process), and this process' rows of them and of the batch."""
+    t = sample_timesteps(len(batch.prompts), schedule, options, generator)
+    noise = sample_noise(batch.latents.shape, options, generator)
+    mine = Batch(latents=dp.shard(batch.latents), prompts=dp.shard(batch.prompts),
+                 weight=dp.shard(batch.weight), sizes=dp.shard(batch.sizes))
+    return dp.shard(t), dp.shard(noise), mine
 
 
 class NonFiniteLoss(SdtrainError):

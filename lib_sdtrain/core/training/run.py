@@ -33,6 +33,7 @@ from lib_sdtrain.core.formats.fsutil import atomic_write, remove_stale_temporari
 from lib_sdtrain.core.jobs.service import JobControl
 from lib_sdtrain.core.options.lr_schedule import Schedule
 from lib_sdtrain.core.port import ImageSize, ModelInfo, PreviewRequest, SessionOptions, TrainingHost
+from lib_sdtrain.core.training import distributed
 from lib_sdtrain.core.training.batches import TrainingData, prepare_training_data, validation_loss
 from lib_sdtrain.core.training.best import (
     best_in,
@@ -320,10 +321,11 @@ def set_data_order_state(data: TrainingData, state: tuple[Any, torch.Tensor, lis
         live[:] = saved
 
 
-def _resume_point(cfg: Any, kind: TrainingKind) -> tuple[ResumePoint | None, str]:
+def _resume_point(cfg: Any, kind: TrainingKind, writer: bool = True) -> tuple[ResumePoint | None, str]:
     """The resume point this run continues from, if any, and a line for the log."""
     if not getattr(cfg, "resume_interrupted", False):
-        remove_resume_point(kind.out_file)
+        if writer:
+            remove_resume_point(kind.out_file)
         return None, ""
     try:
         point = load_resume_point(kind.out_file)
@@ -366,9 +368,12 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
     the loss stops being finite; returns normally when stopped."""
     run = TrainingRun(host, cfg, control, kind)
     noun = kind.noun
-    for stale in remove_stale_temporaries(kind.out_file):
+    dp = distributed.current()  # data-parallel processes (torchrun): only rank 0 writes files
+    if not dp.is_writer:
+        run.log_dir = None  # no settings file, CSV, intermediate saves, previews, loss curve, TensorBoard
+    for stale in remove_stale_temporaries(kind.out_file) if dp.is_writer else ():
         run.emit("log", text=f"removed {stale}, left by a save that was cut short")
-    point, why = _resume_point(cfg, kind)
+    point, why = _resume_point(cfg, kind, dp.is_writer)
     if why:
         run.emit("log", text=why)
     if point is None and kind.initial_step >= cfg.steps:
@@ -380,7 +385,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 f"{run.name} is already trained to step {kind.initial_step} (max steps {cfg.steps}); nothing to do"
             ),
         )
-    seed = point.seed if point else cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
+    seed = dp.same_int(point.seed if point else cfg.seed if cfg.seed >= 0 else random.randrange(2**31))
     run_start = point.run_start_step if point else kind.initial_step  # the rate language counts from here
     # images are read and checked before the model is touched
     data = prepare_training_data(
@@ -391,6 +396,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         require_name=kind.require_name_in_template,
         family=run.info.family,
     )
+    dp.check_batch(data.dataset.batch_size)
     lr_sched = cfg.lr_schedule(run_start, data.gradient_step)
     group_lrs = kind.group_rates(lr_sched, run_start, data.gradient_step)
     clip_sched = cfg.clip_schedule(run_start, data.gradient_step)
@@ -447,10 +453,13 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 run.emit("log", text=resumed)
             if ema is not None:
                 ema.begin(params, state.step)
+        dp.decorrelate_rng()  # dropout: each process its own draws
         fp = fingerprint(cfg)
         last_point = [time.monotonic()]
 
         def keep_resume_point(st: LoopState) -> None:
+            if not dp.is_writer:
+                return
             save_resume_point(kind.out_file, ResumePoint(
                 step=st.step, run_start_step=run_start, seed=seed, fingerprint=fp, params=params,
                 optimizer=optimizer.state_dict(), scaler=st.scaler.state_dict() if st.scaler else None,
@@ -482,7 +491,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
 
         def validate(step: int) -> None:
             with kind.evaluating(), ema_in(cfg.ema_for_previews):
-                loss = validation_loss(host, schedule, data, seed, autocast_dtype)
+                loss = validation_loss(host, schedule, data, seed, autocast_dtype, parallel=dp)
                 if tracker is not None:
                     tracker.observe(step, loss, params, optimizer)  # the tensors evaluated
             val_history.append((step, loss))
@@ -516,7 +525,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 saved = True
             if cfg.validation_every and st.step % cfg.validation_every == 0:
                 validate(st.step)
-            if cfg.create_image_every and st.step % cfg.create_image_every == 0:
+            if cfg.create_image_every and st.step % cfg.create_image_every == 0 and dp.is_writer:
                 with ema_in(cfg.ema_for_previews):
                     run.preview(st)
             # last: the random states after everything this step drew (previews draw too)
@@ -535,7 +544,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         def should_stop() -> bool:
             if session.interrupted() and control is not None:
                 control.stop()  # the host's Interrupt button ends the job as Stop does
-            return session.interrupted() or (control is not None and control.stop_requested)
+            return dp.any(session.interrupted() or (control is not None and control.stop_requested))
 
         hooks = LoopHooks(
             batches=lambda: data.batches(device),
@@ -568,6 +577,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                         nan_guard=cfg.nan_guard,
                         scaler_state=point.scaler if point else None,
                         loss_options=loss_options,
+                        parallel=dp,
                     )
                 except NonFiniteLoss as e:
                     error = e  # the trained values are still the last finite ones: save them, then fail
@@ -580,14 +590,17 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             # the final file, also after Stop/Interrupt (the host saves after its try, likewise)
             if cfg.ema_for_output and ema is not None and not ema.started:
                 run.say(f"the EMA starts at step {cfg.ema_start_step}: the {noun} saved holds the trained tensors")
-            with ema_in(cfg.ema_for_output), best_in(params, optimizer, tracker) as best_step:
-                saved_step = state.step if best_step is None else best_step
-                run.save(optimizer, saved_step, kind.out_file, run.name, noun)
+            saved_step = state.step
+            if tracker is not None and tracker.tensors is not None and tracker.best_step is not None:
+                saved_step = tracker.best_step  # what best_in puts in the file (other ranks write nothing)
+            if dp.is_writer:
+                with ema_in(cfg.ema_for_output), best_in(params, optimizer, tracker):
+                    run.save(optimizer, saved_step, kind.out_file, run.name, noun)
             for line in kind.summary(state.step):
                 run.say(line)
             if state.stopped and error is None:
                 keep_resume_point(state)  # the same job again goes on exactly from here
-            elif error is None:
+            elif error is None and dp.is_writer:
                 remove_resume_point(kind.out_file)  # finished: the file is the result
         finally:
             kind.finish()
