@@ -214,3 +214,35 @@ def test_one_process_is_left_alone(monkeypatch):
     assert DataParallel(world=4, rank=2).shard(rows).tolist() == [4, 5]
     assert DataParallel(world=4, rank=3).shard(list("abcdefgh")) == ["g", "h"]
     SINGLE.check_batch(3)
+
+
+def test_two_processes_stop_early_at_the_same_evaluation_and_save_the_same_best_step(model_files, data, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Early stopping and the best-step pick decide on the validation loss, which every rank must see the
+    same (else one rank stops and the other waits forever): two processes stop where one process stops,
+    keep the same best step, and write that step's tensors. A held-out split makes the validation images."""
+    ckpt, _ = model_files
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    monkeypatch.chdir(one)
+    assert main(["create-embedding", "--ckpt", ckpt, "--name", "e", "--num-vectors-per-token", "2",
+                 "--init-text", "shape", "--embeddings-dir", "emb"], REAL) == 0
+    shutil.copytree(one, two)
+    config = {"embedding_name": "e", "embeddings_dir": "emb", "data_root": data, "learn_rate": 0.5,
+              **TRAIN, "steps": 40, "validation_every": 1, "create_image_every": 0, "save_embedding_every": 0,
+              "validation_split": 0.25, "early_stop_patience": 2, "final_file": "best"}
+    monkeypatch.setenv(PROGRESS_ENV, "lines")
+    capsys.readouterr()
+    assert main(["train-embedding", "--ckpt", ckpt, *flags(config)], REAL) == 0
+    printed = capsys.readouterr().out
+    proc, ranks = two_processes(["train-embedding", "--ckpt", ckpt, *flags(config)], two)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    want, got = validation(printed), validation(ranks[0])
+    assert len(want) < 1 + config["steps"]  # it did stop early
+    assert [s for s, _ in got] == [s for s, _ in want]  # the same evaluations: stopped at the same one
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-5)
+    a, b = load_embedding(one / "emb" / "e.pt"), load_embedding(two / "emb" / "e.pt")
+    best = min(want, key=lambda sv: sv[1])[0]
+    assert best > 0 and a.step == b.step == best  # a trained step, not the start
+    assert torch.allclose(a.vectors["*"], b.vectors["*"], rtol=0, atol=ATOL)
+    assert ranks[1].strip() == ""
