@@ -251,3 +251,32 @@ def test_resume_route_submits_an_interrupted_job_again(tmp_path):
     assert new.wait(10) and new.config.name == "again" and new.state == "done"
     assert client.post("/sdtrain/v1/jobs/nope/resume").status_code == 404
     service.shutdown()
+
+
+def test_every_training_option_is_in_the_schemas_and_the_cli_help_with_its_default(env, capsys):
+    """Each training field (the host's and sdtrain's own options alike) is in sdtrain's schema and the host
+    route's OpenAPI body with the config's default (the one that trains as the host does), and is a CLI flag.
+    The webui's own folders are set by the webui (their defaults are its paths)."""
+    import dataclasses
+    import json
+
+    from lib_sdtrain.cli import build_parser
+    from lib_sdtrain.core.options.config import TrainEmbeddingConfig, TrainHypernetworkConfig
+
+    client, *_ = env
+    ours = client.get("/sdtrain/v1/schema").json()
+    spec = client.get("/openapi.json").json()
+    for cls, route in ((TrainEmbeddingConfig, "embedding"), (TrainHypernetworkConfig, "hypernetwork")):
+        host_body = spec["paths"][f"/sdapi/v1/train/{route}"]["post"]["requestBody"]["content"]["application/json"]
+        host_props = host_body["schema"]["properties"]
+        props = ours[cls.kind]["properties"]
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([cls.kind.replace("_", "-"), "--help"])
+        help_text = capsys.readouterr().out
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name.replace('_', '-')}" in help_text, f.name
+            if f.name in cls.HOST_FOLDERS:  # the webui sets them (and a confined API refuses them)
+                continue
+            default = json.loads(json.dumps(f.default))  # tuples become lists, as in JSON
+            assert props[f.name].get("default") == default, f.name
+            assert host_props[f.name].get("default") == default, f.name
