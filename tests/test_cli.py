@@ -53,12 +53,16 @@ def data(tmp_path):
     return str(write_sample_dataset(tmp_path / "data", count=4, size=64, seed=1))
 
 
+devices: list = []  # the device each checkpoint load was asked for
+
+
 def in_process(tiny_sd1, calls=None):
     """Hosts over the session's tiny model; `calls` records what the checkpoint factory was asked."""
-    def checkpoint(ckpt, yaml, clip_dir, webui):
+    def checkpoint(ckpt, yaml, clip_dir, webui, device=None):
         if calls is None:
             pytest.fail("this command must not load a model")
         calls.append((ckpt, yaml, clip_dir, webui))
+        devices.append(device)
         return StandaloneHost(tiny_sd1)
 
     return HostFactories(checkpoint=checkpoint, tiny=_tiny)
@@ -226,6 +230,33 @@ def test_run_refuses_missing_files_and_models(tiny_sd1, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["create-embedding", "--ckpt", "x", "--config", str(job)], hosts) == 2  # a job body is no config
     assert "error: kind: unknown field" in capsys.readouterr().err
+
+
+def test_device_flag_picks_where_the_model_loads_and_refuses_what_torch_cannot_use(tiny_sd1, model_files, tmp_path,
+                                                                                  capsys, monkeypatch):
+    """--device: the model is loaded there; without it, cuda when torch sees one, else the CPU; a device
+    that does not exist here is exit 2 naming the flag, before any model is loaded."""
+    import torch
+
+    ckpt, _ = model_files
+    calls: list = []
+    hosts = in_process(tiny_sd1, calls)
+    monkeypatch.chdir(tmp_path)
+    create = ["create-embedding", "--ckpt", str(ckpt), "--embeddings-dir", "emb", "--overwrite-old"]
+    devices.clear()
+    assert main([*create, "--name", "a"], hosts) == 0
+    assert main([*create, "--name", "b", "--device", "cpu"], hosts) == 0
+    assert devices == [torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.device("cpu")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for bad, says in (("cuda", "this torch sees no CUDA device"), ("cuda:0", "this torch sees no CUDA device"),
+                      ("gpu7", "not a device torch knows")):
+        assert main([*create, "--name", "c", "--device", bad], hosts) == 2
+        assert f"--device {bad}: {says}" in capsys.readouterr().err
+    assert len(calls) == 2  # the refused ones loaded nothing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main([*create, "--name", "c", "--device", "cuda:1"], hosts) == 2
+    assert "there are 1 CUDA devices" in capsys.readouterr().err
 
 
 class FakeTTY(io.StringIO):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lib_sdtrain.cli.progress import MODES, PROGRESS_ENV, printer_for
 from lib_sdtrain.cli.webui_folder import WebuiFolder, resolve_checkpoint, yaml_beside
 from lib_sdtrain.core.errors import ConfigError, SdtrainError
@@ -44,8 +46,8 @@ log = logging.getLogger("lib_sdtrain.cli")
 @dataclass
 class HostFactories:
     #: (checkpoint, yaml or None, clip dir or None, webui folder or None) → host over a real
-    #: SD1/SD2/SDXL checkpoint (SDXL's model code and default yaml come from the webui folder); under
-    #: torchrun also `device=` (cuda:LOCAL_RANK, or the CPU)
+    #: SD1/SD2/SDXL checkpoint (SDXL's model code and default yaml come from the webui folder), on
+    #: `device=` (--device, else cuda when available; under torchrun cuda:LOCAL_RANK, or the CPU)
     checkpoint: Callable[[str, str | None, str | None, str | None], TrainingHost]
     #: work dir → host over a tiny randomly initialised SD1-architecture model (no download)
     tiny: Callable[[str], TrainingHost]
@@ -123,6 +125,8 @@ def _add_model_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--yaml", help="model config, like the webui's configs/v1-inference.yaml (default: the "
                    ".yaml beside the checkpoint, else with --webui the webui's config for its family)")
     p.add_argument("--webui", help=WEBUI_HELP)
+    p.add_argument("--device", help="where the model runs: cpu, cuda, cuda:1, mps (default: cuda when available, "
+                   "else cpu; under torchrun each process takes cuda:LOCAL_RANK, or the CPU)")
     p.add_argument("--clip-dir", help="local folder with the CLIP tokenizer and text-model config (no download)")
 
 
@@ -297,6 +301,23 @@ def _host_for(kind: str, args: argparse.Namespace, hosts: HostFactories,
     return lambda: host
 
 
+def single_device(name: str | None) -> torch.device:
+    """The device a one-process run loads the model on: `name` (--device), else cuda when available."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SdtrainError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SdtrainError(f"--device {name}: this torch sees no CUDA device (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SdtrainError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise SdtrainError(f"--device {name}: MPS is not available here")
+    return device
+
+
 def run_job(kind: str, data: dict[str, Any], args: argparse.Namespace, hosts: HostFactories) -> int:
     """Validate the job (the webui folder's places under it), then load what it needs and run it:
     0 done, 1 failed or stopped; a bad field raises ConfigError before any model is loaded.
@@ -318,7 +339,11 @@ def run_job(kind: str, data: dict[str, Any], args: argparse.Namespace, hosts: Ho
                               "webui, or put <image>.txt files beside the images and set "
                               "preprocess_txt_action)") from None
     if parallel is None:
-        return _run_service(kind, config, args, _host_for(kind, args, hosts, webui))
+        device = None if kind in MODEL_FREE_KINDS else single_device(getattr(args, "device", None))
+        return _run_service(kind, config, args, _host_for(kind, args, hosts, webui, device))
+    if getattr(args, "device", None):
+        raise SdtrainError(f"--device {args.device}: under torchrun each process takes cuda:LOCAL_RANK (or the "
+                           "CPU); leave --device out")
     distributed.DataParallel(world=parallel.world).check_batch(config.batch_size)  # before any model work
     dp = distributed.start(parallel)
     try:
