@@ -137,6 +137,58 @@ def test_sdxl_encoder_rate_and_norm_limit_in_the_webui(sdxl_webui, sdxl_assets):
     assert top == pytest.approx(1.5 * typical["clip_l"], rel=1e-5)
 
 
+def test_sdxl_buckets_and_a_held_out_split_match_the_standalone_host(sdxl_webui, sdxl_assets):
+    """Pictures of three shapes in aspect-ratio buckets (32 px steps for SDXL), one picture held out for the
+    validation loss: the webui adapter gets each bucket's size conditioning, and the job's training and
+    validation losses equal the standalone host's, which builds the conditioning as sgm's conditioner does."""
+    from lib_sdtrain.core.formats.embedding import Embedding
+    from lib_sdtrain.core.formats.embedding_io import save_embedding_safetensors
+    from lib_sdtrain.core.jobs.service import Job
+    from lib_sdtrain.core.options.config import TrainEmbeddingConfig
+    from lib_sdtrain.core.tasks.textual_inversion import train_embedding
+    from lib_sdtrain.hosts.standalone.host import StandaloneHost
+
+    s = sdxl_webui
+    _, out = s.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {
+        "name": "xlbucket", "num_vectors_per_token": 2, "init_text": "shape", "save_format": "safetensors"}})
+    assert s.wait_job(out["id"])["state"] == "done"
+    initial = load_embedding(s.embeddings / "xlbucket.safetensors").vectors
+    mixed = s.dir / "mixed_data"
+    mixed.mkdir()
+    shapes = iter([(112, 64), (64, 112), (112, 64), (64, 64)])
+    for src in sorted(sdxl_assets["data"].iterdir()):
+        if src.suffix == ".png":
+            Image.open(src).resize(next(shapes)).save(mixed / src.name)
+        else:
+            (mixed / src.name).write_bytes(src.read_bytes())
+    fields = train_fields("xlbucket", mixed, s.dir / "bucket_log", save_format="safetensors", training_width=96,
+                          training_height=96, bucketing=True, bucket_upscale=True, validation_split=0.25,
+                          validation_every=5, create_image_every=0, save_embedding_every=0)
+    status, out = s.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": fields})
+    assert status == 202, out
+    job = s.wait_job(out["id"])
+    assert job["state"] == "done" and job["step"] == 10, job
+    losses = [h[1] for h in job["loss_history"]]
+    assert all(math.isfinite(v) for v in losses)
+
+    work = s.dir / "bucket_reference"
+    (work / "emb").mkdir(parents=True)
+    save_embedding_safetensors(Embedding(name="xlbucket", vectors=initial, step=0),
+                               work / "emb" / "xlbucket.safetensors")
+    ckpt = sdxl_assets["ckpt"]
+    host = StandaloneHost.load_checkpoint(ckpt, ckpt.with_suffix(".yaml"))
+    cfg = TrainEmbeddingConfig.from_dict({**job["config"], "embeddings_dir": str(work / "emb"),
+                                          "log_directory": str(work / "log")})
+    ref = Job(id="reference", kind="train_embedding", config=cfg)
+    train_embedding(host, cfg, ref.control)
+    assert losses == pytest.approx([loss for _step, loss, _lr in ref.loss], rel=1e-4)
+    notes = [e.data.get("text", "") for e in ref.events if e.kind == "log"]
+    buckets = next(n for n in notes if n.startswith("aspect-ratio buckets"))
+    assert "3 images in 3 buckets" in buckets or "3 images in 2 buckets" in buckets, buckets  # one held out
+    assert [v[0] for v in job["validation_history"]] == [0, 5, 10]
+    assert [v[1] for v in job["validation_history"]] == pytest.approx([v[1] for v in ref.validation], rel=1e-4)
+
+
 @pytest.mark.needs("hypernetwork_prompt")
 def test_sdxl_hypernetwork_created_trained_and_applied_in_a_prompt(sdxl_webui, sdxl_assets):
     s = sdxl_webui
