@@ -171,8 +171,9 @@ def test_train_from_the_tab_in_a_browser(page, webui, webui_assets):
     tab_button(pg, "body", "Jobs (sdtrain)").click()
     pg.locator("#sdtrain_jobs_refresh").first.click()
     table = pg.locator("#sdtrain_jobs_table").first
-    pg.wait_for_function("() => /browserti/.test(document.querySelector('#sdtrain_jobs_table').innerText)")
-    assert "stopped" in table.inner_text()
+    # the training's row, stopped (wait for it: the table may still show its last refresh, from before the stop)
+    pg.wait_for_function("() => /train embedding\\s+browserti\\s+stopped/.test("
+                         "document.querySelector('#sdtrain_jobs_table').innerText)")
     # a click on its row picks it; Open shows its chart and files
     table.get_by_text("stopped", exact=True).last.click()  # the training's row (gradio 4 keeps a hidden copy first)
     pick = pg.locator("#sdtrain_jobs_pick input").first
