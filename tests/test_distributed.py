@@ -106,6 +106,17 @@ def check_same_outputs(one: Path, two: Path, ranks: dict[int, str], log: str, pr
     assert ranks[1].strip() == ""  # rank 1 trains and prints nothing
 
 
+def two_folders_with_an_embedding(ckpt: str, tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """`one` (the working directory now) and `two`, each with the same 2-vector embedding emb/e.pt."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    monkeypatch.chdir(one)
+    assert main(["create-embedding", "--ckpt", ckpt, "--name", "e", "--num-vectors-per-token", "2",
+                 "--init-text", "shape", "--embeddings-dir", "emb"], REAL) == 0
+    shutil.copytree(one, two)
+    return one, two
+
+
 def most(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
@@ -116,12 +127,7 @@ def test_two_processes_train_an_embedding_as_one_with_the_combined_batch(model_f
     """AdamW, the default (its step does not see the gradient's scale: the hypernetwork's SGD run shows
     that the average is a mean), with and without gradient accumulation."""
     ckpt, _ = model_files
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    monkeypatch.chdir(one)
-    assert main(["create-embedding", "--ckpt", ckpt, "--name", "e", "--num-vectors-per-token", "2",
-                 "--init-text", "shape", "--embeddings-dir", "emb"], REAL) == 0
-    shutil.copytree(one, two)
+    one, two = two_folders_with_an_embedding(ckpt, tmp_path, monkeypatch)
     start = load_embedding(one / "emb" / "e.pt").vectors["*"]
     config = {"embedding_name": "e", "embeddings_dir": "emb", "data_root": data, "learn_rate": 0.01,
               "save_embedding_every": 2, "gradient_step": gradient_step, **TRAIN}
@@ -222,12 +228,7 @@ def test_two_processes_stop_early_at_the_same_evaluation_and_save_the_same_best_
     same (else one rank stops and the other waits forever): two processes stop where one process stops,
     keep the same best step, and write that step's tensors. A held-out split makes the validation images."""
     ckpt, _ = model_files
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    monkeypatch.chdir(one)
-    assert main(["create-embedding", "--ckpt", ckpt, "--name", "e", "--num-vectors-per-token", "2",
-                 "--init-text", "shape", "--embeddings-dir", "emb"], REAL) == 0
-    shutil.copytree(one, two)
+    one, two = two_folders_with_an_embedding(ckpt, tmp_path, monkeypatch)
     config = {"embedding_name": "e", "embeddings_dir": "emb", "data_root": data, "learn_rate": 0.5,
               **TRAIN, "steps": 40, "validation_every": 1, "create_image_every": 0, "save_embedding_every": 0,
               "validation_split": 0.25, "early_stop_patience": 2, "final_file": "best"}

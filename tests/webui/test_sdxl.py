@@ -64,10 +64,39 @@ def test_sdxl_embedding_created_trained_listed_and_used_through_the_host_routes(
     assert list(after.getdata()) == list(before.getdata())
 
 
-def test_sdxl_job_matches_the_standalone_conditioning(sdxl_webui, sdxl_assets):
-    """A .safetensors SDXL embedding through the job routes; the same run on the standalone host (the
-    same checkpoint and yaml, conditioning built as sgm's conditioner builds it) gives the same losses:
-    the adapter fed the pooled CLIP-G output, the per-image size conditioning and the eps target."""
+def created_safetensors(s, name: str) -> dict:
+    """A 2-vector SDXL embedding created through the job route as .safetensors: its vectors."""
+    _, out = s.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {
+        "name": name, "num_vectors_per_token": 2, "init_text": "shape", "save_format": "safetensors"}})
+    assert s.wait_job(out["id"])["state"] == "done"
+    return load_embedding(s.embeddings / f"{name}.safetensors").vectors
+
+
+def reshaped_data(s, sdxl_assets, folder: str, sizes) -> object:
+    """The sample pictures resized one by one to `sizes` (cycled), with their captions."""
+    out = s.dir / folder
+    out.mkdir()
+    pictures = sorted(p for p in sdxl_assets["data"].iterdir() if p.suffix == ".png")
+    for i, src in enumerate(pictures):
+        Image.open(src).resize(sizes[i % len(sizes)]).save(out / src.name)
+    for src in sdxl_assets["data"].iterdir():
+        if src.suffix != ".png":
+            (out / src.name).write_bytes(src.read_bytes())
+    return out
+
+
+def trained_job(s, fields: dict) -> dict:
+    status, out = s.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": fields})
+    assert status == 202, out
+    job = s.wait_job(out["id"])
+    assert job["state"] == "done" and job["step"] == fields["steps"], job
+    assert all(math.isfinite(h[1]) for h in job["loss_history"])
+    return job
+
+
+def standalone_reference(s, sdxl_assets, job: dict, initial: dict, folder: str):
+    """The webui job's run again on the standalone host (the same checkpoint and yaml, conditioning built
+    as sgm's conditioner builds it), from the same initial vectors: its Job record."""
     from lib_sdtrain.core.formats.embedding import Embedding
     from lib_sdtrain.core.formats.embedding_io import save_embedding_safetensors
     from lib_sdtrain.core.jobs.service import Job
@@ -75,38 +104,30 @@ def test_sdxl_job_matches_the_standalone_conditioning(sdxl_webui, sdxl_assets):
     from lib_sdtrain.core.tasks.textual_inversion import train_embedding
     from lib_sdtrain.hosts.standalone.host import StandaloneHost
 
-    s = sdxl_webui
-    _, out = s.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {
-        "name": "xljob", "num_vectors_per_token": 2, "init_text": "shape", "save_format": "safetensors"}})
-    assert s.wait_job(out["id"])["state"] == "done"
-    initial = load_embedding(s.embeddings / "xljob.safetensors").vectors
-    # wide pictures, randomly cropped and flipped: every item has its own crop offset to condition on
-    wide = s.dir / "wide_data"
-    wide.mkdir()
-    for src in sorted(sdxl_assets["data"].iterdir()):
-        if src.suffix == ".png":
-            Image.open(src).resize((112, 64)).save(wide / src.name)
-        else:
-            (wide / src.name).write_bytes(src.read_bytes())
-    fields = train_fields("xljob", wide, s.dir / "job_log", save_format="safetensors", crop="random",
-                          flip_p=0.5, create_image_every=0, save_embedding_every=0)
-    status, out = s.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": fields})
-    assert status == 202, out
-    job = s.wait_job(out["id"])
-    assert job["state"] == "done" and job["step"] == 10, job
-    losses = [h[1] for h in job["loss_history"]]
-    assert all(math.isfinite(v) for v in losses)
-
-    work = s.dir / "reference"
+    name = job["config"]["embedding_name"]
+    work = s.dir / folder
     (work / "emb").mkdir(parents=True)
-    save_embedding_safetensors(Embedding(name="xljob", vectors=initial, step=0), work / "emb" / "xljob.safetensors")
+    save_embedding_safetensors(Embedding(name=name, vectors=initial, step=0), work / "emb" / f"{name}.safetensors")
     ckpt = sdxl_assets["ckpt"]
     host = StandaloneHost.load_checkpoint(ckpt, ckpt.with_suffix(".yaml"))
     cfg = TrainEmbeddingConfig.from_dict({**job["config"], "embeddings_dir": str(work / "emb"),
                                           "log_directory": str(work / "log")})
     ref = Job(id="reference", kind="train_embedding", config=cfg)
     train_embedding(host, cfg, ref.control)
-    assert losses == pytest.approx([loss for _step, loss, _lr in ref.loss], rel=1e-4)
+    return ref
+
+
+def test_sdxl_job_matches_the_standalone_conditioning(sdxl_webui, sdxl_assets):
+    """A .safetensors SDXL embedding through the job routes; the same run on the standalone host gives the
+    same losses: the adapter fed the pooled CLIP-G output, the per-image size conditioning and the eps target."""
+    s = sdxl_webui
+    initial = created_safetensors(s, "xljob")
+    # wide pictures, randomly cropped and flipped: every item has its own crop offset to condition on
+    wide = reshaped_data(s, sdxl_assets, "wide_data", [(112, 64)])
+    job = trained_job(s, train_fields("xljob", wide, s.dir / "job_log", save_format="safetensors", crop="random",
+                                      flip_p=0.5, create_image_every=0, save_embedding_every=0))
+    ref = standalone_reference(s, sdxl_assets, job, initial, "reference")
+    assert [h[1] for h in job["loss_history"]] == pytest.approx([loss for _step, loss, _lr in ref.loss], rel=1e-4)
 
 
 def test_sdxl_encoder_rate_and_norm_limit_in_the_webui(sdxl_webui, sdxl_assets):
@@ -117,17 +138,10 @@ def test_sdxl_encoder_rate_and_norm_limit_in_the_webui(sdxl_webui, sdxl_assets):
     from lib_sdtrain.hosts.standalone.host import StandaloneHost
 
     s = sdxl_webui
-    _, out = s.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {
-        "name": "xlnorm", "num_vectors_per_token": 2, "init_text": "shape", "save_format": "safetensors"}})
-    assert s.wait_job(out["id"])["state"] == "done"
-    initial = load_embedding(s.embeddings / "xlnorm.safetensors").vectors
-    fields = train_fields("xlnorm", sdxl_assets["data"], s.dir / "norm_log", save_format="safetensors", steps=4,
-                          create_image_every=0, save_embedding_every=0, learn_rate="3", learn_rate_clip_g="0",
-                          norm_limit=1.5)
-    status, out = s.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": fields})
-    assert status == 202, out
-    job = s.wait_job(out["id"])
-    assert job["state"] == "done" and job["step"] == 4, job
+    initial = created_safetensors(s, "xlnorm")
+    trained_job(s, train_fields("xlnorm", sdxl_assets["data"], s.dir / "norm_log", save_format="safetensors",
+                                steps=4, create_image_every=0, save_embedding_every=0, learn_rate="3",
+                                learn_rate_clip_g="0", norm_limit=1.5))
     trained = load_embedding(s.embeddings / "xlnorm.safetensors").vectors
     assert torch.equal(trained["clip_g"], initial["clip_g"])
     assert not torch.equal(trained["clip_l"], initial["clip_l"])
@@ -140,48 +154,16 @@ def test_sdxl_encoder_rate_and_norm_limit_in_the_webui(sdxl_webui, sdxl_assets):
 def test_sdxl_buckets_and_a_held_out_split_match_the_standalone_host(sdxl_webui, sdxl_assets):
     """Pictures of three shapes in aspect-ratio buckets (32 px steps for SDXL), one picture held out for the
     validation loss: the webui adapter gets each bucket's size conditioning, and the job's training and
-    validation losses equal the standalone host's, which builds the conditioning as sgm's conditioner does."""
-    from lib_sdtrain.core.formats.embedding import Embedding
-    from lib_sdtrain.core.formats.embedding_io import save_embedding_safetensors
-    from lib_sdtrain.core.jobs.service import Job
-    from lib_sdtrain.core.options.config import TrainEmbeddingConfig
-    from lib_sdtrain.core.tasks.textual_inversion import train_embedding
-    from lib_sdtrain.hosts.standalone.host import StandaloneHost
-
+    validation losses equal the standalone host's."""
     s = sdxl_webui
-    _, out = s.post("/sdtrain/v1/jobs", {"kind": "create_embedding", "config": {
-        "name": "xlbucket", "num_vectors_per_token": 2, "init_text": "shape", "save_format": "safetensors"}})
-    assert s.wait_job(out["id"])["state"] == "done"
-    initial = load_embedding(s.embeddings / "xlbucket.safetensors").vectors
-    mixed = s.dir / "mixed_data"
-    mixed.mkdir()
-    shapes = iter([(112, 64), (64, 112), (112, 64), (64, 64)])
-    for src in sorted(sdxl_assets["data"].iterdir()):
-        if src.suffix == ".png":
-            Image.open(src).resize(next(shapes)).save(mixed / src.name)
-        else:
-            (mixed / src.name).write_bytes(src.read_bytes())
-    fields = train_fields("xlbucket", mixed, s.dir / "bucket_log", save_format="safetensors", training_width=96,
-                          training_height=96, bucketing=True, bucket_upscale=True, validation_split=0.25,
-                          validation_every=5, create_image_every=0, save_embedding_every=0)
-    status, out = s.post("/sdtrain/v1/jobs", {"kind": "train_embedding", "config": fields})
-    assert status == 202, out
-    job = s.wait_job(out["id"])
-    assert job["state"] == "done" and job["step"] == 10, job
-    losses = [h[1] for h in job["loss_history"]]
-    assert all(math.isfinite(v) for v in losses)
-
-    work = s.dir / "bucket_reference"
-    (work / "emb").mkdir(parents=True)
-    save_embedding_safetensors(Embedding(name="xlbucket", vectors=initial, step=0),
-                               work / "emb" / "xlbucket.safetensors")
-    ckpt = sdxl_assets["ckpt"]
-    host = StandaloneHost.load_checkpoint(ckpt, ckpt.with_suffix(".yaml"))
-    cfg = TrainEmbeddingConfig.from_dict({**job["config"], "embeddings_dir": str(work / "emb"),
-                                          "log_directory": str(work / "log")})
-    ref = Job(id="reference", kind="train_embedding", config=cfg)
-    train_embedding(host, cfg, ref.control)
-    assert losses == pytest.approx([loss for _step, loss, _lr in ref.loss], rel=1e-4)
+    initial = created_safetensors(s, "xlbucket")
+    mixed = reshaped_data(s, sdxl_assets, "mixed_data", [(112, 64), (64, 112), (112, 64), (64, 64)])
+    job = trained_job(s, train_fields("xlbucket", mixed, s.dir / "bucket_log", save_format="safetensors",
+                                      training_width=96, training_height=96, bucketing=True, bucket_upscale=True,
+                                      validation_split=0.25, validation_every=5, create_image_every=0,
+                                      save_embedding_every=0))
+    ref = standalone_reference(s, sdxl_assets, job, initial, "bucket_reference")
+    assert [h[1] for h in job["loss_history"]] == pytest.approx([loss for _step, loss, _lr in ref.loss], rel=1e-4)
     notes = [e.data.get("text", "") for e in ref.events if e.kind == "log"]
     buckets = next(n for n in notes if n.startswith("aspect-ratio buckets"))
     assert "3 images in 3 buckets" in buckets or "3 images in 2 buckets" in buckets, buckets  # one held out
