@@ -20,5 +20,11 @@ def _tiny(workdir: str):
     return StandaloneHost(build_tiny_sd1(workdir))
 
 
+def _demo(args):
+    from lib_sdtrain.toyworld.demo import run
+
+    return run(args)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], HostFactories(checkpoint=_checkpoint, tiny=_tiny)))
+    sys.exit(main(sys.argv[1:], HostFactories(checkpoint=_checkpoint, tiny=_tiny, demo=_demo)))

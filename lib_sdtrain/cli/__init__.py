@@ -51,6 +51,8 @@ class HostFactories:
     checkpoint: Callable[[str, str | None, str | None, str | None], TrainingHost]
     #: work dir → host over a tiny randomly initialised SD1-architecture model (no download)
     tiny: Callable[[str], TrainingHost]
+    #: the demo over a trained toy world (args → exit status); None: the tiny random model's demo
+    demo: Callable[[argparse.Namespace], int] | None = None
 
 
 def _add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -140,10 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser(
-        "demo", help="train an embedding on a tiny built-in model and sample images (no download)"
+        "demo", help="learn a concept in the built-in SD1 toy world and draw it before and after (no download)"
     )
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    d.add_argument("--steps", type=int, default=60)
+    d.add_argument("--steps", type=int, default=0, help="training steps (default: 150; 60 with --random-model)")
+    d.add_argument("--random-model", action="store_true",
+                   help="the earlier demo: a tiny random model and sample images (shows the mechanics only)")
     d.add_argument("--seed", type=int, default=0)
     _add_progress_flag(d)
 
@@ -376,6 +380,10 @@ def main(argv: list[str] | None, hosts: HostFactories) -> int:
         if args.command == "demo":
             if distributed.from_environment() is not None:
                 raise SdtrainError("demo does not run under torchrun: run it as one process")
+            if hosts.demo is not None and not args.random_model:
+                args.steps = args.steps or 150
+                return hosts.demo(args)
+            args.steps = args.steps or 60
             return demo(args, hosts)
         if args.command == "run":
             kind, data = job_request(_read_json(args.job))  # what POST /sdtrain/v1/jobs checks

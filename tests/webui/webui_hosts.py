@@ -25,6 +25,7 @@ CAPABILITIES = {
     "stock_hypernetwork_trainer": "the host's own (in-tree) hypernetwork trainer runs, to exchange files with it",
     "hypernetwork_prompt": "the host applies `<hypernet:name:m>` in generation",
     "preprocess": "sdtrain's preprocess route and sub-tab",
+    "toyworld_sd1": "loads the SD1 toy world (a trained model of its own small architecture, from its yaml)",
 }
 
 
@@ -117,6 +118,7 @@ REFORGE = HostSpec(
     # through the UNet patcher (lib_sdtrain/hosts/forge/generation.py)
     claims=frozenset({"sd1", "train_tab", "stock_trainer", "preprocess", "hypernetwork_prompt"}),
     cannot={
+        "toyworld_sd1": "the detector takes only registered shapes (tiny SD1, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
         "stock_hypernetwork_trainer": "reForge's in-tree hypernetwork trainer trains through the attention that no longer "
                                       "applies hypernetworks (modules/sd_hijack_optimizations.py:44-47, 186, ...)",
         "sd2": "the detector takes SD2 only at real shapes (ldm_patched/modules/supported_models.py:76-83; OpenCLIP-H "
@@ -157,6 +159,7 @@ FORGE = HostSpec(
     api_lists_skipped_embeddings=False,
     claims=frozenset({"sd1", "hypernetwork_prompt", "preprocess", "sdxl", "sd2", "inpainting"}),
     cannot={
+        "toyworld_sd1": "the detector takes only registered shapes (tiny SD1, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
         "train_tab": "Forge has no Train tab (modules/ui.py builds none; on_ui_train_tabs never fires): sdtrain's "
                      "top-level tab holds the same sub-tabs (checked by the same test)",
         "stock_hypernetwork_trainer": "Forge deleted its trainers (see stock_trainer)",
