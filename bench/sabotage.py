@@ -70,6 +70,18 @@ class LatentUnscaled(Proxy):
         return dataclasses.replace(dist, mean=dist.mean * k, std=dist.std * k)
 
 
+class SizeZeroed(Proxy):
+    """SDXL: the size conditioning (original size, crop, target size: the last 3 x 512 of the 2816-wide
+    vector) left at zero."""
+
+    def encode_text(self, prompts, sizes=None):
+        cond = self._inner.encode_text(prompts, sizes)
+        vector = cond["vector"].clone()
+        vector[:, -1536:] = 0
+        return {**cond, "vector": vector}
+
+
+SDXL_SABOTAGES = {"size-zeroed": SizeZeroed}
 SABOTAGES = {"v-target": VTarget, "timestep-half": TimestepHalf, "clip-penultimate": ClipPenultimate,
              "latent-unscaled": LatentUnscaled}
 
@@ -78,6 +90,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--family", default="sd1", choices=["sd1", "sdxl"])
+    p.add_argument("--webui", default=None, help="a webui folder (SDXL's sgm comes from it)")
     args = p.parse_args()
     import torch
 
@@ -86,12 +100,16 @@ def main() -> int:
     from lib_sdtrain.toyworld import concept, models
 
     tmp = Path(tempfile.mkdtemp(prefix="sdtrain-sabotage-"))
-    files = models.assemble("sd1", tmp / "model")
-    host = StandaloneHost.load_checkpoint(files["ckpt"], files["yaml"], files["clip"])
+    files = models.assemble(args.family, tmp / "model", webui_dir=args.webui)
+    host = StandaloneHost.load_checkpoint(files["ckpt"], files["yaml"], files["clip"], webui_dir=args.webui)
+    sabotages = dict(SABOTAGES)
+    if args.family == "sdxl":
+        sabotages.pop("clip-penultimate")  # SDXL's conditioner is not one FrozenCLIPEmbedder
+        sabotages.update(SDXL_SABOTAGES)
     data = concept.write_concept_set(tmp / "data", n=8, seed=0)
     want = dict(concept.CONCEPT)
     rows = []
-    for name, cls in [("intact", None), *SABOTAGES.items()]:
+    for name, cls in [("intact", None), *sabotages.items()]:
         if args.only and name not in args.only and name != "intact":
             continue
         t0 = time.time()

@@ -109,7 +109,6 @@ def test_ti_learns_a_concept_no_word_names(toy_sd1, tmp_path):
     _, host = toy_sd1
     data = concept.write_concept_set(tmp_path / "data", n=8, seed=0)
     emb, _ = concept.train_embedding(host, tmp_path, data, steps=150)
-    initial = models  # noqa: F841 (readability)
     want = dict(concept.CONCEPT)
     with host.use_embedding("toy-concept", emb.vectors):
         after = concept.matches(concept.concept_pictures(host, "toy-concept", n=32), want)
@@ -127,6 +126,59 @@ def test_before_training_the_prompt_does_not_show_the_concept(toy_sd1, tmp_path)
     with host.use_embedding("toy-concept", init):
         before = concept.matches(concept.concept_pictures(host, "toy-concept", n=32), dict(concept.CONCEPT))
     assert before <= 0.2, before
+
+
+def test_a_hypernetwork_learns_a_change_to_every_picture(toy_sd1, tmp_path):
+    from lib_sdtrain.toyworld.sample import generate
+
+    _, host = toy_sd1
+    data = concept.write_style_set(tmp_path / "data", n=16, seed=0)
+    hn, _ = concept.train_hypernetwork(host, tmp_path, data, steps=150)
+    prompts = concept.style_prompts(32, seed=7)
+    seeds = [300 + i for i in range(32)]
+    texts = [p for p, _ in prompts]
+    plain = generate(host, texts, seeds)
+    with host.use_hypernetwork([hn.set_multiplier(1.0)]):
+        styled = generate(host, texts, seeds)
+    with host.use_hypernetwork([hn.set_multiplier(0.0)]):
+        off = generate(host, texts, seeds)
+    purple = {"color": concept.STYLE_COLOR}
+    assert concept.matches(styled, purple) >= 0.8, concept.matches(styled, purple)
+    assert concept.matches(plain, purple) <= 0.3
+    # the prompt's other attributes stay: the shape still follows the caption
+    shapes = sum(read(im).shape == s.shape for im, (_, s) in zip(styled, prompts)) / 32
+    assert shapes >= 0.7, shapes
+    # multiplier 0 is the world's own drawing
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(off, plain))
+
+
+def test_sdxl_ti_learns_the_concept_on_both_encoders(toy_sdxl, tmp_path):
+    _, host = toy_sdxl
+    data = concept.write_concept_set(tmp_path / "data", n=8, seed=0)
+    emb, _ = concept.train_embedding(host, tmp_path, data, steps=150)
+    assert set(emb.vectors) == {"clip_l", "clip_g"}
+    want = dict(concept.CONCEPT)
+    with host.use_embedding("toy-concept", host.initial_vectors("thing", 2)):
+        before = concept.matches(concept.concept_pictures(host, "toy-concept", n=32), want)
+    with host.use_embedding("toy-concept", emb.vectors):
+        after = concept.matches(concept.concept_pictures(host, "toy-concept", n=32), want)
+    assert before <= 0.2 and after >= 0.8, (before, after)
+
+
+def test_sdxl_world_draws_its_captions(toy_sdxl):
+    from lib_sdtrain.toyworld.sample import world_fidelity
+
+    _, host = toy_sdxl
+    fid, _, _ = world_fidelity(host, n=64, seed=3)
+    assert fid.match >= 0.85, fid
+
+
+@pytest.fixture(scope="module")
+def toy_sdxl(tmp_path_factory, sgm_dir):
+    from lib_sdtrain.hosts.standalone.host import StandaloneHost
+
+    files = models.assemble("sdxl", tmp_path_factory.mktemp("toy_sdxl"))
+    return files, StandaloneHost.load_checkpoint(files["ckpt"], files["yaml"], files["clip"])
 
 
 @pytest.fixture(scope="module")

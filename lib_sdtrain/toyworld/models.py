@@ -103,7 +103,8 @@ def regenerate_text_encoders(model: torch.nn.Module, family: str) -> None:
             rs = np.random.RandomState((TEXT_SEED[family] * 1_000_003 + zlib.crc32(key.encode())) % 2**32)
             n = rs.standard_normal(tuple(t.shape))
             is_norm = t.ndim == 1 and ("norm" in key or ".ln_" in key)
-            if key.endswith("logit_scale"):
+            if key.endswith("logit_scale"):  # CLIP's own initial value (unused by the text side)
+                t.fill_(math.log(1 / 0.07))
                 continue
             if is_norm and key.endswith("weight"):
                 v = 1.0 + 0.2 * n
@@ -116,35 +117,56 @@ def regenerate_text_encoders(model: torch.nn.Module, family: str) -> None:
             t.copy_(torch.from_numpy(np.asarray(v, dtype=np.float32)).to(torch.float16).to(t.dtype))
 
 
-def build(family: str, workdir: str | Path, webui_dir: str | Path | None = None) -> torch.nn.Module:
-    """The toy world's model with random UNet/VAE and its regenerated text encoders, on the CPU."""
+def _clip_folder(folder: Path) -> Path:
+    """The CLIP-L tokenizer and text config (768 wide, 2 layers, 12 heads: the webui tests' CLIP), no
+    weights: the text encoders are regenerated, not loaded."""
+    from transformers import CLIPTextConfig
+
+    from lib_sdtrain.hosts.standalone.tokenizer import MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+
+    out = write_clip_tokenizer(folder)
+    CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=768, intermediate_size=3072, projection_dim=768,
+                   num_hidden_layers=2, num_attention_heads=12, max_position_embeddings=MAX_LENGTH,
+                   hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+                   pad_token_id=49407).save_pretrained(out)
+    return out
+
+
+def build(family: str, workdir: str | Path, webui_dir: str | Path | None = None, *,
+          init: bool = True) -> torch.nn.Module:
+    """The toy world's model on the CPU with its regenerated text encoders; the UNet and VAE are
+    randomly initialised (`init`, for training) or left as allocated (to be overwritten by the stored
+    weights: `full_state`)."""
     import contextlib
     import io
 
-    from lib_sdtrain.hosts.standalone.tiny import _randomise_layer_norms, unzero_init, write_clip_dir
+    from lib_sdtrain.hosts.standalone.loader import _clip_text_model_from_config, _skip_weight_init
+    from lib_sdtrain.hosts.standalone.tiny import unzero_init
 
     workdir = Path(workdir)
+    clip = _clip_folder(workdir / "clip")
+    skip = contextlib.nullcontext() if init else _skip_weight_init()
     if family == "sd1":
         from lib_sdtrain.hosts.standalone.tiny import _instantiate
 
-        clip = write_clip_dir(workdir / "clip", width=768, layers=2, heads=12)
-        model = _instantiate(sd1_config(str(clip)))
+        with _clip_text_model_from_config({}), skip:
+            model = _instantiate(sd1_config(str(clip)))
     elif family == "sdxl":
         from lib_sdtrain.hosts.standalone.sgm_source import ensure_sgm
         from lib_sdtrain.hosts.standalone.tiny_sdxl import instantiate_sgm, register_clip_g_arch
 
         ensure_sgm(webui_dir)
-        clip = write_clip_dir(workdir / "clip", width=768, layers=2, heads=12)
         register_clip_g_arch(workdir / "open_clip_configs")
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _clip_text_model_from_config({}, module="sgm.modules.encoders.modules"), skip, \
+                contextlib.redirect_stdout(io.StringIO()):
             model = instantiate_sgm(sdxl_config(str(clip)))
         for embedder in model.conditioner.embedders:
             if hasattr(embedder, "device"):
                 embedder.device = "cpu"
     else:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
-    del _randomise_layer_norms
-    unzero_init(model.model)
+    if init:
+        unzero_init(model.model)
     regenerate_text_encoders(model, family)
     return model.eval()
 
@@ -207,6 +229,13 @@ def full_state(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for k, v in unet.items():
         state[UNET_PREFIX + k] = v
     _scale_vae_into(state, vae, SCALE_FACTOR[family])
+    stored = {UNET_PREFIX + k for k in unet} | {VAE_PREFIX + k for k in vae}
+    text = {k for k in state if k.startswith(_text_prefixes(family))}
+    params = {n for n, _ in model.named_parameters()}
+    stray = sorted(k for k in params if k not in stored and k not in text)
+    if stray:  # a parameter neither stored nor regenerated would be whatever memory held
+        raise ToyWorldFileError(f"the {family} toy world's stored weights lack {stray[:5]}: rebuild with "
+                                f"`{REBUILD.format(family=family)}`")
     # weights in fp16 (as most shared checkpoints); buffers (the DDPM schedule...) kept exact
     params = {n for n, _ in model.named_parameters()}
     return {k: v.to(torch.float16).contiguous() if v.is_floating_point() and k in params else v.contiguous()
@@ -226,7 +255,7 @@ def assemble(family: str, dest: str | Path, *, workdir: str | Path | None = None
     yaml = ckpt.with_suffix(".yaml")
     record = _read_record()
     want = record.get("assembled", {}).get(family)
-    model = build(family, workdir, webui_dir)
+    model = build(family, workdir, webui_dir, init=False)
     clip = workdir / "clip"
     if not (ckpt.is_file() and want and sha256(ckpt) == want):
         state = full_state(family, model)

@@ -41,6 +41,7 @@ def toy_webui(webui_assets):
     root = webui_assets["root"]
     files = models.assemble("sd1", root / "models-toyworld")
     templates = concept.write_template(root / "toyworld-templates").parent
+    concept.write_template(templates, "toyworld_hn.txt", concept.HN_TEMPLATE)
     server = WebUI({**webui_assets, "ckpt": files["ckpt"]}, "toyworld",
                    extra_args=("--textual-inversion-templates-dir", str(templates)))
     yield server
@@ -90,4 +91,29 @@ def test_an_embedding_trained_through_the_routes_draws_the_concept(toy_webui):
     _record(ti_before=before, ti_after=after, ti_edit_light=light, ti_edit_dark=dark, ti_n=32, ti_steps=150)
     assert before <= 0.2 and after >= 0.8, (before, after)
     assert min(light, dark) >= 0.7, (light, dark)
+    shutil.rmtree(data)
+
+
+@pytest.mark.needs("hypernetwork_prompt")
+def test_a_hypernetwork_trained_through_the_routes_changes_every_picture(toy_webui):
+    data = concept.write_style_set(toy_webui.dir / "style", n=16, seed=0)
+    status, out = toy_webui.post("/sdapi/v1/create/hypernetwork", {"name": "toy-style", "enable_sizes": [768]})
+    assert status == 200, out
+    status, out = toy_webui.post("/sdapi/v1/train/hypernetwork", {
+        "hypernetwork_name": "toy-style", "learn_rate": "0.001", "batch_size": 4, "data_root": str(data),
+        "log_directory": str(toy_webui.dir / "hn_log"), "training_width": 64, "training_height": 64,
+        "steps": 150, "template_filename": "toyworld_hn.txt", "create_image_every": 0,
+        "save_hypernetwork_every": 0})
+    assert status == 200 and "error: None" in out["info"], out
+    prompts = concept.style_prompts(32, seed=7)
+    seeds = list(range(300, 332))
+    plain = _draw(toy_webui, [p for p, _ in prompts], seeds)
+    styled = _draw(toy_webui, [f"{p} <hypernet:toy-style:1>" for p, _ in prompts], seeds)
+    off = _draw(toy_webui, [f"{p} <hypernet:toy-style:0>" for p, _ in prompts], seeds)
+    purple = {"color": concept.STYLE_COLOR}
+    figures = {"hn_purple_plain": concept.matches(plain, purple), "hn_purple_styled": concept.matches(styled, purple),
+               "hn_multiplier_0_identical": all(a.tobytes() == b.tobytes() for a, b in zip(off, plain))}
+    _record(**figures)
+    assert figures["hn_purple_styled"] >= 0.8 and figures["hn_purple_plain"] <= 0.3, figures
+    assert figures["hn_multiplier_0_identical"], figures
     shutil.rmtree(data)
