@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import re
 import time
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from lib_sdtrain import version
 from lib_sdtrain.api.routes import ApiOptions, mount
 from lib_sdtrain.core.data.samples import write_sample_dataset
 from lib_sdtrain.core.formats.embedding_io import load_embedding
@@ -121,7 +123,9 @@ def test_schemas_are_in_openapi(env):
     assert body["properties"]["learn_rate"]["default"] == "0.005"
     assert body["properties"]["clip_grad_mode"]["enum"] == ["disabled", "value", "norm"]
     assert "/sdtrain/v1/jobs/{job_id}/stop" in spec["paths"]
-    assert set(client.get("/sdtrain/v1/schema").json()) >= {"create_embedding", "train_embedding"}
+    schema = client.get("/sdtrain/v1/schema").json()
+    assert set(schema) >= {"create_embedding", "train_embedding"}
+    assert schema["version"] == version() and re.fullmatch(r"\d+\.\d+\.\d+", version())  # pyproject's
 
 
 def test_api_auth_like_the_host(tiny_sd1):

@@ -8,6 +8,7 @@ import time
 import gradio as gr
 import pytest
 
+from lib_sdtrain import version
 from lib_sdtrain.core.data.samples import write_sample_dataset
 from lib_sdtrain.core.formats.embedding_io import load_embedding
 from lib_sdtrain.core.jobs.service import JobService
@@ -66,6 +67,8 @@ def test_ids_are_prefixed_and_host_labels_kept(ui):
     values = {b.elem_id: getattr(b, "value", None) for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     assert values["sdtrain_train_embedding_learn_rate"] == "0.005" and values["sdtrain_train_embedding_steps"] == 100000
     assert values["sdtrain_train_embedding_template_filename"] == "style_filewords.txt"
+    for tab in ("train_embedding", "train_hypernetwork", "preprocess", "jobs"):  # each tab's footer: the version
+        assert f"sdtrain {version()} · AGPL-3.0" in values[f"sdtrain_{tab}_footer"], tab
 
 
 def test_create_then_train_through_the_handlers(ui):

@@ -8,7 +8,7 @@ cd "$ROOT"
 # shellcheck disable=SC1091
 source tools/env.sh
 echo "[sdtrain] ruff"
-ruff check lib_sdtrain tests bench scripts install.py preload.py
+ruff check lib_sdtrain tests bench scripts install.py preload.py tools/options_doc.py
 echo "[sdtrain] import contracts"
 lint-imports --no-cache
 # The webuis run Python 3.10: compile everything with it where one is installed (pyenv's shim
@@ -19,7 +19,7 @@ for c in python3.10 $(pyenv root 2>/dev/null)/versions/3.10*/bin/python3.10; do
 done
 if [ -n "$PY310" ]; then
   echo "[sdtrain] python 3.10 syntax check ($("$PY310" --version 2>&1))"
-  "$PY310" -m compileall -q lib_sdtrain scripts install.py preload.py tests bench >/dev/null
+  "$PY310" -m compileall -q lib_sdtrain scripts install.py preload.py tests bench tools/options_doc.py >/dev/null
 else
   echo "[sdtrain] no Python 3.10 here: skipping its syntax check"
 fi

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
+from lib_sdtrain import version
 from lib_sdtrain.core.errors import ConfigError, SdtrainError
 from lib_sdtrain.core.jobs.service import DONE, FINISHED_STATES, RESUMABLE_STATES, Job, JobService
 from lib_sdtrain.core.options.config import ConfigBase
@@ -225,8 +226,8 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
         return JSONResponse(status_code=202, content={"id": new.id, "state": new.state})
 
     def schema():
-        """JSON schemas of every job kind's config."""
-        return {kind: config_schema(cls) for kind, cls in types.items()}
+        """JSON schemas of every job kind's config, and sdtrain's version (`version`)."""
+        return {"version": version(), **{kind: config_schema(cls) for kind, cls in types.items()}}
 
     job_schema = {"type": "object", "required": ["kind"], "properties": {
         "kind": {"type": "string", "enum": sorted(types)}, "config": {"type": "object"}}}

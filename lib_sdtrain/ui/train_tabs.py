@@ -19,6 +19,7 @@ from typing import Any
 
 import gradio as gr
 
+from lib_sdtrain import version
 from lib_sdtrain.core.errors import SdtrainError
 from lib_sdtrain.core.jobs.service import FINISHED_STATES, RESUMABLE_STATES, Job, JobService
 from lib_sdtrain.core.options.config import (
@@ -281,6 +282,7 @@ def _output_column(ctx: UiContext, prefix: str, *, charts: bool = True, gallery_
     out["previews"] = gr.Gallery(label=gallery_label, elem_id=f"{prefix}_previews", **_GALLERY)
     out["files"] = gr.Textbox(label="Files written", lines=3, interactive=False, elem_id=f"{prefix}_files")
     out["job_id"] = gr.Textbox(visible=False, elem_id=f"{prefix}_job_id")
+    footer(prefix)
     return out
 
 
@@ -313,6 +315,12 @@ def build_all_tabs(ctx: UiContext) -> None:
             log.exception("sdtrain: the %s tab failed to build", title)
             with gr.Tab(label=f"{title} (sdtrain)", elem_id=f"sdtrain_{title.split()[0].lower()}_failed"):
                 gr.HTML(value=_error(e))
+
+
+def footer(prefix: str):
+    """The last line of each sdtrain sub-tab: its version (pyproject.toml's) and license."""
+    return gr.HTML(value=f'<div class="sdtrain-note">sdtrain {html.escape(version())} · AGPL-3.0</div>',
+                   elem_id=f"{prefix}_footer", elem_classes=["sdtrain-footer"])
 
 
 def build_embedding_tab(ctx: UiContext) -> None:

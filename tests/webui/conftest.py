@@ -384,11 +384,13 @@ def _free_port() -> int:
 
 class WebUI:
     def __init__(self, assets: dict, name: str, *, settings: dict | None = None, compat: bool = False,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), install: bool = True):
+        """`install` False: the webui without sdtrain (a user installs it from the Extensions tab)."""
         self.dir = assets["root"] / name
         ext_dir = self.dir / "extensions"
         ext_dir.mkdir(parents=True)
-        shutil.copytree(assets["extension"], ext_dir / "sdtrain")
+        if install:
+            shutil.copytree(assets["extension"], ext_dir / "sdtrain")
         shims = {"sdtrain-test-model-digest": {"scripts/digest.py": MODEL_DIGEST_SCRIPT}, **assets.get("shims", {})}
         if compat:
             shims["sdtrain-test-torch-compat"] = {"scripts/compat.py": TORCH_COMPAT_SCRIPT}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -431,3 +432,33 @@ def test_reload_ui_keeps_one_service_and_re_adds_everything(webui):
     assert tabs.count("Textual inversion (sdtrain)") == 1
     new_log = webui.log_text()[marker:]
     assert not [ln for ln in new_log.splitlines() if "sdtrain" in ln.lower() and re.search(r"error|traceback", ln, re.I)]
+
+
+def api_doc_examples(text: str) -> list[tuple[str, list[str]]]:
+    """The ```bash blocks of docs/api.md in order, each with the `<!-- expect: REGEX -->` lines after it
+    (up to the next block): what its output must contain."""
+    out: list[tuple[str, list[str]]] = []
+    for part in re.split(r"^```bash\n", text, flags=re.M)[1:]:
+        code, _, rest = part.partition("\n```")
+        out.append((code, re.findall(r"^<!-- expect: (.*) -->$", rest.split("```bash")[0], flags=re.M)))
+    return out
+
+
+def test_the_curl_examples_in_docs_api_md_run(webui, webui_assets):
+    """docs/api.md's examples, as written, in one shell one after another (as a reader would paste them),
+    against this webui with a small picture size and few steps; each block's output holds what the page
+    says it answers."""
+    doc = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+    blocks = api_doc_examples(doc.read_text(encoding="utf-8"))
+    assert len(blocks) >= 10 and sum(len(e) for _, e in blocks) >= 12, "docs/api.md lost its examples"
+    script = "set -eo pipefail\n" + "".join(f"{code}\necho '@@ block {i} @@'\n" for i, (code, _) in enumerate(blocks))
+    env = {**os.environ, "WEBUI": webui.url, "PICS": str(webui_assets["data"]), "SIZE": "64", "STEPS": "4"}
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    outputs = re.split(r"^@@ block \d+ @@\n", done.stdout, flags=re.M)
+    assert done.returncode == 0 and len(outputs) == len(blocks) + 1, (done.stdout[-3000:], done.stderr[-3000:])
+    for i, ((code, expected), output) in enumerate(zip(blocks, outputs)):
+        for pattern in expected:
+            if pattern.startswith("TI hashes") and HOST.name != "a1111":  # each webui words its infotext
+                assert HOST.names_embedding(output, "myconcept"), (i, code, output)
+                continue
+            assert re.search(pattern, output, flags=re.M), (i, code, pattern, output)
