@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lib_sdtrain.toyworld.sample import CFG
+
 
 def _threads() -> None:
     import torch
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--n", type=int, default=64)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--steps", type=int, default=20)
-    f.add_argument("--cfg", type=float, default=5.0)
+    f.add_argument("--cfg", type=float, default=CFG)
     f.add_argument("--grid", default="")
     f.add_argument("--webui", default=None)
     args = p.parse_args(argv)

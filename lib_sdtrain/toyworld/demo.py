@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from lib_sdtrain.toyworld.sample import CFG
+
 NAME = "toy-concept"
 
 
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         "templates_dir": str(out / "templates"), "template_filename": "toyworld.txt",
         "save_embedding_every": 50, "create_image_every": 50, "training_write_csv_every": 1,
         "preview_prompt": NAME, "preview_width": 64, "preview_height": 64, "preview_steps": 20,
-        "preview_cfg_scale": 5.0, "validation_every": 25, "seed": args.seed,
+        "preview_cfg_scale": CFG, "validation_every": 25, "seed": args.seed,
     })  # fmt: skip
     printer_for(args.progress).follow(job)
     job.wait()

@@ -2,8 +2,9 @@
 
 No learned weights: the background is the median of the picture's border; the object is every pixel
 far enough from it; its colour is the hue of its most saturated pixels, named by the nearest of the
-world's hues; its size is its extent, corrected for the shape; its shape comes from how much of its
-bounding box it fills and how its width changes from top to bottom. The reader is what every
+world's hues; its size is its extent, corrected for the shape; its shape comes from how concave it
+is (area / convex hull: only a star is), how full its bounding box's corners are (top and bottom) and
+how much of the box it fills. The reader is what every
 "does the picture show it" figure of sdtrain is measured with (tests/test_toyworld.py measures the
 reader itself, on fresh drawings and on the world's VAE reconstructions).
 """
@@ -101,12 +102,14 @@ def read(img: Image.Image) -> Reading:
     bottom = (box[-kh:, :kw].mean() + box[-kh:, -kw:].mean()) / 2
     ys, xs = np.nonzero(mask)
     solidity = area / max(1.0, _convex_area(np.stack([xs, ys], 1)) + 0.5 * len(xs) ** 0.5 * 2)
-    if solidity < 0.8:
+    if solidity < 0.9:  # only a star is concave
         shape = "star"
-    elif top < 0.2 and bottom > 0.45:
+    elif top < 0.2 and bottom > 0.7:  # empty top corners, full bottom ones
         shape = "triangle"
-    elif top > 0.45 and bottom > 0.45:
+    elif top > 0.45 and bottom > 0.6:  # full corners
         shape = "square"
+    elif fill < 0.72:  # a blurred star: convex, but fills less of its box than a circle (pi/4)
+        shape = "star"
     else:
         shape = "circle"
     # colour: the object's pixels farthest from the background (its core, not the blended edge)

@@ -21,9 +21,14 @@ from PIL import Image
 from lib_sdtrain.toyworld.reader import read
 from lib_sdtrain.toyworld.world import ATTRIBUTES, Scene, random_scene
 
+#: The guidance the toy worlds are drawn with. Their small UNets overshoot shapes at the webuis'
+#: usual 5-7 (circles grow lobes, triangles concave sides): shape and colour right in 42% of 64 SDXL
+#: pictures at 5, 67% at 2.5, 81% at 1.75, 69% without guidance (1.0), measured when they were trained.
+CFG = 2.0
+
 
 @torch.no_grad()
-def generate(host: Any, prompts: list[str], seeds: list[int], *, steps: int = 20, cfg: float = 5.0,
+def generate(host: Any, prompts: list[str], seeds: list[int], *, steps: int = 20, cfg: float = CFG,
              negative: str = "", side: int = 64, batch: int = 32) -> list[Image.Image]:
     out: list[Image.Image] = []
     for i in range(0, len(prompts), batch):

@@ -21,6 +21,7 @@ from PIL import Image
 
 from lib_sdtrain.toyworld import concept, models
 from lib_sdtrain.toyworld.reader import read
+from lib_sdtrain.toyworld.sample import CFG
 from lib_sdtrain.toyworld.world import random_scene
 
 pytestmark = [pytest.mark.webui, pytest.mark.needs("toyworld_sd1")]
@@ -52,7 +53,7 @@ def _draw(server, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
     out = []
     for prompt, seed in zip(prompts, seeds):
         status, res = server.post("/sdapi/v1/txt2img", {
-            "prompt": prompt, "negative_prompt": "", "steps": 20, "cfg_scale": 5, "width": 64, "height": 64,
+            "prompt": prompt, "negative_prompt": "", "steps": 20, "cfg_scale": CFG, "width": 64, "height": 64,
             "sampler_name": "Euler a", "seed": seed})
         assert status == 200, res
         out.append(Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).convert("RGB"))
