@@ -248,6 +248,8 @@ def webui_assets(tmp_path_factory):
     if HOST.sd1_model == "registered":  # the same tiny SD1, made known to the host's detector
         if HOST.name == "reforge":
             from reforge_tiny import write_tiny_sd1_for_reforge as write_registered
+        elif HOST.name == "forge-classic":
+            from classic_tiny import write_tiny_sd1_for_classic as write_registered
         else:
             from forge_tiny_sdxl import write_tiny_sd1_for_forge as write_registered
 

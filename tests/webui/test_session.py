@@ -36,7 +36,7 @@ CHROMIUM = os.environ.get("SDTRAIN_CHROMIUM") or shutil.which("chromium") or shu
 pytestmark = pytest.mark.webui
 needs_browser = pytest.mark.skipif(not CHROMIUM, reason="no chromium here (tools/browser.sh installs Debian's)")
 #: the shutdown signal sent mid-run in each host
-SHUTDOWN = {"a1111": signal.SIGINT, "reforge": signal.SIGTERM, "forge": signal.SIGINT}[HOST.name]
+SHUTDOWN = signal.Signals[HOST.shutdown_signal]
 STEPS = 40
 VIEWPORT = {"width": 1366, "height": 768}
 

@@ -56,6 +56,13 @@ class HostSpec:
     api_lists_skipped_embeddings: bool = True
     #: the log line that says the model was built as the test meant (`{config}`: the yaml's name, escaped)
     model_log: str = r"Creating model from config: \S*{config}"
+    #: the host lists hypernetworks itself (/sdapi/v1/hypernetworks) and has their cards page; where it
+    #: removed hypernetworks, sdtrain's /sdtrain/v1/refresh lists them and `<hypernet:...>` still works
+    hypernetwork_pages: bool = True
+    #: the model code sdtrain's start-up probe must find (lib_sdtrain/hosts/a1111/capabilities.py)
+    model_stack: str = "ldm/sgm"
+    #: the signal a user or service manager ends this host with in the restart test
+    shutdown_signal: str = "SIGINT"
 
     def names_embedding(self, infotext: str, name: str) -> bool:
         import re
@@ -116,6 +123,8 @@ REFORGE = HostSpec(
     # out: modules/sd_hijack_optimizations.py:44-47, 186, ...); sdtrain's always-on script applies them
     # through the UNet patcher (lib_sdtrain/hosts/forge/generation.py)
     claims=frozenset({"sd1", "train_tab", "stock_trainer", "preprocess", "hypernetwork_prompt"}),
+    shutdown_signal="SIGTERM",
+    model_stack="ldm_patched",
     cannot={
         "stock_hypernetwork_trainer": "reForge's in-tree hypernetwork trainer trains through the attention that no longer "
                                       "applies hypernetworks (modules/sd_hijack_optimizations.py:44-47, 186, ...)",
@@ -155,6 +164,7 @@ FORGE = HostSpec(
     # Forge builds the model from the state dict, not the yaml (backend/loader.py, split_state_dict)
     model_log=r"StateDict Keys: \{{'unet'",
     api_lists_skipped_embeddings=False,
+    model_stack="forge backend",
     claims=frozenset({"sd1", "hypernetwork_prompt", "preprocess", "sdxl", "sd2", "inpainting"}),
     cannot={
         "train_tab": "Forge has no Train tab (modules/ui.py builds none; on_ui_train_tabs never fires): sdtrain's "
@@ -169,7 +179,46 @@ FORGE = HostSpec(
     },
 )
 
-HOSTS = {spec.name: spec for spec in (A1111, REFORGE, FORGE)}
+#: Forge Classic (Haoming02/sd-webui-forge-classic, classic 1f95d717): the gradio-3 fork of the old Forge, an
+#: A1111 front end (its objects: sd_hijack's embedding database, shared.state, processing) over
+#: `ldm_patched`, like reForge; no Train tab, training and hypernetworks removed (no modules/hypernetworks,
+#: no --hypernetwork-dir, no `<hypernet:...>`). sdtrain adapts by what it finds (lib_sdtrain/hosts/a1111/
+#: capabilities.py): its own tab, its own --hypernetwork-dir and `<hypernet:...>`, clones where the UNet adds
+#: into its residual in place.
+FORGE_CLASSIC = HostSpec(
+    name="forge-classic",
+    title="Forge Classic 1f95d717",
+    # Forge's line minus --precision full (Classic removed the flag and its parser refuses it); --always-cpu
+    # and --clip-in-fp32 are ldm_patched's (ldm_patched/modules/args_parser.py:81, :68): without the latter
+    # the CPU text encoder is fp16 (model_management.py:700-701).
+    launch_args=("--skip-prepare-environment", "--skip-install", "--skip-version-check", "--use-cpu", "all",
+                 "--always-cpu", "--clip-in-fp32", "--no-half", "--skip-torch-cuda-test", "--no-download-sd-model"),
+    # the detector takes SD1.5 only at its real shapes; the tiny SD1 is registered with it by a test-only
+    # extension, as for reForge (tests/webui/classic_tiny.py)
+    sd1_model="registered",
+    # live previews would download the SD1 Approx-NN model
+    settings={"live_previews_enable": False},
+    hypernetwork_pages=False,
+    model_stack="ldm_patched",
+    claims=frozenset({"sd1", "preprocess", "hypernetwork_prompt"}),
+    cannot={
+        "train_tab": "Forge Classic has no Train tab (modules/ui.py never calls ui_train_tabs_callback): sdtrain's "
+                     "top-level tab holds the same sub-tabs (checked by the same test)",
+        "stock_trainer": "Forge Classic removed its trainers (modules/textual_inversion keeps loading code only; "
+                         "Embedding.save raises 'Training is not supported'): there is no stock file to continue",
+        "stock_hypernetwork_trainer": "Forge Classic removed hypernetworks entirely (no modules/hypernetworks)",
+        "sd2": "the detector takes SD2 only at real shapes (ldm_patched/modules/supported_models.py SD20); "
+               "registering the tiny SD2 with it is not built yet",
+        "sd2_tiny_prompt": "no SD2 here (see sd2)",
+        "inpainting": "the detector takes SD1.5 inpainting only at real shapes; registering the tiny inpainting "
+                      "model is not built yet",
+        "sdxl": "the detector takes SDXL only at real shapes (ldm_patched/modules/supported_models.py:187-197); "
+                "registering the tiny SDXL (CLIP-L + CLIP-G built from tiny configs, the A1111 shell from "
+                "sd_xl_base.yaml) with it is not built yet",
+    },
+)
+
+HOSTS = {spec.name: spec for spec in (A1111, REFORGE, FORGE, FORGE_CLASSIC)}
 
 
 def selected() -> HostSpec:
