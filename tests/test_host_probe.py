@@ -260,3 +260,12 @@ def test_in_place_ops_beyond_the_norm_inputs_are_refused_with_a_reason():
     with pytest.raises(SdtrainError, match="modifies tensors autograd needs in place"), \
             residuals_usable_by_autograd(unet):
         pass
+
+
+def test_the_probe_leaves_the_global_rng_alone():
+    block = Block(in_place=True)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert residual_in_place(block) is True
+    assert torch.equal(torch.rand(4), expected)  # a seeded training run draws the same numbers

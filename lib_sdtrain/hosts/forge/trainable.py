@@ -144,12 +144,18 @@ def residual_in_place(block: torch.nn.Module) -> bool | None:
     weight = next((p for p in block.parameters() if p.is_floating_point()), None)
     if not width or weight is None:
         return None
+    # the probe's own generator: the global RNG stream (a seeded training run's) is not moved
+    rng = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=rng).to(device=weight.device, dtype=weight.dtype)
+
     kw = {}
     to_k = getattr(getattr(block, "attn2", None), "to_k", None)
     if isinstance(getattr(to_k, "in_features", None), int):
-        kw["context"] = torch.randn(1, 2, to_k.in_features, dtype=weight.dtype, device=weight.device)
+        kw["context"] = rand(1, 2, to_k.in_features)
     flags = [(p, p.requires_grad) for p in block.parameters()]
-    leaf = torch.randn(1, 4, width, dtype=weight.dtype, device=weight.device, requires_grad=True)
+    leaf = rand(1, 4, width).requires_grad_(True)
     try:
         for p, _ in flags:
             p.requires_grad_(False)
