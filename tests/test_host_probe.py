@@ -170,7 +170,9 @@ def test_report_and_note_name_each_missing_feature(webui):
     hypernet_prompt.register_if_missing(lambda: "unused")
     report = capabilities.probe()
     data = report.as_dict()
-    assert set(data["unavailable"]) == {"hypernet_prompt", "png_embeddings", "stock_trainer", "hypernetwork_cards"}
+    assert set(data["unavailable"]) == {"hypernet_prompt", "png_embeddings", "stock_trainer", "hypernetwork_cards",
+                                        "captioning"}
+    assert "interrogate.py or deepbooru.py" in data["unavailable"]["captioning"]
     note = report.note()
     assert note.startswith("<span class='sdtrain-note'>Not available in this webui")
     assert "hypernetworks in generation (&lt;hypernet:name:m&gt;)" in note and "no image-embedding decoder" in note

@@ -102,6 +102,7 @@ _TITLES = {
     "png_embeddings": "PNG-embedded embeddings",
     "stock_trainer": "the webui's own trainer",
     "hypernetwork_cards": "the Hypernetworks cards page",
+    "captioning": "captioning in preprocess",
 }
 
 # -- observed while the webui starts ---------------------------------------------------------------
@@ -195,6 +196,12 @@ def probe() -> HostReport:
                                       if cards else
                                       Feature(False, "the webui has no Hypernetworks cards page; use "
                                                      "<hypernet:name:m> in the prompt"))
+    interrogators = [m for m in ("interrogate", "deepbooru") if not _has_module(f"modules.{m}")]
+    features["captioning"] = (Feature(True, "BLIP and DeepBooru through the webui's interrogators (once their "
+                                            "model files are on disk)")
+                              if not interrogators else
+                              Feature(False, f"the webui has no {' or '.join(m + '.py' for m in interrogators)}: "
+                                             "preprocess runs without the captioners it lacks"))
     report = HostReport(model_stack=model_stack(), train_tab=_train_tab, hypernetwork_dir=folder,
                         hypernetwork_dir_source=source, features=features)
     if _autograd:

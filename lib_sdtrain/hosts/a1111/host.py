@@ -56,6 +56,7 @@ def clear_cond_caches() -> None:
 
 def captioner_status() -> dict[str, str]:
     """For each captioner, "" when its model files are on disk, else what is missing."""
+    import importlib.util
     import os
 
     from modules import paths, shared
@@ -64,14 +65,18 @@ def captioner_status() -> dict[str, str]:
         return os.path.isdir(folder) and any(f.endswith(ext) for f in os.listdir(folder))
 
     blip_dir = os.path.join(paths.models_path, "BLIP")
-    clip_dir = shared.cmd_opts.clip_models_path or os.path.expanduser("~/.cache/clip")
-    status = {"blip": "", "deepbooru": ""}
-    if not has(blip_dir, ".pth"):
+    clip_dir = getattr(shared.cmd_opts, "clip_models_path", None) or os.path.expanduser("~/.cache/clip")
+    # webuis that removed the interrogators (Forge Classic: no modules/interrogate.py, modules/deepbooru.py)
+    status = {name: "" if importlib.util.find_spec(f"modules.{module}") else f"this webui has no {module}.py"
+              for name, module in (("blip", "interrogate"), ("deepbooru", "deepbooru"))}
+    if status["blip"]:
+        pass  # no interrogator: model files would not help
+    elif not has(blip_dir, ".pth"):
         status["blip"] = f"no BLIP model in {blip_dir}"
     elif not os.path.isfile(os.path.join(clip_dir, "ViT-L-14.pt")):
         status["blip"] = f"no CLIP ViT-L/14 model in {clip_dir}"
     deepbooru_dir = os.path.join(paths.models_path, "torch_deepdanbooru")
-    if not has(deepbooru_dir, ".pt"):
+    if not status["deepbooru"] and not has(deepbooru_dir, ".pt"):
         status["deepbooru"] = f"no DeepBooru model in {deepbooru_dir}"
     return status
 

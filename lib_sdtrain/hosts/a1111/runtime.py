@@ -421,6 +421,7 @@ def captioner_note() -> str:
     for name, label in (("blip", "BLIP"), ("deepbooru", "DeepBooru")):
         missing = captioner_status()[name]
         parts.append(f"{label}: available" if not missing else
+                     f"{label}: not available ({missing})" if missing.startswith("this webui has no") else
                      f"{label}: not available ({missing}; the webui downloads it when you first interrogate "
                      "an image in img2img with internet access)")
         # an unavailable captioner makes the job stop before it writes anything
