@@ -304,7 +304,13 @@ def sd2_assets(webui_assets):
     shim = {"scripts/register_arch.py": OPEN_CLIP_ARCH_SCRIPT,
             **{f"open_clip_configs/{f.name}": f.read_text() for f in configs.glob("*.json")}}
     shutil.rmtree(build)
-    return {**webui_assets, "ckpt": ckpt, "text_width": 64, "shims": {"sdtrain-test-open-clip-arch": shim}}
+    shims = {"sdtrain-test-open-clip-arch": shim}
+    if HOST.name == "reforge":  # the same checkpoint and yaml, its shapes registered with reForge's detector
+        from reforge_tiny import tiny_sd2_shim_for_reforge
+
+        shims["sdtrain-test-tiny-sd2"] = tiny_sd2_shim_for_reforge(
+            ckpt_dir, width=kw["text_width"], layers=kw["text_layers"], heads=kw["text_heads"])
+    return {**webui_assets, "ckpt": ckpt, "text_width": 64, "shims": shims}
 
 
 def _forge_sdxl_assets(webui_assets, request) -> dict:
