@@ -56,6 +56,8 @@ class HostSpec:
     api_lists_skipped_embeddings: bool = True
     #: the log line that says the model was built as the test meant (`{config}`: the yaml's name, escaped)
     model_log: str = r"Creating model from config: \S*{config}"
+    #: log lines the host prints for every model of a kind, which are not problems (assert_clean_log)
+    known_log_lines: tuple[str, ...] = ()
     #: the host lists hypernetworks itself (/sdapi/v1/hypernetworks) and has their cards page; where it
     #: removed hypernetworks, sdtrain's /sdtrain/v1/refresh lists them and `<hypernet:...>` still works
     hypernetwork_pages: bool = True
@@ -127,6 +129,13 @@ REFORGE = HostSpec(
                       "sd2_tiny_prompt"}),
     shutdown_signal="SIGTERM",
     model_stack="ldm_patched",
+    # reForge builds the A1111 shell from the yaml and prints no "Creating model from config"; the yaml's
+    # v-prediction is what it reports (modules_forge/forge_loader.py:510-511)
+    model_log=r"LatentDiffusion: Running in v-prediction mode",
+    # SDClipModel keeps its own identity `text_projection` (ldm_patched/modules/sd1_clip.py), which no SD2 file
+    # fills (the OpenCLIP projection lands in `clip_h.transformer.text_projection`); SD2 never uses the
+    # projected pooled output. reForge logs it for every SD2 file, as "clip missing: [...logit_scale]" for SD1
+    known_log_lines=("WARNING:root:clip missing: ['clip_h.text_projection']",),
     cannot={
         "stock_hypernetwork_trainer": "reForge's in-tree hypernetwork trainer trains through the attention that no longer "
                                       "applies hypernetworks (modules/sd_hijack_optimizations.py:44-47, 186, ...)",

@@ -181,6 +181,16 @@ def residuals_usable_by_autograd(unet: torch.nn.Module) -> Iterator[bool]:
         yield True
 
 
+def is_sd2(m) -> bool:
+    """SD2 (OpenCLIP text encoder): the webui's flag, or what its text encoder is. reForge sets `is_sd2`
+    from `hasattr(cond_stage_model, "model")` on the hijack wrapper, which has no `model`
+    (modules_forge/forge_loader.py:523), so a real SD2 reads as SD1 there; the wrapped embedder says it."""
+    if getattr(m, "is_sd2", False):
+        return True
+    cond = getattr(m, "cond_stage_model", None)
+    return type(getattr(cond, "wrapped", cond)).__name__ == "FrozenOpenCLIPEmbedder"
+
+
 def host_applies_hypernetworks(unet: torch.nn.Module) -> bool:
     """Whether the host's attention forward applies `shared.loaded_hypernetworks`: A1111 replaces the
     forward of ldm's and sgm's CrossAttention with its own (modules.sd_hijack_optimizations, or
@@ -243,7 +253,7 @@ class A1111Host:
             encoders = tuple(TextEncoderInfo(key, int(w.encode_embedding_init_text(",", 1).shape[1]))
                              for key, w in _sdxl_text_wrappers(m))
         else:
-            family = "sd2" if getattr(m, "is_sd2", False) else "sd1"
+            family = "sd2" if is_sd2(m) else "sd1"
             encoders = (TextEncoderInfo(SINGLE, int(m.cond_stage_model.encode_embedding_init_text(",", 1).shape[1])),)
         autocast = None
         if devices.device.type == "cuda" and devices.dtype != torch.float32 and not shared.cmd_opts.no_half:

@@ -447,7 +447,9 @@ def family_note(sd_model) -> str:
             return "no model loaded yet (Forge loads it at the first generation or training job)"
         if type(sd_model).__name__ not in FAMILIES:
             return f"{type(sd_model).__name__}: not trainable by sdtrain"
-    family = "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+    from lib_sdtrain.hosts.a1111.host import is_sd2
+
+    family = "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if is_sd2(sd_model) else "sd1"
     if getattr(sd_model, "is_sd3", False):
         return "SD3: not trainable by sdtrain"
     title, what = _FAMILIES[family]
