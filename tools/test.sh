@@ -42,7 +42,7 @@ OMP_NUM_THREADS=1 "$FORGE_PY" -m pytest -n 2 -q tests/test_ui.py tests/test_api.
 # The host-contract suite inside real webuis: a developer's checkout (SDTRAIN_WEBUI_DIR, with
 # SDTRAIN_WEBUI_HOST naming its kind), or each host built from its archive in ../shared/hosts
 # (tools/webui.sh); a host whose archive is absent reports its tests as skipped, with the reason.
-if [ -n "${SDTRAIN_WEBUI_DIR:-}" ]; then HOSTS="${SDTRAIN_WEBUI_HOST:-a1111}"; else HOSTS="${SDTRAIN_WEBUI_HOSTS:-a1111 reforge forge}"; fi
+if [ -n "${SDTRAIN_WEBUI_DIR:-}" ]; then HOSTS="${SDTRAIN_WEBUI_HOST:-a1111}"; else HOSTS="${SDTRAIN_WEBUI_HOSTS:-a1111 reforge forge forge-classic}"; fi
 # Files cross between the webuis: each leaves what it trained (and its stock trainer wrote) in one
 # folder and loads what the ones before it left (tests/webui/test_contract.py, test_files_swap_...).
 SDTRAIN_EXCHANGE_DIR="$(mktemp -d -t sdtrain-exchange-XXXX)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real webui for the host-contract tests (tests/webui), built from a source archive.
 #
-#   bash tools/webui.sh a1111          # build once (cached by a stamp), print the variables (hosts: a1111, reforge, forge)
+#   bash tools/webui.sh a1111          # build once (cached by a stamp), print the variables (hosts: a1111, reforge, forge, forge-classic)
 #   eval "$(bash tools/webui.sh a1111)" # ... and export them into this shell
 #
 # Prints `export SDTRAIN_WEBUI_HOST=… SDTRAIN_WEBUI_DIR=… SDTRAIN_WEBUI_PYTHON=…` on stdout (progress
@@ -61,7 +61,19 @@ case "$HOST" in
     CONSTRAINTS=("torch==2.13.0+cpu" "torchvision==0.28.0")
     NODEPS=("open-clip-torch==2.20.0")
     ;;
-  *) say "unknown host '$HOST' (known: a1111, reforge, forge)"; exit 2 ;;
+  forge-classic)
+    ARCHIVE=forge-classic-1f95d717-src.tar.gz TOP=stable-diffusion-webui-forge-classic
+    # Forge Classic (Haoming02, the gradio-3 fork of the old Forge) has no requirements_versions.txt: its
+    # requirements.txt pins the same way (gradio 3.41, fastapi 0.94, pydantic 1, transformers 4.30,
+    # open-clip 2.20), with the same changes for current torch (setuptools — it imports pkg_resources —,
+    # the local CPU torch, numpy 1.26.4, open-clip without dependencies).
+    REQUIREMENTS=requirements.txt
+    DROP='^(setuptools|torch|open-clip-torch|numpy)\b'
+    EXTRA=("setuptools>=77.0.3,<81" "numpy==1.26.4" ftfy regex tqdm sentencepiece)
+    CONSTRAINTS=("torch==2.13.0+cpu" "torchvision==0.28.0")
+    NODEPS=("open-clip-torch==2.20.0")
+    ;;
+  *) say "unknown host '$HOST' (known: a1111, reforge, forge, forge-classic)"; exit 2 ;;
 esac
 
 HOSTS_DIR="${SDTRAIN_HOSTS_DIR:-$ROOT/../shared/hosts}"
@@ -96,7 +108,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 FIND_LINKS=()
 for d in $(pip config get global.find-links 2>/dev/null || true); do FIND_LINKS+=(--find-links "$d"); done
 UV=("$VENV/bin/python" -m uv pip install --quiet --python "$VENV/bin/python" "${FIND_LINKS[@]}")
-grep -vE "$DROP" "$WEBUI/requirements_versions.txt" > "$DEST/requirements.txt"
+grep -vE "$DROP" "$WEBUI/${REQUIREMENTS:-requirements_versions.txt}" > "$DEST/requirements.txt"
 printf '%s\n' "${EXTRA[@]}" >> "$DEST/requirements.txt"
 printf '%s\n' "${CONSTRAINTS[@]}" > "$DEST/constraints.txt"
 "${UV[@]}" -r "$DEST/requirements.txt" -c "$DEST/constraints.txt"

@@ -106,6 +106,9 @@ class ApiOptions:
     #: reload the host's embedding and hypernetwork lists from disk (every list the host keeps);
     #: returns what is listed now. None: no /sdtrain/v1/refresh route
     refresh: Callable[[], dict[str, list[str]]] | None = None
+    #: what the host offers sdtrain (its start-up probe: which features work here, and why not); None:
+    #: no /sdtrain/v1/host route
+    host_report: Callable[[], dict[str, Any]] | None = None
 
 
 def replace_routes(app: FastAPI, routes: list[tuple[str, str]]) -> int:
@@ -249,6 +252,15 @@ def make_router(service: JobService, options: ApiOptions | None = None) -> APIRo
             return refresh()
 
         router.add_api_route("/sdtrain/v1/refresh", refresh_lists, methods=["POST"], responses=_answers(*auth))
+    if options.host_report is not None:
+        host_report = options.host_report
+
+        def host():
+            """What this webui offers sdtrain, as probed at start-up: its model stack, folders, which
+            features are available here and, for each one that is not, why."""
+            return host_report()
+
+        router.add_api_route("/sdtrain/v1/host", host, methods=["GET"], responses=_answers(*auth))
     return router
 
 

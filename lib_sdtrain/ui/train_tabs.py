@@ -116,6 +116,8 @@ class UiContext:
     jobs_refresh_seconds: float = 3.0
     #: where a form may make a job write (None: anywhere): the webui confines it when others can reach it
     write_policy: Callable[[], WritePolicy | None] = lambda: None
+    #: what this webui cannot do for sdtrain, and why (the host probe's notes); "" when everything works
+    host_note: Callable[[], str] = lambda: ""
 
 
 def _optimizer_note() -> str:
@@ -304,7 +306,11 @@ def build_all_tabs(ctx: UiContext) -> None:
         captioner_note=_guarded(ctx.captioner_note, "", problems),
         tensorboard_note=_guarded(ctx.tensorboard_note, "", problems),
         optimizer_note=_guarded(ctx.optimizer_note, "", problems),
+        host_note=_guarded(ctx.host_note, "", problems),
     )
+    note = safe.host_note()
+    if note:  # a feature this host lacks: said once, above the sub-tabs
+        gr.HTML(value=note, elem_id="sdtrain_host_note")
     for listing in (safe.embedding_names, safe.hypernetwork_names, safe.template_names):
         listing()  # ask once up front, so the notes built below already say what is missing
     for title, build in (("Textual inversion", build_embedding_tab), ("Hypernetwork", build_hypernetwork_tab),

@@ -248,6 +248,8 @@ def webui_assets(tmp_path_factory):
     if HOST.sd1_model == "registered":  # the same tiny SD1, made known to the host's detector
         if HOST.name == "reforge":
             from reforge_tiny import write_tiny_sd1_for_reforge as write_registered
+        elif HOST.name == "forge-classic":
+            from classic_tiny import write_tiny_sd1_for_classic as write_registered
         else:
             from forge_tiny_sdxl import write_tiny_sd1_for_forge as write_registered
 
@@ -302,7 +304,13 @@ def sd2_assets(webui_assets):
     shim = {"scripts/register_arch.py": OPEN_CLIP_ARCH_SCRIPT,
             **{f"open_clip_configs/{f.name}": f.read_text() for f in configs.glob("*.json")}}
     shutil.rmtree(build)
-    return {**webui_assets, "ckpt": ckpt, "text_width": 64, "shims": {"sdtrain-test-open-clip-arch": shim}}
+    shims = {"sdtrain-test-open-clip-arch": shim}
+    if HOST.name == "reforge":  # the same checkpoint and yaml, its shapes registered with reForge's detector
+        from reforge_tiny import tiny_sd2_shim_for_reforge
+
+        shims["sdtrain-test-tiny-sd2"] = tiny_sd2_shim_for_reforge(
+            ckpt_dir, width=kw["text_width"], layers=kw["text_layers"], heads=kw["text_heads"])
+    return {**webui_assets, "ckpt": ckpt, "text_width": 64, "shims": shims}
 
 
 def _forge_sdxl_assets(webui_assets, request) -> dict:
@@ -426,7 +434,8 @@ class WebUI:
         self._out = open(self.log, "ab")  # noqa: SIM115 — lives as long as the server
         self.proc = subprocess.Popen(cmd, cwd=WEBUI_DIR, env=env, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.time() + 240
+        # a webui starts in 25-55 s on 2 idle cores; SDTRAIN_WEBUI_START_S allows more on a busy machine
+        deadline = time.time() + float(os.environ.get("SDTRAIN_WEBUI_START_S", "240"))
         while HOST.ready_line not in self.log_text()[self._log_from:]:  # an earlier request can crash start-up
             if self.proc.poll() is not None or time.time() > deadline:
                 self.stop()

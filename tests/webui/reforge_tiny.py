@@ -177,3 +177,117 @@ def write_tiny_sd1_for_reforge(root: Path, clip_dir: Path, seed: int = 0) -> dic
     script = _SHIM_TEMPLATE.format(clip_dir=str(clip_dir), vae=TINY_VAE_PARAMS, cls=CLASS_NAME,
                                    match=TINY_SD1_UNET_MATCH)  # fmt: skip
     return {"ckpt": ckpt, "shim": {SHIM_SCRIPT: script}}
+
+
+# --- SD2 (v-prediction, OpenCLIP text tower) ---------------------------------------------------------
+#
+# The tiny SD2 of the A1111 tests (conftest `sd2_assets`: ldm's FrozenOpenCLIPEmbedder, layer "penultimate",
+# over a toy open_clip architecture 64 wide, 2 layers, 2 heads; v-prediction), with its yaml beside it as on
+# A1111. reForge builds the A1111 shell from that yaml (forge_loader.py:395: its FrozenOpenCLIPEmbedder under
+# `no_clip()`, `parameterization: "v"` swapping the sampling, :510-511) and the real model from the detector's
+# class. `SD20` (supported_models.py:76-118) asks for `model_channels` 320 and context 1024, and its CLIP is
+# `SD2ClipModel` from `text_encoders/sd2_clip_config.json` (1024 x 24): a subclass with the tiny shapes,
+# `model_type` V_PREDICTION (SD20 guesses from a norm bias the tiny UNet lacks), its VAE marked with the tiny
+# config as for SD1, and a CLIP-H built from the toy tower's transformers config (GELU, mlp_ratio 4, LayerNorm
+# eps 1e-5, square text_projection, open_clip's pad id 0). SD20's `process_clip_state_dict` converts the
+# open_clip keys (`cond_stage_model.model.` -> `clip_h.`, utils.clip_text_transformers_convert, by key). The
+# penultimate layer is chosen by the A1111 side (forge_clip.py CLIP_SD_21_H: `hidden_states[-2]`, then
+# `final_layer_norm`), the same function as ldm's `encode_with_transformer` on 2 layers.
+SD2_SHIM_SCRIPT = "scripts/register_tiny_sd2_reforge.py"
+SD2_CLASS_NAME = "SdtrainTinySD2"
+
+_SD2_SHIM_TEMPLATE = '''"""Test-only (sdtrain tests/webui/reforge_tiny.py): make reForge's model detector take the tiny SD2
+(v-prediction) as an SD2, its CLIP-H built from the toy OpenCLIP tower's config, its VAE at the tiny sizes.
+The webui imports this at start-up, before it loads any model; importing it again changes nothing."""
+import torch
+from ldm_patched.modules import model_base, sd1_clip, supported_models, supported_models_base
+from modules_forge import forge_loader
+
+_TOKENIZER_DIR = {tokenizer_dir!r}
+_TEXT_CONFIG = {text_config!r}
+_VAE_PARAMS = {vae!r}
+
+
+class SdtrainTinyClipH(sd1_clip.SDClipModel):
+    def __init__(self, device="cpu", dtype=None, model_options={{}}, **kwargs):
+        super().__init__(device=device, dtype=dtype, model_options=model_options, textmodel_json_config=_TEXT_CONFIG,
+                         special_tokens={{"start": 49406, "end": 49407, "pad": 0}}, return_projected_pooled=True)
+
+
+class SdtrainTinySD2Clip(sd1_clip.SD1ClipModel):
+    def __init__(self, device="cpu", dtype=None, model_options={{}}, **kwargs):
+        super().__init__(device=device, dtype=dtype, model_options=model_options, clip_name="h",
+                         clip_model=SdtrainTinyClipH)
+
+
+class SdtrainTinyTokenizerH(sd1_clip.SDTokenizer):
+    def __init__(self, embedding_directory=None, tokenizer_data={{}}):
+        super().__init__(tokenizer_path=_TOKENIZER_DIR, pad_with_end=False, embedding_directory=embedding_directory,
+                         embedding_size={width}, embedding_key="clip_h", tokenizer_data=tokenizer_data)
+
+
+class SdtrainTinySD2Tokenizer(sd1_clip.SD1Tokenizer):
+    def __init__(self, embedding_directory=None, tokenizer_data={{}}):
+        super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data, clip_name="h",
+                         tokenizer=SdtrainTinyTokenizerH)
+
+
+class _VAEStateDict(dict):
+    """the tiny model's VAE weights, carrying the config its VAE is built from"""
+
+
+class {cls}(supported_models.SD20):
+    unet_config = {match!r}
+    unet_extra_config = {{"num_heads": 2, "num_head_channels": -1, "attn_precision": torch.float32}}
+
+    def model_type(self, state_dict, prefix=""):
+        return model_base.ModelType.V_PREDICTION
+
+    def process_vae_state_dict(self, state_dict):
+        out = _VAEStateDict(super().process_vae_state_dict(state_dict))
+        out.sdtrain_vae_config = {{"params": _VAE_PARAMS}}
+        return out
+
+    def clip_target(self, state_dict={{}}):
+        return supported_models_base.ClipTarget(SdtrainTinySD2Tokenizer, SdtrainTinySD2Clip)
+
+
+if not getattr(forge_loader.VAE, "sdtrain_tiny_vae", False):
+    class SdtrainTinyAwareVAE(forge_loader.VAE):
+        """reForge's VAE; given the weights a tiny class marked, built with their config instead of SD's sizes"""
+
+        sdtrain_tiny_vae = True
+
+        def __init__(self, sd=None, device=None, config=None, dtype=None, metadata=None, no_init=False):
+            if config is None:
+                config = getattr(sd, "sdtrain_vae_config", None)
+            super().__init__(sd=sd, device=device, config=config, dtype=dtype, metadata=metadata, no_init=no_init)
+
+    forge_loader.VAE = SdtrainTinyAwareVAE
+
+if not any(getattr(m, "__name__", None) == {cls!r} for m in supported_models.models):
+    supported_models.models.insert(0, {cls})
+    print("[sdtrain-test] registered {cls} with reForge's model detector")
+'''
+
+
+def tiny_sd2_shim_for_reforge(root: Path, *, width: int, layers: int, heads: int) -> dict:
+    """The test-only extension that registers the tiny SD2 (`sd2_assets`'s checkpoint and yaml, unchanged)
+    with reForge's detector: {relative path: text}. Its tokenizer files go to `root/tiny-sd2-tokenizer`
+    (named by absolute path in the shim: they must stay while the server runs)."""
+    from forge_tiny_sdxl import TINY_SD2_UNET_MATCH
+
+    from lib_sdtrain.hosts.standalone.tokenizer import MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+
+    tokenizer_dir = Path(root).resolve() / "tiny-sd2-tokenizer"
+    write_clip_tokenizer(tokenizer_dir)
+    text_config = {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        "hidden_size": width, "intermediate_size": 4 * width, "projection_dim": width,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5, "max_position_embeddings": MAX_LENGTH, "vocab_size": VOCAB_SIZE,
+        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0,
+    }  # fmt: skip
+    script = _SD2_SHIM_TEMPLATE.format(tokenizer_dir=str(tokenizer_dir), text_config=text_config, vae=TINY_VAE_PARAMS,
+                                       cls=SD2_CLASS_NAME, match=TINY_SD2_UNET_MATCH, width=width)  # fmt: skip
+    return {SD2_SHIM_SCRIPT: script}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from webui_hosts import selected
+from webui_hosts import offers, selected
 
 from lib_sdtrain.core.formats.embedding_io import load_embedding
 
@@ -70,12 +71,38 @@ def test_starts_cleanly_with_the_sub_tabs(webui):
         return None
 
     where = ancestors_labels(config["layout"], "Textual inversion (sdtrain)")
-    assert where is not None and where[0] == ("Train" if HOST.verdict("train_tab") is None else "Train (sdtrain)"), where
+    assert where is not None and where[0] == ("Train" if offers(webui, "train_tab") is None else "Train (sdtrain)"), where
     ids = {c["props"].get("elem_id") for c in config["components"]}
     for kind in ("embedding", "hypernetwork"):
         assert {f"sdtrain_train_{kind}_{x}" for x in ("button", "stop", "loss_chart", "lr_chart", "previews", "status")} <= ids
         assert f"sdtrain_create_{kind}_button" in ids
     assert {"sdtrain_jobs_table", "sdtrain_jobs_open", "sdtrain_jobs_stop"} <= ids
+
+
+def test_host_probe_says_what_this_webui_offers(webui):
+    """The start-up probe (lib_sdtrain/hosts/a1111/capabilities.py) finds this webui's model code, whether it
+    called the Train-tab callback, where hypernetworks live and whether `<hypernet:...>` works: one log line,
+    the same at GET /sdtrain/v1/host, and a note in the tab naming each feature that is not available."""
+    lines = [ln for ln in webui.log_text().splitlines() if ln.startswith("[sdtrain] host: ")]
+    assert len(lines) == 1, lines
+    status, report = webui.get("/sdtrain/v1/host")
+    assert status == 200, report
+    assert f"model {report['model_stack']};" in lines[0] and report["model_stack"] in ("ldm/sgm", "ldm_patched",
+                                                                                     "forge backend")
+    assert report["hypernetwork_dir"] == str(webui.hypernetworks), report
+    print(f"\n{HOST.name}: {lines[0]}")
+    if HOST.model_stack is not None:  # a known host: the probe finds what its spec says
+        assert report["model_stack"] == HOST.model_stack, report
+        assert report["train_tab"] is (HOST.verdict("train_tab") is None), report
+        assert report["features"]["hypernet_prompt"]["available"] is (HOST.verdict("hypernetwork_prompt") is None)
+        assert ("sdtrain's --hypernetwork-dir" in report["hypernetwork_dir_source"]) is (not HOST.hypernetwork_pages)
+    _, config = webui.get("/config")
+    notes = [c["props"].get("value", "") for c in config["components"] if c["props"].get("elem_id") == "sdtrain_host_note"]
+    if report["unavailable"]:
+        assert len(notes) == 1 and all(html.escape(why) in notes[0] for why in report["unavailable"].values()), notes
+        assert "Not available in this webui" in notes[0], notes
+    else:
+        assert notes == [], notes
 
 
 def test_create_and_train_through_the_host_routes(webui, webui_assets):
@@ -272,6 +299,8 @@ def test_hypernetwork_trains_its_modules_only(webui, webui_assets):
 
 @pytest.mark.needs("hypernetwork_prompt")
 def test_hypernetwork_create_train_and_use_in_a_prompt(webui, webui_assets):
+    if offers(webui, "hypernetwork_prompt"):  # an untried webui whose probe says it cannot
+        pytest.skip(f"the webui's sdtrain probe: <hypernet:...> {offers(webui, 'hypernetwork_prompt')}")
     status, out = webui.post("/sdapi/v1/create/hypernetwork", {"name": "cthn", "enable_sizes": ["768", "320"],
                                                                "layer_structure": "1, 2, 1"})
     assert status == 200 and out["info"] == f"create hypernetwork filename: {webui.hypernetworks / 'cthn.pt'}"
@@ -281,11 +310,17 @@ def test_hypernetwork_create_train_and_use_in_a_prompt(webui, webui_assets):
             "preview_steps": 4, "log_directory": str(webui.dir / "hn_log")}
     status, out = webui.post("/sdapi/v1/train/hypernetwork", body)
     assert out["info"] == f"train hypernetwork complete: filename: {webui.hypernetworks / 'cthn.pt'} error: None"
-    _, listed = webui.get("/sdapi/v1/hypernetworks")
-    assert "cthn" in [h["name"] for h in listed]
-    # a card on the Hypernetworks extra-networks page (Forge stopped registering the page: sdtrain does)
-    status, card = webui.get("/sd_extra_networks/get-single-card?page=hypernetworks&tabname=txt2img&name=cthn")
-    assert status == 200 and "hypernet:cthn:" in card["html"], card
+    if offers(webui, "hypernetwork_pages") is None:
+        _, listed = webui.get("/sdapi/v1/hypernetworks")
+        assert "cthn" in [h["name"] for h in listed]
+        # a card on the Hypernetworks extra-networks page (Forge stopped registering the page: sdtrain does)
+        status, card = webui.get("/sd_extra_networks/get-single-card?page=hypernetworks&tabname=txt2img&name=cthn")
+        assert status == 200 and "hypernet:cthn:" in card["html"], card
+    else:  # the webui removed hypernetworks: sdtrain lists the folder, and says the cards page is missing
+        _, listed = webui.post("/sdtrain/v1/refresh")
+        assert "cthn" in listed["hypernetworks"], listed
+        _, report = webui.get("/sdtrain/v1/host")
+        assert "hypernetwork_cards" in report["unavailable"], report
     plain, _ = webui.txt2img("a red circle", seed=3)
     with_hn, info = webui.txt2img("a red circle <hypernet:cthn:1>", seed=3)
     zero, _ = webui.txt2img("a red circle <hypernet:cthn:0>", seed=3)
@@ -397,7 +432,7 @@ def test_files_swap_between_webuis(webui, webui_assets):
     for f in theirs["embeddings"]:
         _, info = webui.txt2img(f"a photo of {f.stem}")
         assert HOST.names_embedding(info, f.stem), (f.name, info)
-    if HOST.verdict("hypernetwork_prompt") is None:
+    if offers(webui, "hypernetwork_prompt") is None:
         plain, _ = webui.txt2img("a red circle", seed=3)
         for f in theirs["hypernetworks"]:
             with_hn, _ = webui.txt2img(f"a red circle <hypernet:{f.stem}:1>", seed=3)

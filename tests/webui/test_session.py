@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import WebUI
-from webui_hosts import selected
+from webui_hosts import offers, selected
 
 from lib_sdtrain.core.formats.embedding_io import load_embedding
 
@@ -36,7 +36,7 @@ CHROMIUM = os.environ.get("SDTRAIN_CHROMIUM") or shutil.which("chromium") or shu
 pytestmark = pytest.mark.webui
 needs_browser = pytest.mark.skipif(not CHROMIUM, reason="no chromium here (tools/browser.sh installs Debian's)")
 #: the shutdown signal sent mid-run in each host
-SHUTDOWN = {"a1111": signal.SIGINT, "reforge": signal.SIGTERM, "forge": signal.SIGINT}[HOST.name]
+SHUTDOWN = signal.Signals[HOST.shutdown_signal]
 STEPS = 40
 VIEWPORT = {"width": 1366, "height": 768}
 
@@ -87,9 +87,10 @@ def fill(pg, elem_id: str, value) -> None:
 @needs_browser
 def test_train_from_the_tab_in_a_browser(page, webui, webui_assets):
     pg = page
-    top = "Train" if HOST.verdict("train_tab") is None else "Train (sdtrain)"
+    in_train_tab = offers(webui, "train_tab") is None
+    top = "Train" if in_train_tab else "Train (sdtrain)"
     tab_button(pg, "#tabs", top).click()
-    if HOST.verdict("train_tab") is None:
+    if in_train_tab:
         # the host's own training sub-tabs are hidden (sdtrain serves their routes), its output column too
         pg.wait_for_function("() => [...document.querySelectorAll('#train_tabs .tab-nav button')].filter("
                              "b => ['Create embedding', 'Create hypernetwork', 'Train'].includes(b.textContent.trim()))"

@@ -57,6 +57,16 @@ class HostSpec:
     api_lists_skipped_embeddings: bool = True
     #: the log line that says the model was built as the test meant (`{config}`: the yaml's name, escaped)
     model_log: str = r"Creating model from config: \S*{config}"
+    #: log lines the host prints for every model of a kind, which are not problems (assert_clean_log)
+    known_log_lines: tuple[str, ...] = ()
+    #: the host lists hypernetworks itself (/sdapi/v1/hypernetworks) and has their cards page; where it
+    #: removed hypernetworks, sdtrain's /sdtrain/v1/refresh lists them and `<hypernet:...>` still works
+    hypernetwork_pages: bool = True
+    #: the model code sdtrain's start-up probe must find (lib_sdtrain/hosts/a1111/capabilities.py); None:
+    #: not known beforehand (an untried webui), the probe's answer is what the tests go by
+    model_stack: str | None = "ldm/sgm"
+    #: the signal a user or service manager ends this host with in the restart test
+    shutdown_signal: str = "SIGINT"
 
     def names_embedding(self, infotext: str, name: str) -> bool:
         import re
@@ -116,16 +126,23 @@ REFORGE = HostSpec(
     # <hypernet:...>: reForge loads them but never applies them (A1111's attention overrides are commented
     # out: modules/sd_hijack_optimizations.py:44-47, 186, ...); sdtrain's always-on script applies them
     # through the UNet patcher (lib_sdtrain/hosts/forge/generation.py)
-    claims=frozenset({"sd1", "train_tab", "stock_trainer", "preprocess", "hypernetwork_prompt"}),
+    claims=frozenset({"sd1", "train_tab", "stock_trainer", "preprocess", "hypernetwork_prompt", "sd2",
+                      "sd2_tiny_prompt"}),
+    shutdown_signal="SIGTERM",
+    model_stack="ldm_patched",
+    # reForge builds the A1111 shell from the yaml and prints no "Creating model from config"; the yaml's
+    # v-prediction is what it reports (modules_forge/forge_loader.py:510-511)
+    model_log=r"LatentDiffusion: Running in v-prediction mode",
+    # SDClipModel keeps its own identity `text_projection` (ldm_patched/modules/sd1_clip.py), which no SD2 file
+    # fills (the OpenCLIP projection lands in `clip_h.transformer.text_projection`); SD2 never uses the
+    # projected pooled output. reForge logs it for every SD2 file, as "clip missing: [...logit_scale]" for SD1
+    known_log_lines=("WARNING:root:clip missing: ['clip_h.text_projection']",),
     cannot={
         "toyworld_sd1": "the detector takes only registered shapes (tiny SD1, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
         "stock_hypernetwork_trainer": "reForge's in-tree hypernetwork trainer trains through the attention that no longer "
                                       "applies hypernetworks (modules/sd_hijack_optimizations.py:44-47, 186, ...)",
-        "sd2": "the detector takes SD2 only at real shapes (ldm_patched/modules/supported_models.py:76-83; OpenCLIP-H "
-               "text encoder fixed at 1024 x 24 layers); registering the tiny SD2 as the tiny SD1 is not built yet",
         "inpainting": "the detector takes SD1.5 inpainting only at real shapes; registering the tiny inpainting model "
                       "as the tiny SD1 is not built yet",
-        "sd2_tiny_prompt": "no SD2 here (see sd2)",
         "sdxl": "the detector takes SDXL only at real shapes (ldm_patched/modules/supported_models.py:189-197; CLIP-G "
                 "fixed at 1280 x 32 layers): 3.5 B parameters, ~14 GB in fp32 in the server and as much again for "
                 "the standalone reference in the test process, beyond this machine's 23 GB",
@@ -157,6 +174,7 @@ FORGE = HostSpec(
     # Forge builds the model from the state dict, not the yaml (backend/loader.py, split_state_dict)
     model_log=r"StateDict Keys: \{{'unet'",
     api_lists_skipped_embeddings=False,
+    model_stack="forge backend",
     claims=frozenset({"sd1", "hypernetwork_prompt", "preprocess", "sdxl", "sd2", "inpainting"}),
     cannot={
         "toyworld_sd1": "the detector takes only registered shapes (tiny SD1, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
@@ -172,7 +190,93 @@ FORGE = HostSpec(
     },
 )
 
-HOSTS = {spec.name: spec for spec in (A1111, REFORGE, FORGE)}
+#: Forge Classic (Haoming02/sd-webui-forge-classic, classic 1f95d717): the gradio-3 fork of the old Forge, an
+#: A1111 front end (its objects: sd_hijack's embedding database, shared.state, processing) over
+#: `ldm_patched`, like reForge; no Train tab, training and hypernetworks removed (no modules/hypernetworks,
+#: no --hypernetwork-dir, no `<hypernet:...>`). sdtrain adapts by what it finds (lib_sdtrain/hosts/a1111/
+#: capabilities.py): its own tab, its own --hypernetwork-dir and `<hypernet:...>`, clones where the UNet adds
+#: into its residual in place.
+FORGE_CLASSIC = HostSpec(
+    name="forge-classic",
+    title="Forge Classic 1f95d717",
+    # Forge's line minus --precision full (Classic removed the flag and its parser refuses it); --always-cpu
+    # and --clip-in-fp32 are ldm_patched's (ldm_patched/modules/args_parser.py:81, :68): without the latter
+    # the CPU text encoder is fp16 (model_management.py:700-701).
+    launch_args=("--skip-prepare-environment", "--skip-install", "--skip-version-check", "--use-cpu", "all",
+                 "--always-cpu", "--clip-in-fp32", "--no-half", "--skip-torch-cuda-test", "--no-download-sd-model"),
+    # the detector takes SD1.5 only at its real shapes; the tiny SD1 is registered with it by a test-only
+    # extension, as for reForge (tests/webui/classic_tiny.py)
+    sd1_model="registered",
+    # live previews would download the SD1 Approx-NN model
+    settings={"live_previews_enable": False},
+    hypernetwork_pages=False,
+    model_stack="ldm_patched",
+    claims=frozenset({"sd1", "preprocess", "hypernetwork_prompt"}),
+    cannot={
+        "toyworld_sd1": "the detector takes only registered shapes (tiny SD1); registering the toy world's own UNet/VAE sizes with it is not built yet",
+        "train_tab": "Forge Classic has no Train tab (modules/ui.py never calls ui_train_tabs_callback): sdtrain's "
+                     "top-level tab holds the same sub-tabs (checked by the same test)",
+        "stock_trainer": "Forge Classic removed its trainers (modules/textual_inversion keeps loading code only; "
+                         "Embedding.save raises 'Training is not supported'): there is no stock file to continue",
+        "stock_hypernetwork_trainer": "Forge Classic removed hypernetworks entirely (no modules/hypernetworks)",
+        "sd2": "the detector takes SD2 only at real shapes (ldm_patched/modules/supported_models.py SD20); "
+               "registering the tiny SD2 with it is not built yet",
+        "sd2_tiny_prompt": "no SD2 here (see sd2)",
+        "inpainting": "the detector takes SD1.5 inpainting only at real shapes; registering the tiny inpainting "
+                      "model is not built yet",
+        "sdxl": "the detector takes SDXL only at real shapes (ldm_patched/modules/supported_models.py:187-197); "
+                "registering the tiny SDXL (CLIP-L + CLIP-G built from tiny configs, the A1111 shell from "
+                "sd_xl_base.yaml) with it is not built yet",
+    },
+)
+
+#: A webui sdtrain was never tried in (SDTRAIN_WEBUI_DIR=<its checkout> SDTRAIN_WEBUI_HOST=other, extra start
+#: flags in SDTRAIN_WEBUI_ARGS, e.g. "--always-cpu" for an ldm_patched fork): the random SD1.5 at its real
+#: shapes (every A1111-family detector takes it), the flags every A1111-family webui knows, and no claims
+#: beyond SD1 training: what else it offers (Train tab, `<hypernet:...>`, hypernetwork pages) is what its
+#: sdtrain probe says at GET /sdtrain/v1/host, and the tests that depend on it follow that answer.
+OTHER = HostSpec(
+    name="other",
+    title="an untried webui (SDTRAIN_WEBUI_DIR)",
+    launch_args=("--skip-prepare-environment", "--skip-version-check", "--use-cpu", "all", "--no-half",
+                 "--skip-torch-cuda-test", "--no-download-sd-model", *os.environ.get("SDTRAIN_WEBUI_ARGS", "").split()),
+    sd1_model="full",
+    settings={"live_previews_enable": False},
+    # A1111's hashed form or Forge's names-only form
+    embedding_infotext=r'(?:TI hashes: "[^"]*{name}: [0-9a-f]{{12}}|TI: "?(?:[^,\n"]+, )*{name}(?:[,"\n]|$))',
+    model_stack=None,
+    claims=frozenset({"sd1", "preprocess", "hypernetwork_prompt", "train_tab"}),
+    cannot=dict.fromkeys(("sd2", "sd2_tiny_prompt", "inpainting", "sdxl", "stock_trainer", "stock_hypernetwork_trainer",
+                          "toyworld_sd1"),
+                         "not declared for an untried webui: add a HostSpec in tests/webui/webui_hosts.py once known"),
+)
+
+HOSTS = {spec.name: spec for spec in (A1111, REFORGE, FORGE, FORGE_CLASSIC, OTHER)}
+
+
+#: the probe's name for each capability a test may ask a running server about
+_PROBED = {"train_tab": "train_tab", "hypernetwork_prompt": "hypernet_prompt", "hypernetwork_pages": "hypernetwork_cards"}
+
+
+def offers(server, capability: str) -> str | None:
+    """None when the host under test offers `capability` (its spec says so; for an untried webui, its
+    sdtrain probe at `server`), else why not."""
+    host = selected()
+    if host.model_stack is not None:
+        if capability == "hypernetwork_pages":
+            return None if host.hypernetwork_pages else f"{host.title} has no hypernetwork list or cards page"
+        return host.verdict(capability)
+    return probed(server, _PROBED[capability])
+
+
+def probed(server, feature: str) -> str | None:
+    """For an untried webui: None when its sdtrain probe says `feature` ("train_tab", or a key of the
+    report's features) is available, else the probe's reason. Known hosts answer from their spec."""
+    _, report = server.get("/sdtrain/v1/host")
+    if feature == "train_tab":
+        return None if report["train_tab"] else "the webui never called the Train-tab callback"
+    item = report["features"][feature]
+    return None if item["available"] else item["detail"]
 
 
 def selected() -> HostSpec:

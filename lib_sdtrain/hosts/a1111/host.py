@@ -56,6 +56,7 @@ def clear_cond_caches() -> None:
 
 def captioner_status() -> dict[str, str]:
     """For each captioner, "" when its model files are on disk, else what is missing."""
+    import importlib.util
     import os
 
     from modules import paths, shared
@@ -64,14 +65,18 @@ def captioner_status() -> dict[str, str]:
         return os.path.isdir(folder) and any(f.endswith(ext) for f in os.listdir(folder))
 
     blip_dir = os.path.join(paths.models_path, "BLIP")
-    clip_dir = shared.cmd_opts.clip_models_path or os.path.expanduser("~/.cache/clip")
-    status = {"blip": "", "deepbooru": ""}
-    if not has(blip_dir, ".pth"):
+    clip_dir = getattr(shared.cmd_opts, "clip_models_path", None) or os.path.expanduser("~/.cache/clip")
+    # webuis that removed the interrogators (Forge Classic: no modules/interrogate.py, modules/deepbooru.py)
+    status = {name: "" if importlib.util.find_spec(f"modules.{module}") else f"this webui has no {module}.py"
+              for name, module in (("blip", "interrogate"), ("deepbooru", "deepbooru"))}
+    if status["blip"]:
+        pass  # no interrogator: model files would not help
+    elif not has(blip_dir, ".pth"):
         status["blip"] = f"no BLIP model in {blip_dir}"
     elif not os.path.isfile(os.path.join(clip_dir, "ViT-L-14.pt")):
         status["blip"] = f"no CLIP ViT-L/14 model in {clip_dir}"
     deepbooru_dir = os.path.join(paths.models_path, "torch_deepdanbooru")
-    if not has(deepbooru_dir, ".pt"):
+    if not status["deepbooru"] and not has(deepbooru_dir, ".pt"):
         status["deepbooru"] = f"no DeepBooru model in {deepbooru_dir}"
     return status
 
@@ -120,6 +125,70 @@ def _trainable_conditioner(m) -> Iterator[None]:
                 e.__dict__.pop("ucg_rate", None)
             else:
                 e.ucg_rate = ucg
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _loaded_hypernetworks(value: list) -> Iterator[None]:
+    """`shared.loaded_hypernetworks` = value while inside, as it was afterwards; on a webui without the
+    attribute (Forge Classic removed hypernetworks) nothing is added to its module."""
+    from modules import shared
+
+    previous = shared.__dict__.get("loaded_hypernetworks", _MISSING)
+    if previous is _MISSING:
+        yield
+        return
+    shared.loaded_hypernetworks = value
+    try:
+        yield
+    finally:
+        shared.loaded_hypernetworks = previous
+
+
+@contextlib.contextmanager
+def residuals_usable_by_autograd(unet: torch.nn.Module) -> Iterator[bool]:
+    """Probe the UNet's transformer blocks under autograd (one small forward and backward); where they
+    add attention outputs into the residual in place after a LayerNorm saved it (Forge Classic's
+    ldm_patched BasicTransformerBlock: `x += n`), hand norm1/norm2 a clone while inside, and check
+    again. Yields whether clones were needed. An UNet that still fails is refused with what to report."""
+    from lib_sdtrain.hosts.a1111 import capabilities
+    from lib_sdtrain.hosts.forge.trainable import (
+        out_of_place_residuals,
+        residual_in_place,
+        transformer_blocks,
+    )
+
+    blocks = transformer_blocks(unet)
+    if not blocks:
+        yield False
+        return
+    cls = type(blocks[0])
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    verdict = residual_in_place(blocks[0])
+    if not verdict:
+        capabilities.record_autograd(f"{name}: out-of-place residuals, nothing to do" if verdict is False else
+                                     f"{name}: could not be probed (unknown block signature); trained as it is")
+        yield False
+        return
+    with out_of_place_residuals(unet, cls):
+        if residual_in_place(blocks[0]):
+            raise SdtrainError(f"this webui's UNet ({name}) modifies tensors autograd needs in place, beyond the "
+                               "LayerNorm inputs sdtrain can protect: training cannot backpropagate through it")
+        capabilities.record_autograd(f"{name}: adds into its residual in place; sdtrain hands norm1/norm2 a clone "
+                                     "while training")
+        yield True
+
+
+def is_sd2(m) -> bool:
+    """SD2 (OpenCLIP text encoder): the webui's flag, or what its text encoder is. reForge sets `is_sd2`
+    from `hasattr(cond_stage_model, "model")` on the hijack wrapper, which has no `model`
+    (modules_forge/forge_loader.py:523), so a real SD2 reads as SD1 there; the wrapped embedder says it."""
+    if getattr(m, "is_sd2", False):
+        return True
+    cond = getattr(m, "cond_stage_model", None)
+    return type(getattr(cond, "wrapped", cond)).__name__ == "FrozenOpenCLIPEmbedder"
 
 
 def host_applies_hypernetworks(unet: torch.nn.Module) -> bool:
@@ -184,7 +253,7 @@ class A1111Host:
             encoders = tuple(TextEncoderInfo(key, int(w.encode_embedding_init_text(",", 1).shape[1]))
                              for key, w in _sdxl_text_wrappers(m))
         else:
-            family = "sd2" if getattr(m, "is_sd2", False) else "sd1"
+            family = "sd2" if is_sd2(m) else "sd1"
             encoders = (TextEncoderInfo(SINGLE, int(m.cond_stage_model.encode_embedding_init_text(",", 1).shape[1])),)
         autocast = None
         if devices.device.type == "cuda" and devices.dtype != torch.float32 and not shared.cmd_opts.no_half:
@@ -326,19 +395,15 @@ class A1111Host:
         Where the host's attention does not apply them (reForge: its UNet is ldm_patched's and its
         calls to apply_hypernetworks are commented out), they are attached by hooks instead
         (core.hypernetwork.attach), for training and previews alike."""
-        _, _, _, _, shared, _ = _modules()
-        previous = list(getattr(shared, "loaded_hypernetworks", []))
         unet = self.model().model.diffusion_model
-        attach = contextlib.nullcontext() if host_applies_hypernetworks(unet) else attach_hypernetworks(
-            unet, list(hypernetworks))
-        shared.loaded_hypernetworks = list(hypernetworks) if isinstance(attach, contextlib.nullcontext) else []
+        by_host = host_applies_hypernetworks(unet)
+        attach = contextlib.nullcontext() if by_host else attach_hypernetworks(unet, list(hypernetworks))
         self._hypernetworks = list(hypernetworks)
         clear_cond_caches()
         try:
-            with attach:
+            with _loaded_hypernetworks(list(hypernetworks) if by_host else []), attach:
                 yield
         finally:
-            shared.loaded_hypernetworks = previous
             self._hypernetworks = []
 
     @contextlib.contextmanager
@@ -349,22 +414,22 @@ class A1111Host:
             shared.state.begin(job=f"sdtrain-{label}")
             shared.state.textinfo = f"sdtrain: {label}"
             flags = [(p, p.requires_grad) for p in m.parameters()]
-            hypernetworks = list(getattr(shared, "loaded_hypernetworks", []))
             # reForge has no undo_optimizations (its sd_hijack keeps the attention as it is)
             undo_attention = not options.attention_optimization and hasattr(sd_hijack, "undo_optimizations")
             try:
                 # the host computes UNet and CLIP weight gradients it never uses; we freeze them
                 for p, _ in flags:
                     p.requires_grad_(False)
-                shared.loaded_hypernetworks = []  # the prompt's <hypernet:...> must not leak into TI
                 if undo_attention:
                     sd_hijack.undo_optimizations()
-                with checkpointing.enabled(options.gradient_checkpointing, m.model.diffusion_model):
+                unet = m.model.diffusion_model
+                # the prompt's <hypernet:...> must not leak into TI
+                with _loaded_hypernetworks([]), residuals_usable_by_autograd(unet) as cloned, checkpointing.enabled(
+                        options.gradient_checkpointing, unet, clone_input=cloned):
                     yield A1111Session(label)
             finally:
                 if undo_attention:
                     sd_hijack.apply_optimizations()
-                shared.loaded_hypernetworks = hypernetworks
                 for p, flag in flags:
                     p.requires_grad_(flag)
                 self._inpaint_cache = {}

@@ -52,10 +52,19 @@ def _refresh_embeddings() -> None:
 
 
 def _refresh_hypernetworks() -> None:
-    """New files appear in /sdapi/v1/hypernetworks and the Hypernetworks cards at once."""
+    """New files appear in /sdapi/v1/hypernetworks and the Hypernetworks cards at once (where the webui
+    keeps such a list; without one, sdtrain lists the folder each time it is asked)."""
     from modules import shared
 
-    shared.reload_hypernetworks()
+    if hasattr(shared, "reload_hypernetworks"):
+        shared.reload_hypernetworks()
+
+
+def hypernetwork_dir() -> str:
+    """The webui's --hypernetwork-dir, sdtrain's where the webui has none, else <models>/hypernetworks."""
+    from lib_sdtrain.hosts.a1111 import capabilities
+
+    return capabilities.hypernetwork_dir()[0]
 
 
 def _wrapped_runners() -> dict[str, tuple[type, Any]]:
@@ -148,7 +157,7 @@ def job_defaults(kind: str) -> dict[str, Any]:
                 out[key] = cast(getattr(opts, key))
     if "hypernetwork" in kind:
         out.pop("embeddings_dir", None)
-        out["hypernetwork_dir"] = cmd.hypernetwork_dir
+        out["hypernetwork_dir"] = hypernetwork_dir()
     fields = {f["name"] for f in job_config_types()[kind].describe()} if kind in job_config_types() else set(out)
     return {k: v for k, v in out.items() if k in fields}
 
@@ -202,7 +211,17 @@ def tensorboard_note() -> str:
 def hypernetwork_names() -> list[str]:
     from modules import shared
 
-    return sorted(shared.hypernetworks, key=str.lower)
+    if hasattr(shared, "hypernetworks"):
+        return sorted(shared.hypernetworks, key=str.lower)
+    # a webui without hypernetworks (Forge Classic): the names its `<hypernet:...>` (sdtrain's) resolves
+    from lib_sdtrain.core.hypernetwork.network import find_hypernetwork_file
+
+    folder = hypernetwork_dir()
+    names = set()
+    for _root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        names.update(f[:-3] for f in files if f.endswith(".pt") and not f.startswith("."))
+    return sorted((n for n in names if find_hypernetwork_file(folder, n)), key=str.lower)
 
 
 def refresh_hypernetworks() -> list[str]:
@@ -287,7 +306,7 @@ def write_policy():
         return None
     cmd = shared.cmd_opts
     roots = [getattr(paths, "data_path", None) or os.getcwd(), getattr(cmd, "embeddings_dir", None),
-             getattr(cmd, "hypernetwork_dir", None)]
+             hypernetwork_dir()]
     return WritePolicy(tuple(dict.fromkeys(os.path.abspath(r) for r in roots if r)),
                        hint="the webui's owner can allow other folders in Settings → sdtrain")
 
@@ -312,16 +331,12 @@ def serve_host_routes() -> bool:
 
 
 def is_forge() -> bool:
-    """lllyasviel's Forge (2.x), by its own markers: its version module says 2.x and its models load
-    through `sd_models.forge_model_reload`. Forge has no Train tab and its own backend (adapter:
-    hosts/forge). reForge also ships `modules_forge` (version 1.x) but keeps A1111's
-    Train tab and A1111's objects, so a `modules_forge` folder alone says nothing."""
-    try:
-        from modules import sd_models
-        from modules_forge import forge_version
-    except ImportError:
-        return False
-    return str(getattr(forge_version, "version", "")).startswith("2.") and hasattr(sd_models, "forge_model_reload")
+    """The webui runs Forge's own model code (`backend/`, loaded through `sd_models.forge_model_reload`):
+    adapter hosts/forge. reForge and Forge Classic also ship `modules_forge`, but keep A1111's objects over
+    `ldm_patched`, so a `modules_forge` folder (or a version string) alone says nothing."""
+    from lib_sdtrain.hosts.a1111 import capabilities
+
+    return capabilities.model_stack() == capabilities.FORGE_BACKEND
 
 
 def has_unet_patcher() -> bool:
@@ -344,11 +359,46 @@ def remember_app(app) -> None:
 
 
 def before_ui() -> None:
-    """on_before_ui: Forge stopped registering the Hypernetworks cards page; sdtrain brings it back."""
-    if is_forge():
+    """on_before_ui: Forge stopped registering the Hypernetworks cards page; sdtrain brings it back where
+    the webui still has the page's code. A webui that no longer parses `<hypernet:...>` (Forge Classic)
+    gets sdtrain's extra network for it."""
+    import importlib.util
+
+    from lib_sdtrain.hosts.a1111 import hypernet_prompt
+
+    if is_forge() and importlib.util.find_spec("modules.ui_extra_networks_hypernets") is not None:
         from lib_sdtrain.hosts.forge import webui
 
         webui.register_hypernetwork_page()
+    try:
+        hypernet_prompt.register_if_missing(hypernetwork_dir)
+    except Exception:  # never take the UI down: the host report says <hypernet:...> is not parsed
+        log.exception("sdtrain: registering <hypernet:...> failed")
+
+
+def host_report() -> dict[str, Any]:
+    """GET /sdtrain/v1/host: the probe's result (hosts/a1111/capabilities.py)."""
+    from lib_sdtrain.hosts.a1111 import capabilities
+
+    return capabilities.probe().as_dict()
+
+
+def host_note() -> str:
+    """The tab's note: what this webui cannot do for sdtrain, and why."""
+    from lib_sdtrain.hosts.a1111 import capabilities
+
+    return capabilities.probe().note()
+
+
+def log_host() -> None:
+    """One line at start-up: what the probe found."""
+    from lib_sdtrain.hosts.a1111 import capabilities
+
+    try:
+        line = capabilities.probe().log_line()
+    except Exception as e:  # the probe must never stop the webui
+        line = f"[sdtrain] host: the probe failed ({type(e).__name__}: {e}); features may be missing"
+    print(line, flush=True)
 
 
 def host_api_enabled() -> bool:
@@ -371,6 +421,7 @@ def captioner_note() -> str:
     for name, label in (("blip", "BLIP"), ("deepbooru", "DeepBooru")):
         missing = captioner_status()[name]
         parts.append(f"{label}: available" if not missing else
+                     f"{label}: not available ({missing})" if missing.startswith("this webui has no") else
                      f"{label}: not available ({missing}; the webui downloads it when you first interrogate "
                      "an image in img2img with internet access)")
         # an unavailable captioner makes the job stop before it writes anything
@@ -396,7 +447,9 @@ def family_note(sd_model) -> str:
             return "no model loaded yet (Forge loads it at the first generation or training job)"
         if type(sd_model).__name__ not in FAMILIES:
             return f"{type(sd_model).__name__}: not trainable by sdtrain"
-    family = "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+    from lib_sdtrain.hosts.a1111.host import is_sd2
+
+    family = "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if is_sd2(sd_model) else "sd1"
     if getattr(sd_model, "is_sd3", False):
         return "SD3: not trainable by sdtrain"
     title, what = _FAMILIES[family]

@@ -1,7 +1,8 @@
 """Host(Forge, reForge): `<hypernet:name:m>` applied in generation again.
 
 Both webuis still parse `<hypernet:...>` and load the files into `shared.loaded_hypernetworks`
-(modules/extra_networks_hypernet.py), but nothing reads that list any more: A1111's attention
+(modules/extra_networks_hypernet.py; Forge Classic removed that too, and sdtrain parses the tag itself:
+hosts/a1111/hypernet_prompt.py), but nothing reads that list any more: A1111's attention
 overrides that applied it are commented out, and the UNet is their own (Forge backend/nn/unet.py,
 reForge ldm_patched). Their UNet patchers take attention patches instead: `attn1_patch` /
 `attn2_patch` functions get `(n, context, value, extra_options)` and return the three, and
@@ -14,9 +15,10 @@ options and calls `.to()` on patch objects that have one, which must not cast th
 
 from __future__ import annotations
 
-from modules import scripts, shared
+from modules import scripts
 
 from lib_sdtrain.core.hypernetwork.attach import apply_hypernetworks
+from lib_sdtrain.hosts.a1111 import hypernet_prompt
 
 K, V = 0, 1
 
@@ -46,7 +48,7 @@ class HypernetworksInGeneration(scripts.Script):
         return scripts.AlwaysVisible
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        hypernetworks = list(getattr(shared, "loaded_hypernetworks", None) or [])
+        hypernetworks = hypernet_prompt.loaded_hypernetworks()
         objects = getattr(p.sd_model, "forge_objects", None)
         if not hypernetworks or objects is None or _patched(objects.unet):
             return

@@ -126,3 +126,51 @@ def out_of_place_residuals(unet: torch.nn.Module, block_class: type) -> Iterator
     finally:
         for h in handles:
             h.remove()
+
+
+def transformer_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The UNet's transformer blocks, by what they hold (self-attention `attn1` after a `norm1`), in
+    whichever model code the webui runs (ldm, sgm, ldm_patched, Forge's backend)."""
+    return [m for m in unet.modules() if isinstance(getattr(m, "attn1", None), torch.nn.Module)
+            and isinstance(getattr(m, "norm1", None), torch.nn.Module)]
+
+
+def residual_in_place(block: torch.nn.Module) -> bool | None:
+    """Whether `block` adds into its residual stream in place, in a way autograd refuses: one forward and
+    backward on a small random input (4 tokens, 2 context tokens; the block's weights are not touched and
+    get no gradient). None when the block could not be run this way (an unknown signature): no verdict."""
+    norm = block.norm1
+    width = int(getattr(norm, "normalized_shape", (0,))[0])
+    weight = next((p for p in block.parameters() if p.is_floating_point()), None)
+    if not width or weight is None:
+        return None
+    # the probe's own generator: the global RNG stream (a seeded training run's) is not moved
+    rng = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=rng).to(device=weight.device, dtype=weight.dtype)
+
+    kw = {}
+    to_k = getattr(getattr(block, "attn2", None), "to_k", None)
+    if isinstance(getattr(to_k, "in_features", None), int):
+        kw["context"] = rand(1, 2, to_k.in_features)
+    flags = [(p, p.requires_grad) for p in block.parameters()]
+    leaf = rand(1, 4, width).requires_grad_(True)
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            x = leaf * 1.0  # not a leaf, as a block's input in a UNet is (a leaf refuses any in-place op)
+            out = block(x, **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().sum().backward()
+        return False
+    except RuntimeError as e:
+        if "inplace operation" in str(e):
+            return True
+        return None
+    except TypeError:
+        return None
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
