@@ -4,7 +4,7 @@ learn concepts in it (README's "Results" table and pictures come from here and f
     python bench/toyworld.py [--families sd1 sdxl] [--out docs/figures] [--webui WEBUI_DIR]
 
 For each family: the share of 64 pictures of random full captions whose shape and colour (and each
-attribute) are the caption's; an embedding trained on 8 pictures of a small orange star (150 steps,
+attribute) are the caption's; an embedding trained on 8 pictures of a large green triangle (150 steps,
 the defaults of tests/test_toyworld.py) and the share of 32 pictures of its prompt that show it before
 and after, and with ", light background" / ", dark background" added; for SDXL also one encoder at a
 time (`train_encoders` clip_l / clip_g); a hypernetwork trained to draw everything purple and the share
@@ -50,8 +50,8 @@ def hn_figures(host, tmp: Path) -> dict:
     from lib_sdtrain.toyworld.reader import read
     from lib_sdtrain.toyworld.sample import generate
 
-    data = concept.write_style_set(tmp / "style", n=16, seed=0)
-    hn, _ = concept.train_hypernetwork(host, tmp / "hn", data, steps=150)
+    data = concept.write_style_set(tmp / "style", n=64, seed=0)
+    hn, _ = concept.train_hypernetwork(host, tmp / "hn", data, steps=200)
     prompts = concept.style_prompts(32, seed=7)
     texts, seeds = [p for p, _ in prompts], [300 + i for i in range(32)]
     plain = generate(host, texts, seeds)

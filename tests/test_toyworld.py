@@ -134,8 +134,8 @@ def test_a_hypernetwork_learns_a_change_to_every_picture(toy_sd1, tmp_path):
     from lib_sdtrain.toyworld.sample import generate
 
     _, host = toy_sd1
-    data = concept.write_style_set(tmp_path / "data", n=16, seed=0)
-    hn, _ = concept.train_hypernetwork(host, tmp_path, data, steps=150)
+    data = concept.write_style_set(tmp_path / "data", n=64, seed=0)
+    hn, _ = concept.train_hypernetwork(host, tmp_path, data, steps=200)
     prompts = concept.style_prompts(32, seed=7)
     seeds = [300 + i for i in range(32)]
     texts = [p for p, _ in prompts]

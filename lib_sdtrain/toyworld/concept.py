@@ -1,6 +1,6 @@
 """Toy world: a concept to learn, its training pictures, and whether generated pictures show it.
 
-A TI concept fixes some attributes (default: a small orange star) and leaves the others free; its
+A TI concept fixes some attributes (default: a large green triangle) and leaves the others free; its
 training pictures vary the free ones and their captions name them ("dark background"), so the
 embedding has to carry exactly the fixed ones. A hypernetwork "style" is a change to every picture
 (default: everything drawn in purple), trained on pictures of every other attribute whose captions
@@ -18,7 +18,9 @@ from PIL import Image
 from lib_sdtrain.toyworld.sample import generate
 from lib_sdtrain.toyworld.world import ATTRIBUTES, Scene, draw, random_scene
 
-CONCEPT = {"shape": "star", "color": "orange", "size": "small"}
+#: What the world draws for a prompt it has no word of (a fresh embedding) is mostly small stars and
+#: blobs in orange, blue or yellow (28% small orange stars, measured): the concept is far from that.
+CONCEPT = {"shape": "triangle", "color": "green", "size": "large"}
 STYLE_COLOR = "purple"
 TEMPLATE = "[name], [filewords]\n"  # the concept's name, then the tags of what it leaves free
 HN_TEMPLATE = "[filewords]\n"
@@ -46,7 +48,7 @@ def write_concept_set(folder: str | Path, fixed: dict[str, str] | None = None, *
     return folder
 
 
-def write_style_set(folder: str | Path, color: str = STYLE_COLOR, *, n: int = 16, seed: int = 0) -> Path:
+def write_style_set(folder: str | Path, color: str = STYLE_COLOR, *, n: int = 64, seed: int = 0) -> Path:
     """n pictures of every shape, size and background, all in `color`; captions name all but the colour."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,7 +130,7 @@ def train_embedding(host: Any, workdir: str | Path, data: str | Path, *, name: s
 
 
 def train_hypernetwork(host: Any, workdir: str | Path, data: str | Path, *, name: str = "toy-style",
-                       steps: int = 150, sizes: tuple[int, ...] = (), **options: Any) -> Any:
+                       steps: int = 200, sizes: tuple[int, ...] = (), **options: Any) -> Any:
     """Create and train a hypernetwork on `data` ("[filewords]" template); returns (Hypernetwork, job)."""
     from lib_sdtrain.core.hypernetwork.network import load_hypernetwork
 
@@ -141,7 +143,7 @@ def train_hypernetwork(host: Any, workdir: str | Path, data: str | Path, *, name
         create["enable_sizes"] = list(sizes)
     run_job(host, "create_hypernetwork", create)
     config = {"hypernetwork_name": name, "hypernetwork_dir": str(hn_dir), "data_root": str(data),
-              "log_directory": str(workdir / "log"), "learn_rate": "0.001", "steps": steps,
+              "log_directory": str(workdir / "log"), "learn_rate": "0.0005", "steps": steps,
               "training_width": 64, "training_height": 64, "batch_size": 4,
               "templates_dir": str(templates), "template_filename": "toyworld_hn.txt",
               "save_hypernetwork_every": 0, "create_image_every": 0, "seed": 0, **options}

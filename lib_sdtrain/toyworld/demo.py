@@ -1,7 +1,7 @@
 """The demo (`bash tools/demo.sh`, README's first command): learn a concept in the SD1 toy world.
 
-The world's model draws what its caption says, but no word of it names "a small orange star". The demo
-creates an embedding from a neutral word, trains it on 8 pictures of that star (on light and dark
+The world's model draws what its caption says, but no word of it names "a large green triangle". The demo
+creates an embedding from a neutral word, trains it on 8 pictures of that triangle (on light and dark
 backgrounds, captioned only with the background), and draws 16 pictures from the prompt "toy-concept"
 before and after, with the same seeds. `before_after.png` shows the training pictures, then the
 pictures before training, then after; the printed figures are the share of pictures that show the
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"sdtrain demo: the SD1 toy world ({files['ckpt'].name}, a trained model of the architecture; "
           f"assembled and loaded in {time.time() - t0:.0f}s)")
     data = concept.write_concept_set(out / "data", n=8, seed=args.seed)
-    print(f"  8 pictures of a small orange star (light and dark backgrounds) in {data}")
+    print(f"  8 pictures of a large green triangle (light and dark backgrounds) in {data}")
     want = dict(concept.CONCEPT)
     emb_dir = out / "embeddings"
     concept.write_template(out / "templates")

@@ -97,13 +97,13 @@ def test_an_embedding_trained_through_the_routes_draws_the_concept(toy_webui):
 
 @pytest.mark.needs("hypernetwork_prompt")
 def test_a_hypernetwork_trained_through_the_routes_changes_every_picture(toy_webui):
-    data = concept.write_style_set(toy_webui.dir / "style", n=16, seed=0)
+    data = concept.write_style_set(toy_webui.dir / "style", n=64, seed=0)
     status, out = toy_webui.post("/sdapi/v1/create/hypernetwork", {"name": "toy-style", "enable_sizes": [768]})
     assert status == 200, out
     status, out = toy_webui.post("/sdapi/v1/train/hypernetwork", {
-        "hypernetwork_name": "toy-style", "learn_rate": "0.001", "batch_size": 4, "data_root": str(data),
+        "hypernetwork_name": "toy-style", "learn_rate": "0.0005", "batch_size": 4, "data_root": str(data),
         "log_directory": str(toy_webui.dir / "hn_log"), "training_width": 64, "training_height": 64,
-        "steps": 150, "template_filename": "toyworld_hn.txt", "create_image_every": 0,
+        "steps": 200, "template_filename": "toyworld_hn.txt", "create_image_every": 0,
         "save_hypernetwork_every": 0})
     assert status == 200 and "error: None" in out["info"], out
     prompts = concept.style_prompts(32, seed=7)
