@@ -219,14 +219,18 @@ def write_random_sd15(path: Path, clip_dir: Path, *, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def webui_assets(tmp_path_factory):
-    """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension.
+    return build_webui_assets(tmp_path_factory.mktemp("webui"))
+
+
+def build_webui_assets(root: Path) -> dict:
+    """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension, in `root`
+    (the `webui_assets` fixture; bench/host_step.py calls it directly).
     For a host whose detector needs SD1.5 at its real shapes (`sd1_model="full"`): `write_random_sd15`;
     for one whose detector learns the tiny shapes from a test-only extension ("registered": Forge,
     reForge): the tiny SD1 and that extension (forge_tiny_sdxl.py, reforge_tiny.py)."""
     from lib_sdtrain.core.data.samples import write_sample_dataset
     from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint, write_tiny_yaml
 
-    root = tmp_path_factory.mktemp("webui")
     build = root / "build"
     ckpt_dir = root / "models" / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True)
@@ -384,11 +388,13 @@ def _free_port() -> int:
 
 class WebUI:
     def __init__(self, assets: dict, name: str, *, settings: dict | None = None, compat: bool = False,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), sdtrain: bool = True):
+        """`sdtrain=False`: the webui as it is without sdtrain (the test-only extensions still go in)."""
         self.dir = assets["root"] / name
         ext_dir = self.dir / "extensions"
         ext_dir.mkdir(parents=True)
-        shutil.copytree(assets["extension"], ext_dir / "sdtrain")
+        if sdtrain:
+            shutil.copytree(assets["extension"], ext_dir / "sdtrain")
         shims = {"sdtrain-test-model-digest": {"scripts/digest.py": MODEL_DIGEST_SCRIPT}, **assets.get("shims", {})}
         if compat:
             shims["sdtrain-test-torch-compat"] = {"scripts/compat.py": TORCH_COMPAT_SCRIPT}
