@@ -193,16 +193,16 @@ def _thin_index(n: int, limit: int = CHART_POINTS) -> list[int]:
     return list(range(0, n, stride)) + ([n - 1] if (n - 1) % stride else [])
 
 
-def loss_frame(loss: list, validation: list, best: list | None = None):
+def loss_frame(loss: list, validation: list, best: list | None = None, smoothed: list | None = None):
     """Long-form table for the loss chart: loss, its smoothed curve and validation loss against step,
     and the best validation step (one point) when the run tracks it. Only the drawn points are built
-    into rows (the smoothing still runs over every value)."""
+    into rows. `smoothed`: the smoothed losses when the caller keeps them (`_Smoothed`)."""
     import pandas as pd
 
-    values = [float(row[1]) for row in loss]
-    smoothed = smooth(values)
+    if smoothed is None:
+        smoothed = smooth([float(row[1]) for row in loss])
     keep = _thin_index(len(loss))
-    rows = [(int(loss[i][0]), values[i], "loss") for i in keep]
+    rows = [(int(loss[i][0]), float(loss[i][1]), "loss") for i in keep]
     rows += [(int(loss[i][0]), smoothed[i], "smoothed loss") for i in keep]
     rows += _thin([(int(s), float(v), "validation loss") for s, v in validation])
     if best:  # a vertical mark at the best step, from the chart's lowest value up to its loss
@@ -218,9 +218,25 @@ def lr_frame(loss: list):
     return pd.DataFrame(rows, columns=["step", "learning rate"])
 
 
-#: the last view built per job, with the job's event number it was built at: every open tab polls its
-#: job each second (and the Jobs tab the one it opened), and a long run's charts take a while to build
-_VIEWS: dict[str, tuple[int, dict[str, Any]]] = {}
+class _Smoothed:
+    """A job's smoothed loss curve, extended by the losses added since the last view (`smooth` over the
+    whole history on every poll grew with the run: a 10k-step run watched in a tab slowed its steps)."""
+
+    def __init__(self, weight: float = 0.9):
+        self.weight, self.avg, self.values = weight, 0.0, []
+
+    def extend(self, loss: list) -> list[float]:
+        w = self.weight
+        for i in range(len(self.values), len(loss)):
+            self.avg = w * self.avg + (1 - w) * float(loss[i][1])
+            self.values.append(self.avg / (1 - w ** (i + 1)))
+        return self.values
+
+
+#: the last view built per job, with the job's event number it was built at, and its smoothed curve: every
+#: open tab polls its job each second (and the Jobs tab the one it opened), so a view is built once per
+#: change whatever the number of viewers, and a build costs what changed plus the points drawn
+_VIEWS: dict[str, tuple[int, dict[str, Any], _Smoothed]] = {}
 _VIEWS_LOCK = threading.Lock()
 
 
@@ -232,18 +248,19 @@ def job_view(job: Job | None) -> dict[str, Any]:
     seq = job.last_seq
     with _VIEWS_LOCK:
         cached = _VIEWS.get(job.id)
-    if cached is not None and cached[0] == seq:
-        return cached[1]
-    view = _build_view(job)
-    with _VIEWS_LOCK:
+        if cached is not None and cached[0] == seq:
+            return cached[1]
+        smoothed = cached[2] if cached is not None else _Smoothed()
+        view = _build_view(job, smoothed)
         if len(_VIEWS) > 16:  # only the jobs being watched are worth keeping
             _VIEWS.clear()
-        _VIEWS[job.id] = (seq, view)
+        _VIEWS[job.id] = (seq, view, smoothed)
     return view
 
 
-def _build_view(job: Job) -> dict[str, Any]:
-    d = job.to_dict()
+def _build_view(job: Job, smoothed: _Smoothed) -> dict[str, Any]:
+    d = job.to_dict(history=False)
+    loss_history, validation_history = job.history()
     last_step = job.last_event("step")
     text = last_step.data.get("text", "") if last_step is not None else ""
     status = f"<b>{html.escape(job.kind.replace('_', ' '))}</b> <span class='sdtrain-state'>{html.escape(d['state'])}</span>"
@@ -259,9 +276,10 @@ def _build_view(job: Job) -> dict[str, Any]:
     if job.message:
         status += f"<br>{html.escape(job.message)}"
     loss = lr = None
-    if d["loss_history"]:
-        loss = loss_frame(d["loss_history"], d["validation_history"], d.get("validation_best"))
-        lr = lr_frame(d["loss_history"])
+    if loss_history:
+        best = list(job.best) if job.best is not None else None
+        loss = loss_frame(loss_history, validation_history, best, smoothed.extend(loss_history))
+        lr = lr_frame(loss_history)
     gallery = list(d["previews"])
     if job.kind == "preprocess":  # a few of the prepared images
         gallery = [f for f in d["files"] if f.lower().endswith(".png")][:12]

@@ -146,6 +146,12 @@ class Job:
                     return e
         return None
 
+    def history(self) -> tuple[list[tuple[int, float, float]], list[tuple[int, float]]]:
+        """Shallow copies of the loss (step, loss, lr) and validation (step, loss) histories (quick: the
+        rows themselves are shared, and never change)."""
+        with self._lock:
+            return list(self.loss), list(self.validation)
+
     def to_dict(self, *, history: bool = True) -> dict[str, Any]:
         """The job as the API and the job list on disk give it. The training thread records a step under
         the same lock, so the lock is held only to take references (the lists are copied shallowly, their
