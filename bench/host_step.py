@@ -14,6 +14,7 @@ side are compared), and the table gives its median and its range over the rounds
   python bench/host_step.py                       # TI and HN, each trainer's defaults, 5 rounds
   python bench/host_step.py --matrix              # + attention optimization and checkpointing on/off
   python bench/host_step.py --kinds ti --rounds 7 --short 10 --long 80
+  python bench/host_step.py --device cuda --model sd15 --size 512   # a GPU: SD1.5 shapes, fp16 (the host's default)
 
 Variants: `attn on|off` sets the host's *Use cross attention optimizations while training* for the
 in-tree trainer and `attention_optimization` for sdtrain; `ckpt on|off` is sdtrain's
@@ -60,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", choices=("takeover-off", "bare"), default="takeover-off",
                    help="the in-tree trainer's webui: sdtrain installed with its route takeover off (default), or "
                    "no sdtrain at all")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the webuis start without their CPU flags (fp16 weights, the host's defaults)")
+    p.add_argument("--model", choices=("tiny", "sd15"), default="tiny",
+                   help="tiny: the host tests' tiny SD1; sd15: a random SD1.5 at its real shapes (2 GiB, written here)")
+    p.add_argument("--size", type=int, default=64, help="training width and height")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the webuis")
     p.add_argument("--keep", action="store_true", help="keep the servers' folders (their logs) afterwards")
     args = p.parse_args(argv)
     if not os.environ.get("SDTRAIN_WEBUI_DIR"):
@@ -69,25 +76,32 @@ def main(argv: list[str] | None = None) -> int:
     from host_timing import compare
 
     root = Path(tempfile.mkdtemp(prefix="sdtrain-host-step-"))
-    print(f"[host_step] {conftest.HOST.title} in {os.environ['SDTRAIN_WEBUI_DIR']}; folders in {root}", flush=True)
+    print(f"[host_step] {conftest.HOST.title} in {os.environ['SDTRAIN_WEBUI_DIR']} ({args.device}, {args.model} model, "
+          f"{args.size}x{args.size}); folders in {root}", flush=True)
     started = time.time()
-    assets = conftest.build_webui_assets(root)
+    assets = conftest.build_webui_assets(root, full=args.model == "sd15")
+    launch = None
+    if args.device == "cuda":  # the host's start flags less those that keep it on the CPU in full precision
+        cpu_only = {"--use-cpu", "all", "--no-half", "--precision", "full", "--always-cpu", "--skip-torch-cuda-test"}
+        launch = tuple(a for a in conftest.HOST.launch_args if a not in cpu_only)
+    common = {"launch_args": launch, "threads": args.threads}
     servers = []
     try:
         if args.baseline == "bare":  # the webui as it is without sdtrain
-            stock = conftest.WebUI(assets, "stock", compat=True, extra_args=("--disable-safe-unpickle",), sdtrain=False)
+            stock = conftest.WebUI(assets, "stock", compat=True, extra_args=("--disable-safe-unpickle",), sdtrain=False,
+                                   **common)
         else:
             stock = conftest.WebUI(assets, "stock", settings={"sdtrain_serve_host_training_routes": False},
-                                   compat=True, extra_args=("--disable-safe-unpickle",))
+                                   compat=True, extra_args=("--disable-safe-unpickle",), **common)
         servers.append(stock)
-        sdtrain = conftest.WebUI(assets, "sdtrain")
+        sdtrain = conftest.WebUI(assets, "sdtrain", **common)
         servers.append(sdtrain)
         print(f"[host_step] servers up in {time.time() - started:.0f} s; load {os.getloadavg()}", flush=True)
         results = []
         for v in variants([k.strip() for k in args.kinds.split(",") if k.strip()], args.matrix):
             print(f"[host_step] {v.label}: {args.rounds} rounds of {args.short} and {args.long} steps", flush=True)
             c = compare(stock, sdtrain, v, assets["data"], rounds=args.rounds, short=args.short, long=args.long,
-                        echo=lambda line: print(line, flush=True))
+                        echo=lambda line: print(line, flush=True), size=args.size)
             results.append(c)
             print(c.row(), flush=True)
         print(f"\n== per-step seconds inside the webui (load average at the end: {os.getloadavg()}) ==")

@@ -222,7 +222,7 @@ def webui_assets(tmp_path_factory):
     return build_webui_assets(tmp_path_factory.mktemp("webui"))
 
 
-def build_webui_assets(root: Path) -> dict:
+def build_webui_assets(root: Path, *, full: bool | None = None) -> dict:
     """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension, in `root`
     (the `webui_assets` fixture; bench/host_step.py calls it directly).
     For a host whose detector needs SD1.5 at its real shapes (`sd1_model="full"`): `write_random_sd15`;
@@ -234,7 +234,7 @@ def build_webui_assets(root: Path) -> dict:
     build = root / "build"
     ckpt_dir = root / "models" / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True)
-    if HOST.sd1_model == "full":
+    if (HOST.sd1_model == "full") if full is None else full:
         ckpt = write_random_sd15(ckpt_dir / "random-sd15.safetensors", build / "clip", seed=0)
     else:
         model = build_tiny_sd1(build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=0)
@@ -249,7 +249,7 @@ def build_webui_assets(root: Path) -> dict:
             shutil.copy2(f, snap / f.name)
     shutil.rmtree(build)
     shims = {}
-    if HOST.sd1_model == "registered":  # the same tiny SD1, made known to the host's detector
+    if HOST.sd1_model == "registered" and not full:  # the same tiny SD1, made known to the host's detector
         if HOST.name == "reforge":
             from reforge_tiny import write_tiny_sd1_for_reforge as write_registered
         else:
@@ -388,8 +388,10 @@ def _free_port() -> int:
 
 class WebUI:
     def __init__(self, assets: dict, name: str, *, settings: dict | None = None, compat: bool = False,
-                 extra_args: tuple[str, ...] = (), sdtrain: bool = True):
-        """`sdtrain=False`: the webui as it is without sdtrain (the test-only extensions still go in)."""
+                 extra_args: tuple[str, ...] = (), sdtrain: bool = True, launch_args: tuple[str, ...] | None = None,
+                 threads: int = 1):
+        """`sdtrain=False`: the webui as it is without sdtrain (the test-only extensions still go in).
+        `launch_args` replace the host's (a GPU run drops its CPU flags); `threads`: OMP_NUM_THREADS."""
         self.dir = assets["root"] / name
         ext_dir = self.dir / "extensions"
         ext_dir.mkdir(parents=True)
@@ -410,6 +412,8 @@ class WebUI:
         self.embeddings.mkdir()
         self.hypernetworks.mkdir()
         self.assets, self.extra_args = assets, extra_args
+        self.launch_args = HOST.launch_args if launch_args is None else launch_args
+        self.threads = threads
         self.log = self.dir / "webui.log"
         self.start()
 
@@ -421,10 +425,10 @@ class WebUI:
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_from = len(self.log_text()) if self.log.exists() else 0
         env = {**os.environ, "HF_HOME": str(assets["hf"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+               "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
-        cmd = [_python(), "launch.py", *HOST.launch_args, "--api", "--port", str(self.port), "--data-dir", str(self.dir),
+        cmd = [_python(), "launch.py", *self.launch_args, "--api", "--port", str(self.port), "--data-dir", str(self.dir),
                "--ckpt", str(assets["ckpt"]), "--embeddings-dir", str(self.embeddings),
                "--hypernetwork-dir", str(self.hypernetworks), *extra_args]
         self._out = open(self.log, "ab")  # noqa: SIM115 — lives as long as the server

@@ -29,8 +29,8 @@ from pathlib import Path
 #: rather than 0: the in-tree trainer only creates its log folder for a cadence, and fails writing its
 #: settings file without one.
 NEVER = 100_000
-_COMMON = {"learn_rate": "0.005", "batch_size": 1, "gradient_step": 1, "training_width": 64, "training_height": 64,
-           "varsize": False, "clip_grad_mode": "disabled", "clip_grad_value": "0.1", "shuffle_tags": False,
+_COMMON = {"learn_rate": "0.005", "batch_size": 1, "gradient_step": 1, "varsize": False, "clip_grad_mode": "disabled",
+           "clip_grad_value": "0.1", "shuffle_tags": False,
            "tag_drop_out": 0, "latent_sampling_method": "once", "use_weight": False, "create_image_every": 0,
            "preview_from_txt2img": False, "preview_prompt": "", "preview_negative_prompt": "", "preview_steps": 4,
            "preview_sampler_name": "Euler", "preview_cfg_scale": 7.0, "preview_seed": -1, "preview_width": 64,
@@ -106,8 +106,9 @@ class Comparison:
                 f"  ratio {self.cpu_ratio:.2f} ({clo:.2f}–{chi:.2f})  n={len(self.ratios)}")
 
 
-def _body(variant: Variant, name: str, data: Path, log_dir: Path, steps: int, *, stock: bool) -> dict:
-    body = {**_COMMON, "data_root": str(data), "log_directory": str(log_dir), "steps": steps}
+def _body(variant: Variant, name: str, data: Path, log_dir: Path, steps: int, *, stock: bool, size: int = 64) -> dict:
+    body = {**_COMMON, "data_root": str(data), "log_directory": str(log_dir), "steps": steps,
+            "training_width": size, "training_height": size}
     if variant.kind == "ti":
         body.update({"id_task": "task(bench)", "embedding_name": name, "save_embedding_every": NEVER,
                      "template_filename": "subject_filewords.txt", "save_image_with_stored_embedding": False})
@@ -140,13 +141,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _train_seconds(server, variant: Variant, data: Path, steps: int, *, stock: bool) -> tuple[float, float]:
+def _train_seconds(server, variant: Variant, data: Path, steps: int, *, stock: bool, size: int = 64
+                   ) -> tuple[float, float]:
     """Create a fresh file, then time one blocking training request of `steps` steps from step 0:
     (wall seconds, CPU seconds of the webui's process)."""
     name = f"bench{next(_counter)}{variant.kind}"
     _create(server, variant, name)
     route = "/sdapi/v1/train/embedding" if variant.kind == "ti" else "/sdapi/v1/train/hypernetwork"
-    body = _body(variant, name, data, server.dir / "bench_log", steps, stock=stock)
+    body = _body(variant, name, data, server.dir / "bench_log", steps, stock=stock, size=size)
     cpu = cpu_seconds(server.proc.pid)
     start = time.perf_counter()
     status, out = server.post(route, body, timeout=1800)
@@ -161,28 +163,29 @@ def set_stock_attention(stock_server, on: bool) -> None:
     assert status == 200, out
 
 
-def per_step(server, variant: Variant, data: Path, short: int, long: int, *, stock: bool) -> tuple[float, float]:
+def per_step(server, variant: Variant, data: Path, short: int, long: int, *, stock: bool, size: int = 64
+             ) -> tuple[float, float]:
     """(wall, CPU) seconds per step: (a `long`-step request - a `short`-step one) / (long - short)."""
-    a = _train_seconds(server, variant, data, short, stock=stock)
-    b = _train_seconds(server, variant, data, long, stock=stock)
+    a = _train_seconds(server, variant, data, short, stock=stock, size=size)
+    b = _train_seconds(server, variant, data, long, stock=stock, size=size)
     return (b[0] - a[0]) / (long - short), (b[1] - a[1]) / (long - short)
 
 
 def compare(stock_server, sdtrain_server, variant: Variant, data: Path, *, rounds: int = 5, short: int = 10,
-            long: int = 80, warmup: bool = True, echo=None) -> Comparison:
+            long: int = 80, warmup: bool = True, echo=None, size: int = 64) -> Comparison:
     """Alternate the two trainers for `rounds` rounds (A B, A B, ...; B A in every other round so that
     neither always runs first) and gather their per-step seconds."""
     if variant.attention is not None:  # None: as the server was started (A1111: off; reForge needs it on)
         set_stock_attention(stock_server, variant.attention)
     result = Comparison(variant, short, long)
     if warmup:  # first requests pay for imports, allocator growth, lazily built host state
-        _train_seconds(stock_server, variant, data, 2, stock=True)
-        _train_seconds(sdtrain_server, variant, data, 2, stock=False)
+        _train_seconds(stock_server, variant, data, 2, stock=True, size=size)
+        _train_seconds(sdtrain_server, variant, data, 2, stock=False, size=size)
     for r in range(rounds):
         order = (True, False) if r % 2 == 0 else (False, True)
         for stock in order:
             server = stock_server if stock else sdtrain_server
-            wall, cpu = per_step(server, variant, data, short, long, stock=stock)
+            wall, cpu = per_step(server, variant, data, short, long, stock=stock, size=size)
             (result.stock if stock else result.sdtrain).append(wall)
             (result.stock_cpu if stock else result.sdtrain_cpu).append(cpu)
         if echo is not None:
