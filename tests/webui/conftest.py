@@ -434,7 +434,7 @@ class WebUI:
         self._out = open(self.log, "ab")  # noqa: SIM115 — lives as long as the server
         self.proc = subprocess.Popen(cmd, cwd=WEBUI_DIR, env=env, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.time() + 240
+        deadline = time.time() + float(os.environ.get("SDTRAIN_WEBUI_START_S", "240"))  # a busy machine: more
         while HOST.ready_line not in self.log_text()[self._log_from:]:  # an earlier request can crash start-up
             if self.proc.poll() is not None or time.time() > deadline:
                 self.stop()
