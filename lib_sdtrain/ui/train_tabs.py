@@ -13,6 +13,7 @@ import html
 import logging
 import math
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,15 +188,25 @@ def _thin(rows: list, limit: int = CHART_POINTS) -> list:
     return rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
 
 
-def loss_frame(loss: list, validation: list, best: list | None = None):
+def _thin_index(n: int, limit: int = CHART_POINTS) -> list[int]:
+    """The indices `_thin` keeps of `n` rows (so only those rows are built)."""
+    if n <= limit:
+        return list(range(n))
+    stride = -(-n // limit)
+    return list(range(0, n, stride)) + ([n - 1] if (n - 1) % stride else [])
+
+
+def loss_frame(loss: list, validation: list, best: list | None = None, smoothed: list | None = None):
     """Long-form table for the loss chart: loss, its smoothed curve and validation loss against step,
-    and the best validation step (one point) when the run tracks it."""
+    and the best validation step (one point) when the run tracks it. Only the drawn points are built
+    into rows. `smoothed`: the smoothed losses when the caller keeps them (`_Smoothed`)."""
     import pandas as pd
 
-    steps = [int(s) for s, _, _ in loss]
-    values = [float(v) for _, v, _ in loss]
-    rows = _thin([(s, v, "loss") for s, v in zip(steps, values)])
-    rows += _thin([(s, v, "smoothed loss") for s, v in zip(steps, smooth(values))])
+    if smoothed is None:
+        smoothed = smooth([float(row[1]) for row in loss])
+    keep = _thin_index(len(loss))
+    rows = [(int(loss[i][0]), float(loss[i][1]), "loss") for i in keep]
+    rows += [(int(loss[i][0]), smoothed[i], "smoothed loss") for i in keep]
     rows += _thin([(int(s), float(v), "validation loss") for s, v in validation])
     if best:  # a vertical mark at the best step, from the chart's lowest value up to its loss
         low = min([float(best[1])] + [r[1] for r in rows if math.isfinite(r[1])])
@@ -206,15 +217,55 @@ def loss_frame(loss: list, validation: list, best: list | None = None):
 def lr_frame(loss: list):
     import pandas as pd
 
-    return pd.DataFrame(_thin([(int(s), float(lr)) for s, _, lr in loss]), columns=["step", "learning rate"])
+    rows = [(int(loss[i][0]), float(loss[i][2])) for i in _thin_index(len(loss))]
+    return pd.DataFrame(rows, columns=["step", "learning rate"])
+
+
+class _Smoothed:
+    """A job's smoothed loss curve, extended by the losses added since the last view (`smooth` over the
+    whole history on every poll grew with the run: a 10k-step run watched in a tab slowed its steps)."""
+
+    def __init__(self, weight: float = 0.9):
+        self.weight, self.avg, self.values = weight, 0.0, []
+
+    def extend(self, loss: list) -> list[float]:
+        w = self.weight
+        for i in range(len(self.values), len(loss)):
+            self.avg = w * self.avg + (1 - w) * float(loss[i][1])
+            self.values.append(self.avg / (1 - w ** (i + 1)))
+        return self.values
+
+
+#: the last view built per job, with the job's event number it was built at, and its smoothed curve: every
+#: open tab polls its job each second (and the Jobs tab the one it opened), so a view is built once per
+#: change whatever the number of viewers, and a build costs what changed plus the points drawn
+_VIEWS: dict[str, tuple[int, dict[str, Any], _Smoothed]] = {}
+_VIEWS_LOCK = threading.Lock()
 
 
 def job_view(job: Job | None) -> dict[str, Any]:
-    """What the output column shows for one job: status line, charts' tables, previews, files, error."""
+    """What the output column shows for one job: status line, charts' tables, previews, files, error.
+    Built again only when the job has reported something since the last build."""
     if job is None:
         return {"status": "No sdtrain job yet.", "error": "", "loss": None, "lr": None, "previews": [], "files": ""}
-    d = job.to_dict()
-    text = next((e.data.get("text", "") for e in reversed(job.events_since(0)) if e.kind == "step"), "")
+    seq = job.last_seq
+    with _VIEWS_LOCK:
+        cached = _VIEWS.get(job.id)
+        if cached is not None and cached[0] == seq:
+            return cached[1]
+        smoothed = cached[2] if cached is not None else _Smoothed()
+        view = _build_view(job, smoothed)
+        if len(_VIEWS) > 16:  # only the jobs being watched are worth keeping
+            _VIEWS.clear()
+        _VIEWS[job.id] = (seq, view, smoothed)
+    return view
+
+
+def _build_view(job: Job, smoothed: _Smoothed) -> dict[str, Any]:
+    d = job.to_dict(history=False)
+    loss_history, validation_history = job.history()
+    last_step = job.last_event("step")
+    text = last_step.data.get("text", "") if last_step is not None else ""
     status = f"<b>{html.escape(job.kind.replace('_', ' '))}</b> <span class='sdtrain-state'>{html.escape(d['state'])}</span>"
     name = d["config"].get("embedding_name") or d["config"].get("hypernetwork_name") or d["config"].get("name")
     if name:
@@ -228,9 +279,10 @@ def job_view(job: Job | None) -> dict[str, Any]:
     if job.message:
         status += f"<br>{html.escape(job.message)}"
     loss = lr = None
-    if d["loss_history"]:
-        loss = loss_frame(d["loss_history"], d["validation_history"], d.get("validation_best"))
-        lr = lr_frame(d["loss_history"])
+    if loss_history:
+        best = list(job.best) if job.best is not None else None
+        loss = loss_frame(loss_history, validation_history, best, smoothed.extend(loss_history))
+        lr = lr_frame(loss_history)
     gallery = list(d["previews"])
     if job.kind == "preprocess":  # a few of the prepared images
         gallery = [f for f in d["files"] if f.lower().endswith(".png")][:12]
@@ -251,9 +303,14 @@ def watch(service: JobService, job: Job | None, poll: float = 1.0, names: Callab
     if job is None:
         yield _row(job_view(None))
         return
+    shown = -1
     while True:
         finished = job.wait(poll)
         done = finished or job.state in FINISHED_STATES
+        seq = job.last_seq
+        if seq == shown and not done:  # nothing new: the page keeps what it shows
+            continue
+        shown = seq
         yield _row(job_view(job), job.id, names() if done and names is not None else None)
         if done:
             return

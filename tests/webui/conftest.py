@@ -219,18 +219,22 @@ def write_random_sd15(path: Path, clip_dir: Path, *, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def webui_assets(tmp_path_factory):
-    """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension.
+    return build_webui_assets(tmp_path_factory.mktemp("webui"))
+
+
+def build_webui_assets(root: Path, *, full: bool | None = None) -> dict:
+    """Checkpoint + yaml, offline CLIP files, a captioned dataset and a copy of the extension, in `root`
+    (the `webui_assets` fixture; bench/host_step.py calls it directly).
     For a host whose detector needs SD1.5 at its real shapes (`sd1_model="full"`): `write_random_sd15`;
     for one whose detector learns the tiny shapes from a test-only extension ("registered": Forge,
     reForge): the tiny SD1 and that extension (forge_tiny_sdxl.py, reforge_tiny.py)."""
     from lib_sdtrain.core.data.samples import write_sample_dataset
     from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint, write_tiny_yaml
 
-    root = tmp_path_factory.mktemp("webui")
     build = root / "build"
     ckpt_dir = root / "models" / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True)
-    if HOST.sd1_model == "full":
+    if (HOST.sd1_model == "full") if full is None else full:
         ckpt = write_random_sd15(ckpt_dir / "random-sd15.safetensors", build / "clip", seed=0)
     else:
         model = build_tiny_sd1(build, text_width=768, text_layers=2, text_heads=12, unet_channels=32, seed=0)
@@ -245,7 +249,7 @@ def webui_assets(tmp_path_factory):
             shutil.copy2(f, snap / f.name)
     shutil.rmtree(build)
     shims = {}
-    if HOST.sd1_model == "registered":  # the same tiny SD1, made known to the host's detector
+    if HOST.sd1_model == "registered" and not full:  # the same tiny SD1, made known to the host's detector
         if HOST.name == "reforge":
             from reforge_tiny import write_tiny_sd1_for_reforge as write_registered
         elif HOST.name == "forge-classic":
@@ -392,12 +396,15 @@ def _free_port() -> int:
 
 class WebUI:
     def __init__(self, assets: dict, name: str, *, settings: dict | None = None, compat: bool = False,
-                 extra_args: tuple[str, ...] = (), install: bool = True):
-        """`install` False: the webui without sdtrain (a user installs it from the Extensions tab)."""
+                 extra_args: tuple[str, ...] = (), install: bool = True, sdtrain: bool = True,
+                 launch_args: tuple[str, ...] | None = None, threads: int = 1):
+        """`install` (or `sdtrain`) False: the webui without sdtrain, as a user has it before installing it
+        from the Extensions tab (the test-only extensions still go in). `launch_args` replace the host's
+        (a GPU run drops its CPU flags); `threads`: OMP_NUM_THREADS."""
         self.dir = assets["root"] / name
         ext_dir = self.dir / "extensions"
         ext_dir.mkdir(parents=True)
-        if install:
+        if install and sdtrain:
             shutil.copytree(assets["extension"], ext_dir / "sdtrain")
         shims = {"sdtrain-test-model-digest": {"scripts/digest.py": MODEL_DIGEST_SCRIPT}, **assets.get("shims", {})}
         if compat:
@@ -414,6 +421,8 @@ class WebUI:
         self.embeddings.mkdir()
         self.hypernetworks.mkdir()
         self.assets, self.extra_args = assets, extra_args
+        self.launch_args = HOST.launch_args if launch_args is None else launch_args
+        self.threads = threads
         self.log = self.dir / "webui.log"
         self.start()
 
@@ -425,10 +434,10 @@ class WebUI:
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_from = len(self.log_text()) if self.log.exists() else 0
         env = {**os.environ, "HF_HOME": str(assets["hf"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+               "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
-        cmd = [_python(), "launch.py", *HOST.launch_args, "--api", "--port", str(self.port), "--data-dir", str(self.dir),
+        cmd = [_python(), "launch.py", *self.launch_args, "--api", "--port", str(self.port), "--data-dir", str(self.dir),
                "--ckpt", str(assets["ckpt"]), "--embeddings-dir", str(self.embeddings),
                "--hypernetwork-dir", str(self.hypernetworks), *extra_args]
         self._out = open(self.log, "ab")  # noqa: SIM115 — lives as long as the server

@@ -497,3 +497,32 @@ def test_the_curl_examples_in_docs_api_md_run(webui, webui_assets):
                 assert HOST.names_embedding(output, "myconcept"), (i, code, output)
                 continue
             assert re.search(pattern, output, flags=re.M), (i, code, pattern, output)
+
+
+#: CI's guard on the per-step time inside the webui (issue 21): sdtrain's step may cost at most this many
+#: times the in-tree trainer's, measured side by side in this run (tests/webui/host_timing.py; the full
+#: benchmark is bench/host_step.py). Checked on the webui process's CPU time, which other work on the
+#: machine barely moves, and on wall time, which also sees a step that waits (a sleep, a lock, polling)
+#: but moves with the load: hence its wider margin. sdtrain measured 0.7-0.85x on both (README); single
+#: rounds of 16 steps reached 1.07, so the median of three gets a 10 % margin over "never slower".
+MAX_CPU_RATIO = 1.10
+MAX_WALL_RATIO = 1.25
+
+
+@pytest.mark.needs("stock_trainer")
+@pytest.mark.parametrize("kind", ["ti", "hn"])
+def test_step_time_not_above_the_in_tree_trainers(stock_webui, webui, webui_assets, kind):
+    """The same body through the host's route, to the in-tree trainer (stock_webui) and to sdtrain
+    (webui), alternating over three rounds; per step = (a long request - a short one) / the steps
+    between. Fails when the median ratio exceeds the limit."""
+    from host_timing import Variant, compare
+
+    if HOST.name != "a1111":
+        pytest.skip("the step-time guard runs in A1111 only, to keep CI short (bench/host_step.py measures "
+                    "any host on request)")
+    short, long = (4, 20) if kind == "ti" else (3, 11)
+    started = time.time()
+    c = compare(stock_webui, webui, Variant(kind), webui_assets["data"], rounds=3, short=short, long=long)
+    print(f"\n{c.row()}  ({time.time() - started:.0f} s)")
+    assert c.cpu_ratio <= MAX_CPU_RATIO, f"sdtrain's step costs more CPU than the in-tree trainer's: {c.row()}"
+    assert c.ratio <= MAX_WALL_RATIO, f"sdtrain's step takes longer than the in-tree trainer's: {c.row()}"

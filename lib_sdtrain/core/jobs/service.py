@@ -132,8 +132,33 @@ class Job:
         with self._lock:
             return [e for e in self.events if e.seq > seq]
 
-    def to_dict(self, *, history: bool = True) -> dict[str, Any]:
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the newest event: a view of the job built at this number is current."""
         with self._lock:
+            return self.events[-1].seq if self.events else 0
+
+    def last_event(self, kind: str) -> Event | None:
+        """The newest event of `kind` still kept (the newest first, so this is quick while a run goes on)."""
+        with self._lock:
+            for e in reversed(self.events):
+                if e.kind == kind:
+                    return e
+        return None
+
+    def history(self) -> tuple[list[tuple[int, float, float]], list[tuple[int, float]]]:
+        """Shallow copies of the loss (step, loss, lr) and validation (step, loss) histories (quick: the
+        rows themselves are shared, and never change)."""
+        with self._lock:
+            return list(self.loss), list(self.validation)
+
+    def to_dict(self, *, history: bool = True) -> dict[str, Any]:
+        """The job as the API and the job list on disk give it. The training thread records a step under
+        the same lock, so the lock is held only to take references (the lists are copied shallowly, their
+        tuples never change); the history's rows are built after it is released (a long run's history
+        takes a while to build, and a step should not wait for a status request)."""
+        with self._lock:
+            loss, validation = (list(self.loss), list(self.validation)) if history else ((), ())
             out: dict[str, Any] = {
                 "id": self.id,
                 "kind": self.kind,
@@ -149,13 +174,15 @@ class Job:
                 "created": self.created,
                 "started": self.started,
                 "finished": self.finished,
-                "config": self.config.to_dict(),
+                "config": self.config,
             }
             if history:
-                out["loss_history"] = [list(x) for x in self.loss]
-                out["validation_history"] = [list(x) for x in self.validation]
                 out["validation_best"] = list(self.best) if self.best is not None else None
-            return out
+        out["config"] = out["config"].to_dict()
+        if history:
+            out["loss_history"] = [list(x) for x in loss]
+            out["validation_history"] = [list(x) for x in validation]
+        return out
 
 
 #: A runner does one kind of job: (host, config, control) -> result. It raises on failure and
