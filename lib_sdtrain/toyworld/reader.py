@@ -102,10 +102,10 @@ def read(img: Image.Image) -> Reading:
     bottom = (box[-kh:, :kw].mean() + box[-kh:, -kw:].mean()) / 2
     ys, xs = np.nonzero(mask)
     solidity = area / max(1.0, _convex_area(np.stack([xs, ys], 1)) + 0.5 * len(xs) ** 0.5 * 2)
-    if solidity < 0.9:  # only a star is concave
-        shape = "star"
-    elif top < 0.2 and bottom > 0.7:  # empty top corners, full bottom ones
+    if top < 0.2 and bottom > 0.7:  # empty top corners, full bottom ones (sides may bow inwards)
         shape = "triangle"
+    elif solidity < 0.9:  # otherwise only a star is concave
+        shape = "star"
     elif top > 0.45 and bottom > 0.6:  # full corners
         shape = "square"
     elif fill < 0.72:  # a blurred star: convex, but fills less of its box than a circle (pi/4)
