@@ -9,7 +9,7 @@ the defaults of tests/test_toyworld.py) and the share of 32 pictures of its prom
 and after, and with ", light background" / ", dark background" added; for SDXL also one encoder at a
 time (`train_encoders` clip_l / clip_g); a hypernetwork trained to draw everything purple and the share
 of purple pictures of 32 captions that name no colour, at multiplier 1 and 0. Writes
-`<out>/toyworld-standalone.json` and picture grids beside it.
+`<out>/toyworld-standalone.json`, and the picture grids into `--pictures` (docs/).
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def save_picture(image, path: Path) -> None:
+    """A picture for the docs, with the record tests/test_docs.py checks (which benchmark drew it)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("sdtrain-picture", json.dumps({"bench": "bench/toyworld.py", "picture": path.name}))
+    image.save(path, pnginfo=info)
 
 
 def ti_figures(host, tmp: Path, data: Path, label: str, **options) -> tuple[dict, list]:
@@ -68,7 +77,8 @@ def hn_figures(host, tmp: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", nargs="+", default=["sd1", "sdxl"], choices=["sd1", "sdxl"])
-    p.add_argument("--out", default="docs/figures")
+    p.add_argument("--out", default="docs/figures", help="the figures (JSON)")
+    p.add_argument("--pictures", default="docs", help="the picture grids")
     p.add_argument("--webui", default=None, help="a webui folder (SDXL's sgm comes from it)")
     args = p.parse_args()
     import torch
@@ -81,6 +91,8 @@ def main() -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    pictures = Path(args.pictures)
+    pictures.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     path = out_dir / "toyworld-standalone.json"
     if path.is_file():
@@ -94,7 +106,7 @@ def main() -> int:
         fid, images, _ = world_fidelity(host, n=64, seed=3)
         r["fidelity"] = {"shape_and_color": fid.match, "all_four": fid.all_four, "per_attribute": fid.per_attribute,
                          "n": fid.n, "seconds": round(time.time() - t0, 1)}
-        grid(images[:32]).save(out_dir / f"toyworld-{family}-captions.png")
+        save_picture(grid(images[:32]), pictures / f"toyworld-{family}-captions.png")
         print(family, "fidelity", json.dumps(r["fidelity"]), flush=True)
         data = concept.write_concept_set(tmp / "data", n=8, seed=0)
         r["ti"], rows = ti_figures(host, tmp, data, "ti")
@@ -102,8 +114,8 @@ def main() -> int:
         from PIL import Image
 
         training = [Image.open(q).convert("RGB") for q in sorted(data.glob("*.png"))]
-        _labelled([("training pictures", training), ("'toy-concept' before training", rows[0]),
-                   ("after 150 steps", rows[1])]).save(out_dir / f"toyworld-{family}-ti.png")
+        save_picture(_labelled([("training pictures", training), ("'toy-concept' before training", rows[0]),
+                                ("after 150 steps", rows[1])]), pictures / f"toyworld-{family}-ti.png")
         if family == "sdxl":
             for enc in ("clip_l", "clip_g"):
                 r[f"ti_{enc}_only"], _ = ti_figures(host, tmp, data, f"ti-{enc}", train_encoders=enc)
