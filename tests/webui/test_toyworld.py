@@ -49,25 +49,28 @@ def toy_webui(webui_assets):
     server.stop()
 
 
-def _draw(server, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-    out = []
-    for prompt, seed in zip(prompts, seeds):
-        status, res = server.post("/sdapi/v1/txt2img", {
-            "prompt": prompt, "negative_prompt": "", "steps": 20, "cfg_scale": CFG, "width": 64, "height": 64,
-            "sampler_name": "Euler a", "seed": seed})
-        assert status == 200, res
-        out.append(Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).convert("RGB"))
-    return out
+def _draw(server, prompt: str, seed: int, n: int) -> list[Image.Image]:
+    """n pictures of one prompt in one txt2img request (seeds seed, seed+1, ... as the webui gives a batch)."""
+    status, res = server.post("/sdapi/v1/txt2img", {
+        "prompt": prompt, "negative_prompt": "", "steps": 20, "cfg_scale": CFG, "width": 64, "height": 64,
+        "sampler_name": "Euler a", "seed": seed, "batch_size": n})
+    assert status == 200, res
+    return [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in res["images"][:n]]
+
+
+def _draw_each(server, prompts: list[str], seed: int, n: int) -> list[Image.Image]:
+    return [im for i, p in enumerate(prompts) for im in _draw(server, p, seed + 100 * i, n)]
 
 
 def test_the_webui_draws_the_worlds_captions(toy_webui):
     rng = random.Random(11)
-    scenes = [random_scene(rng) for _ in range(64)]
-    images = _draw(toy_webui, [s.caption() for s in scenes], list(range(500, 564)))
+    captions = [random_scene(rng) for _ in range(16)]
+    images = _draw_each(toy_webui, [s.caption() for s in captions], 500, 4)  # 16 captions x 4 pictures
+    scenes = [s for s in captions for _ in range(4)]
     hits = [read(im).attributes() for im in images]
     both = sum(h["shape"] == s.shape and h["color"] == s.color for h, s in zip(hits, scenes)) / 64
     per = {a: sum(h[a] == s.attributes()[a] for h, s in zip(hits, scenes)) / 64 for a in hits[0]}
-    _record(fidelity_shape_and_color=both, fidelity_per_attribute=per, fidelity_n=64)
+    _record(fidelity_shape_and_color=both, fidelity_per_attribute=per, fidelity_n=64, fidelity_captions=16)
     assert both >= 0.85, (both, per)
 
 
@@ -77,18 +80,15 @@ def test_an_embedding_trained_through_the_routes_draws_the_concept(toy_webui):
                                                                "init_text": "thing"})
     assert status == 200, out
     want = dict(concept.CONCEPT)
-    seeds = list(range(900, 932))
-    before = concept.matches(_draw(toy_webui, ["toy-concept"] * 32, seeds), want)
+    before = concept.matches(_draw(toy_webui, "toy-concept", 900, 32), want)
     status, out = toy_webui.post("/sdapi/v1/train/embedding", {
         "embedding_name": "toy-concept", "learn_rate": "0.05", "batch_size": 4, "data_root": str(data),
         "log_directory": str(toy_webui.dir / "ti_log"), "training_width": 64, "training_height": 64,
         "steps": 150, "template_filename": "toyworld.txt", "create_image_every": 0, "save_embedding_every": 0})
     assert status == 200 and "error: None" in out["info"], out
-    after = concept.matches(_draw(toy_webui, ["toy-concept"] * 32, seeds), want)
-    light = concept.matches(_draw(toy_webui, ["toy-concept, light background"] * 32, seeds),
-                            {**want, "background": "light"})
-    dark = concept.matches(_draw(toy_webui, ["toy-concept, dark background"] * 32, seeds),
-                           {**want, "background": "dark"})
+    after = concept.matches(_draw(toy_webui, "toy-concept", 900, 32), want)
+    light = concept.matches(_draw(toy_webui, "toy-concept, light background", 900, 32), {**want, "background": "light"})
+    dark = concept.matches(_draw(toy_webui, "toy-concept, dark background", 900, 32), {**want, "background": "dark"})
     _record(ti_before=before, ti_after=after, ti_edit_light=light, ti_edit_dark=dark, ti_n=32, ti_steps=150)
     assert before <= 0.2 and after >= 0.8, (before, after)
     assert min(light, dark) >= 0.7, (light, dark)
@@ -106,11 +106,10 @@ def test_a_hypernetwork_trained_through_the_routes_changes_every_picture(toy_web
         "steps": 200, "template_filename": "toyworld_hn.txt", "create_image_every": 0,
         "save_hypernetwork_every": 0})
     assert status == 200 and "error: None" in out["info"], out
-    prompts = concept.style_prompts(32, seed=7)
-    seeds = list(range(300, 332))
-    plain = _draw(toy_webui, [p for p, _ in prompts], seeds)
-    styled = _draw(toy_webui, [f"{p} <hypernet:toy-style:1>" for p, _ in prompts], seeds)
-    off = _draw(toy_webui, [f"{p} <hypernet:toy-style:0>" for p, _ in prompts], seeds)
+    prompts = [p for p, _ in concept.style_prompts(8, seed=7)]  # 8 captions naming no colour x 4 pictures
+    plain = _draw_each(toy_webui, prompts, 300, 4)
+    styled = _draw_each(toy_webui, [f"{p} <hypernet:toy-style:1>" for p in prompts], 300, 4)
+    off = _draw_each(toy_webui, [f"{p} <hypernet:toy-style:0>" for p in prompts], 300, 4)
     purple = {"color": concept.STYLE_COLOR}
     figures = {"hn_purple_plain": concept.matches(plain, purple), "hn_purple_styled": concept.matches(styled, purple),
                "hn_multiplier_0_identical": all(a.tobytes() == b.tobytes() for a, b in zip(off, plain))}
