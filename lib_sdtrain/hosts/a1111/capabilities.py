@@ -135,12 +135,13 @@ def record_autograd(text: str) -> None:
 def hypernetwork_dir() -> tuple[str, str]:
     """(folder, where it comes from). The host's `--hypernetwork-dir`, or the one sdtrain's preload adds
     where the host has none (its help starts with "sdtrain:"), or `<models>/hypernetworks`."""
-    from modules import paths, shared
+    from modules import shared
 
     folder = getattr(shared.cmd_opts, "hypernetwork_dir", None)
-    default = os.path.join(paths.models_path, "hypernetworks")
     if not folder:
-        return default, "default; the webui has no --hypernetwork-dir"
+        from modules import paths
+
+        return os.path.join(paths.models_path, "hypernetworks"), "default; the webui has no --hypernetwork-dir"
     try:
         from modules import cmd_args
 
