@@ -57,17 +57,10 @@ def ti_figures(host, tmp: Path, data: Path, label: str, **options) -> tuple[dict
 def hn_figures(host, tmp: Path) -> dict:
     from lib_sdtrain.toyworld import concept
     from lib_sdtrain.toyworld.reader import read
-    from lib_sdtrain.toyworld.sample import generate
 
     data = concept.write_style_set(tmp / "style", n=64, seed=0)
     hn, _ = concept.train_hypernetwork(host, tmp / "hn", data, steps=200)
-    prompts = concept.style_prompts(32, seed=7)
-    texts, seeds = [p for p, _ in prompts], [300 + i for i in range(32)]
-    plain = generate(host, texts, seeds)
-    with host.use_hypernetwork([hn.set_multiplier(1.0)]):
-        styled = generate(host, texts, seeds)
-    with host.use_hypernetwork([hn.set_multiplier(0.0)]):
-        off = generate(host, texts, seeds)
+    prompts, plain, styled, off = concept.style_pictures(host, hn)
     purple = {"color": concept.STYLE_COLOR}
     return {"purple_plain": concept.matches(plain, purple), "purple_styled": concept.matches(styled, purple),
             "shape_kept": sum(read(im).shape == s.shape for im, (_, s) in zip(styled, prompts)) / 32,

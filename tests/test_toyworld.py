@@ -131,19 +131,10 @@ def test_before_training_the_prompt_does_not_show_the_concept(toy_sd1, tmp_path)
 
 
 def test_a_hypernetwork_learns_a_change_to_every_picture(toy_sd1, tmp_path):
-    from lib_sdtrain.toyworld.sample import generate
-
     _, host = toy_sd1
     data = concept.write_style_set(tmp_path / "data", n=64, seed=0)
     hn, _ = concept.train_hypernetwork(host, tmp_path, data, steps=200)
-    prompts = concept.style_prompts(32, seed=7)
-    seeds = [300 + i for i in range(32)]
-    texts = [p for p, _ in prompts]
-    plain = generate(host, texts, seeds)
-    with host.use_hypernetwork([hn.set_multiplier(1.0)]):
-        styled = generate(host, texts, seeds)
-    with host.use_hypernetwork([hn.set_multiplier(0.0)]):
-        off = generate(host, texts, seeds)
+    prompts, plain, styled, off = concept.style_pictures(host, hn)
     purple = {"color": concept.STYLE_COLOR}
     assert concept.matches(styled, purple) >= 0.8, concept.matches(styled, purple)
     assert concept.matches(plain, purple) <= 0.3

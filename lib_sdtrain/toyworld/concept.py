@@ -82,6 +82,19 @@ def concept_pictures(host: Any, prompt: str, n: int = 32, seed: int = 100, **kw:
     return generate(host, [prompt] * n, [seed + i for i in range(n)], **kw)
 
 
+def style_pictures(host: Any, hn: Any, n: int = 32, seed: int = 7) -> tuple[list, list, list, list]:
+    """(prompts with their scenes, pictures without the hypernetwork, at multiplier 1, at multiplier 0) for
+    n captions that name no colour, one picture each with the same seeds."""
+    prompts = style_prompts(n, seed)
+    texts, seeds = [p for p, _ in prompts], [300 + i for i in range(n)]
+    plain = generate(host, texts, seeds)
+    with host.use_hypernetwork([hn.set_multiplier(1.0)]):
+        styled = generate(host, texts, seeds)
+    with host.use_hypernetwork([hn.set_multiplier(0.0)]):
+        off = generate(host, texts, seeds)
+    return prompts, plain, styled, off
+
+
 def style_prompts(n: int, seed: int = 7) -> list[tuple[str, Scene]]:
     """Captions that name shape, size and background but not the colour, with their scenes."""
     rng = random.Random(seed)
