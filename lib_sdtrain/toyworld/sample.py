@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -120,7 +119,3 @@ def grid(images: list[Image.Image], cols: int = 8, scale: int = 2, pad: int = 2)
         r, c = divmod(i, cols)
         out.paste(im.resize((w * scale, h * scale), Image.NEAREST), (pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
     return out
-
-
-def as_array(images: list[Image.Image]) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in images])
