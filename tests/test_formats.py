@@ -113,7 +113,9 @@ def test_plain_torch_save_would_fail_the_host_check_and_the_filter_fixes_it():
     filtered = zipfile.ZipFile(io.BytesIO(host_safe_zip(buf.getvalue()))).namelist()
     assert all(HOST_ZIP_RE.match(n) for n in filtered)
     assert set(filtered) <= set(raw_names)
-    assert set(raw_names) - set(filtered) <= {"archive/.format_version", "archive/.storage_alignment"}
+    dropped = {".format_version", ".storage_alignment", "byteorder", ".data/serialization_id"}
+    assert set(raw_names) - set(filtered) <= {f"archive/{n}" for n in dropped}
+    assert {"archive/data.pkl", "archive/version"} <= set(filtered)
 
 
 def test_host_safe_zip_refuses_unknown_entries():

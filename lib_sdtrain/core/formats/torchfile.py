@@ -16,16 +16,21 @@ from lib_sdtrain.core.errors import FormatError, SdtrainError
 from lib_sdtrain.core.formats.fsutil import atomic_write_bytes
 from lib_sdtrain.core.formats.limits import check_torch_file
 
-#: The zip entry names A1111's modules/safe.py (`check_zip_filenames`) lets through; any other
-#: entry makes the stock webui refuse the file unless started with --disable-safe-unpickle.
-#: (The unescaped "." before "data/serialization_id" is the host's; kept so we test what it tests.)
-HOST_SAFE_ZIP_NAME = re.compile(
-    r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$"
-)
+#: The zip entry names every A1111 release's modules/safe.py (`check_zip_filenames`) lets through;
+#: any other entry makes the stock webui refuse the file unless started with --disable-safe-unpickle.
+#: v1.0.0-pre … v1.9.4 (and Forge Classic) allow only these three; v1.10.0 added `byteorder` and
+#: `.data/serialization_id`, which we therefore never write (docs/files.md, "Which webui releases
+#: load these files"; tests/test_release_loaders.py).
+HOST_SAFE_ZIP_NAME = re.compile(r"^([^/]+)/((data/\d+)|version|(data\.pkl))$")
 
-#: Entries newer torch.save writes that the host check rejects. torch.load copes without them:
-#: no `.format_version` → storages are read record by record; no `.storage_alignment` → 64.
-_DROPPABLE_ENTRIES = (".format_version", ".storage_alignment")
+#: Entries newer torch.save writes that some release's check rejects. torch.load copes without them:
+#: no `.format_version` → storages are read record by record; no `.storage_alignment` → 64; no
+#: `.data/serialization_id` → only its usage log lacks the id; no `byteorder` → read as little-endian
+#: (torch from before that record reads native order: little on every machine the webuis run on).
+_DROPPABLE_ENTRIES = (".format_version", ".storage_alignment", "serialization_id")
+#: `byteorder` is dropped only when it says little-endian (what a reader assumes without it): a
+#: big-endian machine keeps it, so the file stays correct (then only v1.10+ accept it).
+_BYTEORDER = "byteorder"
 
 #: Pickle globals that make up plain tensors and dicts (reported as harmless when torch refuses).
 _PLAIN_GLOBAL = re.compile(
@@ -55,7 +60,7 @@ def to_cpu(obj: Any) -> Any:
 
 
 def host_safe_zip(raw: bytes) -> bytes:
-    """Core: rewrite a torch.save zip keeping only the entries A1111's safe-check allows.
+    """Core: rewrite a torch.save zip keeping only the entries every A1111 release's safe-check allows.
 
     Entries are copied in order, uncompressed (torch never compresses). An entry that is neither
     allowed nor a known-droppable one raises SdtrainError rather than writing a file the host
@@ -64,10 +69,12 @@ def host_safe_zip(raw: bytes) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(raw)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
         for info in src.infolist():
-            if HOST_SAFE_ZIP_NAME.match(info.filename):
+            leaf = info.filename.rsplit("/", 1)[-1]
+            keep_byteorder = leaf == _BYTEORDER and src.read(info) != b"little"
+            if HOST_SAFE_ZIP_NAME.match(info.filename) or keep_byteorder:
                 entry = zipfile.ZipInfo(info.filename, date_time=info.date_time)
                 dst.writestr(entry, src.read(info), compress_type=zipfile.ZIP_STORED)
-            elif info.filename.rsplit("/", 1)[-1] not in _DROPPABLE_ENTRIES:
+            elif leaf not in _DROPPABLE_ENTRIES and leaf != _BYTEORDER:
                 raise SdtrainError(
                     f"torch {torch.__version__} wrote an unexpected entry {info.filename!r}; "
                     "refusing to write a file A1111's safe-check would reject"
