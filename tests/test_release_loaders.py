@@ -283,7 +283,7 @@ def load_embedding_as(path: Path, release: Release) -> dict[str, torch.Tensor]:
     return embedding_rule(data, release)
 
 
-# --- .safetensors: one rule in all releases (pins 0.2.7 in v1.0-v1.2, 0.3.1 to v1.8, 0.4.2 from v1.9) ---
+# --- .safetensors: one rule in all releases (pins 0.2.7 in v1.0.0-pre, 0.3.1 to v1.7.0, 0.4.2 from v1.8.0) -
 
 _ST_DTYPES = {"F32": (torch.float32, 4)}  # all we write; every safetensors version reads it
 
@@ -604,6 +604,14 @@ def test_spec_refuses_what_each_release_refuses(tmp_path):
         embedding_rule({"clip_l": torch.ones(1, 4), "clip_g": torch.ones(1, 8)}, BY_NAME["a1111-v1.5.2"])
     with pytest.raises(Refused, match="neither"):
         embedding_rule(collections.OrderedDict(clip_l=torch.ones(1, 4), clip_g=torch.ones(1, 8)), v110)
+
+
+def test_spec_refuses_a_safetensors_file_with_a_gap(tmp_path):
+    header = json.dumps({"emb_params": {"dtype": "F32", "shape": [1, 2], "data_offsets": [4, 12]}}).encode()
+    bad = tmp_path / "gap.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
+    with pytest.raises(Refused, match="contiguous"):
+        safetensors_read(bad)
 
 
 def test_spec_refuses_a_hypernetwork_the_host_cannot_build(tmp_path, written):
