@@ -235,7 +235,7 @@ def summarise(runs: list[dict], kind: str) -> dict:
     if base:
         last = str(max(int(s) for s in base["steps"]))
         target = base["steps"][last]["match"]
-        for arm, a in out.items():
+        for a in out.values():
             reached = [int(s) for s, row in a["steps"].items() if row["match"] >= target]
             first = min(reached) if reached else None
             known = first is not None

@@ -78,6 +78,8 @@ WHEN = {
     "training_enable_tensorboard": "To follow runs in TensorBoard (needs the `tensorboard` package).",
     "training_tensorboard_save_images": "With TensorBoard on, to see previews there.",
     "training_tensorboard_flush_every": "Lower to see TensorBoard updates sooner.",
+    "preset": "`recommended` for the options that learned fastest in the toy-world benchmark "
+              "([Results](../README.md#results)); fields you set yourself keep your values.",
     "lr_scheduler": "`cosine` or `constant_with_warmup` instead of the webui's rate language.",
     "lr_warmup_steps": "With `cosine` or `constant_with_warmup`: a few percent of the steps.",
     "lr_min": "With `cosine`: where the rate ends.",

@@ -444,6 +444,8 @@ def _kind_tab(ctx: UiContext, tk: TabKind, title: str, list_names, refresh_names
                                                      choices=list_names())
                     refresh = gr.Button(value="\U0001f504", elem_id=f"{prefix}_refresh", elem_classes=["tool"])
                 note = gr.HTML(value=list_note, elem_id=f"{prefix}_list_note")
+                widgets["preset"] = _widget(train_specs["preset"], f"{prefix}_preset")
+                preset_note = gr.HTML(value="", elem_id=f"{prefix}_preset_note")
                 for n in tk.main[1:]:
                     choices = ctx.template_names() if n == "template_filename" else None
                     widgets[n] = _widget(train_specs[n], f"{prefix}_{n}", choices=choices)
@@ -486,8 +488,36 @@ def _kind_tab(ctx: UiContext, tk: TabKind, title: str, list_names, refresh_names
         return f"Created: {job.result}", "", refreshed(job.config.name), list_note()
 
     create.click(create_one, inputs=create_inputs, outputs=[created, create_error, names, note])
+    _wire_preset(tk.train.kind, widgets, preset_note)
     _wire_job(ctx, tk.train.kind, widgets, list(ctx.txt2img_preview_params), out, start=train, stop=stop,
               show=show, resume=resume, names=refreshed)
+
+
+def preset_view(kind: str, name: str, shown: list[str]) -> tuple[str, dict[str, Any]]:
+    """(the note beside the preset choice, field -> value the form takes) for preset `name`; every field of
+    the preset is one the form shows (`shown`)."""
+    from lib_sdtrain.core.options.presets import PRESETS, preset_fields
+
+    fields = preset_fields(kind, name)
+    if not fields:
+        return "", {}
+    sets = ", ".join(f"{k} = {v}" for k, v in fields.items())
+    note = f"<span class='sdtrain-note'>{html.escape(PRESETS[name].summary)} It sets: {html.escape(sets)}.</span>"
+    return note, {k: v for k, v in fields.items() if k in shown}
+
+
+def _wire_preset(kind: str, widgets: dict[str, Any], note) -> None:
+    """Picking a preset sets the form's fields to its values (what runs is what the form shows)."""
+    from lib_sdtrain.core.options.presets import PRESETS
+
+    names = sorted({k for p in PRESETS.values() for k in p.fields.get(kind, {}) if k in widgets})
+    targets = [widgets[n] for n in names]
+
+    def picked(name: str):
+        text, values = preset_view(kind, name or "none", names)
+        return (text, *[gr.update(value=values[n]) if n in values else gr.update() for n in names])
+
+    widgets["preset"].change(picked, inputs=[widgets["preset"]], outputs=[note, *targets])
 
 
 PREPROCESS_SECTIONS = (

@@ -27,6 +27,7 @@ from lib_sdtrain.core.options.hypernetwork_spec import (
 )
 from lib_sdtrain.core.options.lr_schedule import Schedule, make_schedule
 from lib_sdtrain.core.options.optimizers import OPTIMIZERS, OptimizerChoice, optimizer_class, parse_betas
+from lib_sdtrain.core.options.presets import PRESET_NAMES, apply_preset
 
 #: Our own copy of the host's six prompt templates (same names and placeholders).
 DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parents[3] / "textual_inversion_templates")
@@ -110,6 +111,8 @@ class ConfigBase:
             )
         hints = typing.get_type_hints(cls)
         known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if "preset" in known:  # a preset fills what the request leaves out (core.options.presets)
+            data = apply_preset(cls.kind, data)
         kwargs = {}
         for key, value in data.items():
             if key in ignore:
@@ -267,6 +270,11 @@ class TrainingConfig(ConfigBase):
     )
 
     # --- sdtrain's own options
+    preset: str = _opt(
+        "none", "Preset", choices=PRESET_NAMES,
+        help="Options chosen by measurement (README, Results), filled in where the request sets none; "
+        "none: the webui's own behaviour",
+    )
     lr_scheduler: str = _opt(
         "dsl", "Learning-rate schedule", choices=("dsl", "cosine", "constant_with_warmup")
     )
