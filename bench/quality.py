@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--every", type=int, default=25, help="save (and measure) every N steps")
+    p.add_argument("--measure", default="", help="the saved steps to draw (comma-separated; default: every one)")
     p.add_argument("--batch", type=int, default=1, help="batch size (the host's default)")
     p.add_argument("--vectors", type=int, default=2)
     p.add_argument("--lr-ti", default="0.005", help="embedding learning rate (the host's default)")
@@ -341,9 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         # the drawing server: the webui without sdtrain, loading every saved file from its own folders
         judge = conftest.WebUI(assets, "judge", sdtrain=False, extra_args=tmpl)
         servers.append(judge)
+        measure = {int(x) for x in args.measure.split(",") if x.strip()}
         for r in runs:
             r["labels"] = {}
             for step, f in r["files"].items():
+                if measure and step not in measure:
+                    continue
                 label = f"{r['name']}s{step:05d}"
                 shutil.copy2(f, (judge.embeddings if r["kind"] == "ti" else judge.hypernetworks) / f"{label}.pt")
                 r["labels"][step] = label

@@ -444,8 +444,10 @@ def _kind_tab(ctx: UiContext, tk: TabKind, title: str, list_names, refresh_names
                                                      choices=list_names())
                     refresh = gr.Button(value="\U0001f504", elem_id=f"{prefix}_refresh", elem_classes=["tool"])
                 note = gr.HTML(value=list_note, elem_id=f"{prefix}_list_note")
-                widgets["preset"] = _widget(train_specs["preset"], f"{prefix}_preset")
-                preset_note = gr.HTML(value="", elem_id=f"{prefix}_preset_note")
+                preset_note = None
+                if "preset" in train_specs:  # embeddings: the measured presets (core.options.presets)
+                    widgets["preset"] = _widget(train_specs["preset"], f"{prefix}_preset")
+                    preset_note = gr.HTML(value="", elem_id=f"{prefix}_preset_note")
                 for n in tk.main[1:]:
                     choices = ctx.template_names() if n == "template_filename" else None
                     widgets[n] = _widget(train_specs[n], f"{prefix}_{n}", choices=choices)
@@ -488,7 +490,8 @@ def _kind_tab(ctx: UiContext, tk: TabKind, title: str, list_names, refresh_names
         return f"Created: {job.result}", "", refreshed(job.config.name), list_note()
 
     create.click(create_one, inputs=create_inputs, outputs=[created, create_error, names, note])
-    _wire_preset(tk.train.kind, widgets, preset_note)
+    if preset_note is not None:
+        _wire_preset(tk.train.kind, widgets, preset_note)
     _wire_job(ctx, tk.train.kind, widgets, list(ctx.txt2img_preview_params), out, start=train, stop=stop,
               show=show, resume=resume, names=refreshed)
 

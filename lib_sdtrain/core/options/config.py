@@ -270,11 +270,6 @@ class TrainingConfig(ConfigBase):
     )
 
     # --- sdtrain's own options
-    preset: str = _opt(
-        "none", "Preset", choices=PRESET_NAMES,
-        help="Options chosen by measurement (README, Results), filled in where the request sets none; "
-        "none: the webui's own behaviour",
-    )
     lr_scheduler: str = _opt(
         "dsl", "Learning-rate schedule", choices=("dsl", "cosine", "constant_with_warmup")
     )
@@ -437,6 +432,11 @@ class TrainEmbeddingConfig(TrainingConfig):
     save_every_field: ClassVar[str] = "save_embedding_every"
 
     embedding_name: str = _opt("", "Embedding")
+    preset: str = _opt(
+        "none", "Preset", choices=PRESET_NAMES,
+        help="Options chosen by measurement (README, Results: learned the toy-world concept fastest), filled in where the request sets none; "
+        "none: the webui's own behaviour",
+    )
     learn_rate: str = _opt(
         "0.005", "Embedding Learning rate", help="A rate, or a schedule: 0.005:100, 1e-3:1000, 1e-5"
     )

@@ -28,9 +28,10 @@ PRESETS: dict[str, Preset] = {
     "recommended": Preset(
         "recommended",
         {
-            "train_embedding": {"learn_rate": "0.02", "lr_scheduler": "cosine", "lr_warmup_steps": 5},
+            "train_embedding": {"min_snr_gamma": 5.0},
         },
-        "",
+        "Min-SNR-5 loss weighting: in the toy-world benchmark it reached the webui trainer's concept match "
+        "in fewer steps at the same learning rate.",
     ),
 }
 #: the choices of the `preset` field ("none": the webui's behaviour)
