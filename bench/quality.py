@@ -59,7 +59,7 @@ ARMS: dict[str, dict[str, dict]] = {
 PICTURE_SEED = 900
 
 
-def _body(kind: str, name: str, data: Path, log: Path, steps: int, every: int, batch: int, lr: str) -> dict:
+def request_body(kind: str, name: str, data: Path, log: Path, steps: int, every: int, batch: int, lr: str) -> dict:
     body = {"data_root": str(data), "log_directory": str(log), "steps": steps, "batch_size": batch,
             "learn_rate": lr, "gradient_step": 1, "training_width": 64, "training_height": 64, "varsize": False,
             "clip_grad_mode": "disabled", "clip_grad_value": "0.1", "shuffle_tags": False, "tag_drop_out": 0,
@@ -110,7 +110,7 @@ def train_run(server, kind: str, arm: str, seed: int, args, data: Path, stock: b
     start_copy.parent.mkdir(exist_ok=True)
     shutil.copy2(start_file, start_copy)
     log = server.dir / "quality-log" / name
-    body = _body(kind, name, data, log, args.steps, args.every, args.batch, args.lr[kind])
+    body = request_body(kind, name, data, log, args.steps, args.every, args.batch, args.lr[kind])
     if not stock:
         body.update({"seed": seed, **ARMS[kind][arm]})
     route = "/sdapi/v1/train/embedding" if kind == "ti" else "/sdapi/v1/train/hypernetwork"

@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-#: option sets searched: name -> sdtrain training fields (on top of the host's defaults: lr 0.005,
+#: option sets searched (EMA is not among them: the intermediate saves this measures hold the trained
+#: tensors, not the average): name -> sdtrain training fields (on top of the host's defaults: lr 0.005,
 #: AdamW, constant rate, 2 vectors from "thing")
 SETS: dict[str, dict] = {
     "default": {},
@@ -35,7 +36,6 @@ SETS: dict[str, dict] = {
     "minsnr5": {"min_snr_gamma": 5.0},
     "lr0.01-minsnr5": {"learn_rate": "0.01", "min_snr_gamma": 5.0},
     "lr0.02-norm1.5": {"learn_rate": "0.02", "norm_limit": 1.5},
-    "lr0.01-ema0.9": {"learn_rate": "0.01", "ema_decay": 0.9, "ema_for_output": True},
     "random-latents": {"latent_sampling_method": "random"},
     "1vec": {"vectors": 1},
     "4vec": {"vectors": 4},
