@@ -278,6 +278,9 @@ def _build_view(job: Job, smoothed: _Smoothed) -> dict[str, Any]:
         status += f"<br>step {d['step']}/{d['total_steps']}"
     if job.message:
         status += f"<br>{html.escape(job.message)}"
+    for w in d["warnings"]:  # the run may not be learning (core.training.watchdog)
+        if w["text"] not in job.message:
+            status += f"<br><span class='sdtrain-warning'>Warning: {html.escape(w['text'])}</span>"
     loss = lr = None
     if loss_history:
         best = list(job.best) if job.best is not None else None

@@ -1,0 +1,175 @@
+"""Core: the no-learning watch — an early warning that a run trains without learning anything.
+
+The host's trainer will run for hours on a setting that makes every step a no-op (a learning rate of
+0, a template whose prompts never hold the embedding, a clip value of 0) and say nothing. This watch
+looks at three things, each cheaply and only a few times a run:
+
+1. before the run, the learning-rate schedule: a rate of exactly 0 for the whole run, or from some
+   step to the end, is legal but trains nothing (`schedule_warnings`);
+2. the first `GRADIENT_STEPS` optimizer steps: whether the trained tensors receive any gradient at all
+   (none: the embedding never appears in a prompt, or clipping to 0 wiped it) — checked only until a
+   gradient has been seen, so usually at step 1 alone;
+3. one step, `CHECK_AFTER` optimizer steps after the warm-up: how far the trained tensors have moved
+   from where the run began, relative to their size (‖θ−θ₀‖/‖θ₀‖). Adam-type optimizers move each
+   weight by about the learning rate per step whatever the gradient's scale, so this measures the rate
+   the run really trains at; the toy worlds' healthy runs move by 0.3-300 % by then and the sabotaged
+   ones by < 0.001 % (docs/verification.md has the table). The loss is no use this early: the diffusion
+   loss of one step varies by a factor of 10 with the timestep drawn.
+
+The warnings do not stop the run (a user may mean it, e.g. a rate of 0 to measure a baseline); the
+caller shows them in the job's status, the log and the job record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+#: steps whose gradients are looked at until one is seen (several: a template whose lines do not all
+#: hold [name] can draw a batch without it now and then)
+GRADIENT_STEPS = 3
+#: optimizer steps after the warm-up at which the tensors' movement is measured
+CHECK_AFTER = 20
+#: below this relative change (‖θ−θ₀‖/‖θ₀‖) after CHECK_AFTER steps a run is not learning
+MIN_CHANGE = 1e-4
+#: a rate of 0 over at least this share of the run is worth a warning (a cosine schedule reaches 0 only
+#: at its very end)
+ZERO_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class NoLearning:
+    """One warning. `code` names what was found: "zero_rate" (a rate or clip value of 0 for the whole run),
+    "zero_later" (from some step on), "no_gradient", "clipped" (a clip value of 0), "not_moving"."""
+
+    code: str
+    step: int
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What is trained, in the words of the warnings."""
+
+    noun: str  # "embedding" / "hypernetwork"
+    tensors: str  # "the embedding's vectors" / "the hypernetwork's weights"
+    rate_field: str  # the UI's name of the learning-rate field
+    #: why the tensors could receive no gradient and what to check (besides clipping)
+    no_gradient_hint: str
+
+
+def zero_from(value_at: Callable[[int], float], start: int, total: int) -> int | None:
+    """The step from which a schedule stays at exactly 0 to the end of the run, when that stretch is at
+    least `ZERO_SHARE` of it; else None."""
+    steps = total - start
+    if steps <= 0:
+        return None
+    stride = max(1, steps // 20000)  # a long run is sampled (a schedule changes at round steps)
+    first: int | None = None  # where the current stretch of zeros began
+    for step in range(start, total, stride):
+        zero = value_at(step) == 0
+        first = (first if first is not None else step) if zero else None
+    return first if first is not None and total - first >= max(1, ZERO_SHARE * steps) else None
+
+
+def schedule_warnings(subject: Subject, start: int, total: int, rate_at: Callable[[int], float], rate_text: str,
+                      clip_at: Callable[[int], float] | None = None, clip_text: str = "") -> list[NoLearning]:
+    """Before the run: a learning rate of 0, or a clip value of 0 (every gradient clipped away), for the
+    whole run or from some step to its end. Legal values, so warnings."""
+    out = []
+    for value_at, field, text, what in ((rate_at, subject.rate_field, rate_text, "learning rate"),
+                                        (clip_at, "Gradient Clipping", clip_text, "gradient clip value")):
+        first = zero_from(value_at, start, total) if value_at is not None else None
+        if first is None:
+            continue
+        if first == start:
+            out.append(NoLearning("zero_rate", start, (
+                f"the {what} is 0 for the whole run ({field}: {text!r}): {subject.tensors} will not change. "
+                f"Set it above 0 in {field}.")))
+        else:
+            out.append(NoLearning("zero_later", start, (
+                f"the {what} is 0 from step {first} on ({field}: {text!r}): steps {first}-{total} will not "
+                f"change {subject.tensors}. End the schedule above 0, or set the max steps to {first}.")))
+    return out
+
+
+class LearningWatch:
+    """Fed by the loop: `gradients` before each optimizer step (it returns at once after the first steps),
+    `after_step` after it. Each returns a warning once, when it finds one."""
+
+    def __init__(self, subject: Subject, params: Sequence[torch.Tensor], start: int, total: int, *,
+                 warmup: int = 0, check_after: int = CHECK_AFTER, min_change: float = MIN_CHANGE,
+                 quiet: bool = False):
+        """`quiet`: a warning that says it all was given before the run (a rate of 0 throughout)."""
+        self.subject = subject
+        self.params = list(params)
+        self.start = start
+        self.check_step = start + warmup + check_after
+        if self.check_step > total:
+            self.check_step = -1  # too short a run to tell a small rate from none
+        self.min_change = min_change
+        self.gradient_until = start + GRADIENT_STEPS
+        self.seen_gradient = False
+        self.warnings: list[NoLearning] = []
+        if quiet:
+            self.check_step, self.gradient_until = -1, start
+        # the starting point, off the device (read once, at the check step)
+        self.initial = [p.detach().float().cpu().clone() for p in self.params] if self.check_step > 0 else []
+
+    def _warn(self, code: str, step: int, text: str) -> NoLearning:
+        w = NoLearning(code, step, text)
+        self.warnings.append(w)
+        return w
+
+    def has_gradient(self) -> bool:
+        """Whether any trained tensor has a gradient other than 0 (one device sync)."""
+        return any(p.grad is not None and bool(p.grad.detach().ne(0).any()) for p in self.params)
+
+    def wants_gradients(self, step: int) -> bool:
+        """Whether `gradients` should be told about optimizer step `step` (1-based): only the first steps,
+        until a gradient has been seen."""
+        return not self.seen_gradient and not self.warnings and step <= self.gradient_until
+
+    def gradients(self, step: int, before_clip: bool, after_clip: bool) -> NoLearning | None:
+        """Whether optimizer step `step` had a gradient before and after clipping."""
+        if after_clip:
+            self.seen_gradient = True
+            return None
+        s = self.subject
+        if before_clip:
+            return self._warn("clipped", step, (
+                f"gradient clipping leaves {s.tensors} no gradient at step {step}: the clip value is 0. "
+                "Set Gradient Clipping's value above 0, or disable clipping."))
+        if step < self.gradient_until:
+            return None
+        return self._warn("no_gradient", step, (
+            f"{s.tensors} received no gradient in the first {step - self.start} steps: {s.no_gradient_hint}"))
+
+    def after_step(self, step: int, lr: float) -> NoLearning | None:
+        """After optimizer step `step`: at the check step, how far the tensors have moved."""
+        if step != self.check_step or self.warnings:
+            return None
+        num = den = 0.0
+        for p, p0 in zip(self.params, self.initial):
+            now = p.detach().float().cpu()
+            num += float((now - p0).pow(2).sum())
+            den += float(p0.pow(2).sum())
+        self.initial = []
+        change = math.sqrt(num) / math.sqrt(den) if den > 0 else (math.inf if num > 0 else 0.0)
+        if change >= self.min_change:
+            return None
+        s = self.subject
+        done = step - self.start
+        why = ("the learning rate is 0" if lr == 0 else
+               f"the learning rate ({lr:.3g} now) is too small for this optimizer" if lr < 1e-6 else
+               "the optimizer's steps do not reach them (a gradient scale or clipping this small, or an "
+               "optimizer whose steps scale with the gradient, like SGD, at this rate)")
+        return self._warn("not_moving", step, (
+            f"{s.tensors} have not moved after {done} steps ({change * 100:.2g} % of their size): {why}. "
+            f"Check {s.rate_field}, Gradient Clipping and the optimizer."))
