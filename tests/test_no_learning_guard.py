@@ -137,6 +137,11 @@ def toy(tmp_path_factory):
     return host, concept.write_concept_set(tmp_path_factory.mktemp("concept"), n=8, seed=0)
 
 
+@pytest.fixture(scope="module")
+def style(tmp_path_factory):
+    return concept.write_style_set(tmp_path_factory.mktemp("style"), n=8, seed=0)
+
+
 def _train(toy, tmp_path, **options):
     host, data = toy
     _, job = concept.train_embedding(host, tmp_path, data, steps=STEPS, batch_size=2, **options)
@@ -194,3 +199,13 @@ def test_toy_a_clip_value_of_zero_is_warned_about_before_the_run(toy, tmp_path):
     job = _train(toy, tmp_path, clip_grad_mode="norm", clip_grad_value="0")
     text = _warned(job, "zero_rate")  # the schedule says it before the run, and the run is quiet then
     assert "gradient clip value is 0" in text
+
+
+def test_toy_hypernetwork_at_the_host_default_rate_is_quiet_and_at_1e_9_warned(toy, style, tmp_path):
+    host, _ = toy
+    # 1e-5 (the host's default) moves the weights by 0.29 % in 20 steps, 29 times the threshold (measured)
+    _, job = concept.train_hypernetwork(host, tmp_path / "a", style, steps=STEPS, batch_size=2, learn_rate="0.00001")
+    assert job.to_dict()["warnings"] == []
+    _, job = concept.train_hypernetwork(host, tmp_path / "b", style, steps=STEPS, batch_size=2, learn_rate="1e-9")
+    text = _warned(job, "not_moving")
+    assert text.startswith("the hypernetwork's weights have not moved") and "Hypernetwork Learning rate" in text
