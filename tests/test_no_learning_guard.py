@@ -56,11 +56,7 @@ def _feed(watch, p, steps, *, grad=1.0, move=0.0, clipped_away=False, lr=0.005):
     found = []
     for step in range(watch.start + 1, watch.start + steps + 1):
         p.grad = None if grad is None else torch.full_like(p, grad)
-        if watch.wants_gradients(step):
-            before = watch.has_gradient()
-            if clipped_away and p.grad is not None:
-                p.grad.zero_()
-            found.append(watch.gradients(step, before, watch.has_gradient()))
+        found.append(watch.around_clip(step, (lambda: p.grad.zero_()) if clipped_away else None))
         with torch.no_grad():
             p.add_(move)
         found.append(watch.after_step(step, lr))

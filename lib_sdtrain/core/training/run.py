@@ -494,8 +494,9 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             if ema is not None:
                 ema.begin(params, state.step)
         dp.decorrelate_rng()  # dropout: each process its own draws
-        warmup = cfg.lr_warmup_steps if cfg.lr_scheduler != "dsl" else 0
-        watch = LearningWatch(kind.subject(), params, state.step, cfg.steps, warmup=warmup, quiet=any(w.code == "zero_rate" for w in run.warnings))
+        watch = LearningWatch(kind.subject(), params, state.step, cfg.steps,
+                              warmup=cfg.lr_warmup_steps if cfg.lr_scheduler != "dsl" else 0,
+                              quiet=any(w.code == "zero_rate" for w in run.warnings))  # said it all
         fp = fingerprint(cfg)
         last_point = [time.monotonic()]
 
@@ -575,17 +576,16 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             if saved or (minutes and time.monotonic() - last_point[0] >= minutes * 60):
                 keep_resume_point(st)
 
-        def clip(step: int) -> None:  # and the watch's look at the gradients of the first steps
-            watched = watch.wants_gradients(step + 1)
-            before = watched and watch.has_gradient()
-            if clip_sched is not None:
-                value = clip_sched.value(step)
-                if cfg.clip_grad_mode == "value":
-                    torch.nn.utils.clip_grad_value_(params, value)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, value)
-            if watched:
-                run.warn(watch.gradients(step + 1, before, watch.has_gradient() if clip_sched else before))
+        def clip_gradients(step: int) -> None:
+            assert clip_sched is not None
+            value = clip_sched.value(step)
+            if cfg.clip_grad_mode == "value":
+                torch.nn.utils.clip_grad_value_(params, value)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, value)
+
+        def clip(step: int) -> None:  # the watch looks at the first steps' gradients around the clipping
+            run.warn(watch.around_clip(step + 1, (lambda: clip_gradients(step)) if clip_sched else None))
 
         def should_stop() -> bool:
             if session.interrupted() and control is not None:
