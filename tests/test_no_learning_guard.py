@@ -119,6 +119,24 @@ def test_the_job_record_keeps_warnings_across_a_restart(tmp_path):
     assert again.get(job.id).to_dict()["warnings"] == want
 
 
+def test_the_tab_and_the_command_line_show_a_warning():
+    import io
+
+    from lib_sdtrain.cli.progress import ProgressPrinter
+    from lib_sdtrain.core.jobs.service import Event, Job
+    from lib_sdtrain.ui.train_tabs import job_view
+
+    job = Job(id="j1", kind="train_embedding", config=CreateEmbeddingConfig(name="x"))
+    job.control.emit("step", step=1, total=30, loss=0.1, lr=0.0, text="loss 0.1, lr 0, step 1/30")
+    job.control.emit("warning", text="the embedding's vectors have <not> moved", code="not_moving", step=20)
+    job.control.emit("log", text="Training finished at 30 steps.")
+    status = job_view(job)["status"]
+    assert "sdtrain-warning" in status and "Warning: the embedding&#x27;s vectors have &lt;not&gt; moved" in status
+    out = io.StringIO()
+    ProgressPrinter(out, bar=False).event(Event("warning", {"text": "the vectors have not moved"}))
+    assert "WARNING: the vectors have not moved" in out.getvalue()
+
+
 # -- toy-world runs ----------------------------------------------------------------------------------------
 STEPS = watchdog.CHECK_AFTER + 1
 
