@@ -47,6 +47,14 @@ def test_healthy_schedules_are_not_warned_about():
     assert schedule_warnings(SUBJECT, 0, 100, _rates("0.005:98, 0"), "") == []
 
 
+def test_a_norm_limit_too_small_to_learn_is_warned_about():
+    w = watchdog.norm_limit_warning(SUBJECT, 0.02, 0)
+    assert w.code == "norm_limit" and "0.02" in w.text and "Set the norm limit to 1-2" in w.text
+    assert watchdog.norm_limit_warning(SUBJECT, 0.0, 0) is None  # off
+    assert watchdog.norm_limit_warning(SUBJECT, watchdog.MIN_NORM_LIMIT, 0) is None
+    assert watchdog.norm_limit_warning(SUBJECT, 1.5, 0) is None
+
+
 def _param(value=1.0, n=8):
     return torch.full((n,), value, requires_grad=True)
 
@@ -170,7 +178,7 @@ def _warned(job, code):
     assert [w["code"] for w in d["warnings"]] == [code], d["warnings"]
     text = d["warnings"][0]["text"]
     assert f"Warning: {text}" in d["message"]  # the final message ("Training finished ...") keeps it
-    if code not in ("zero_rate",):  # found during the run: the progress after it says so
+    if code not in ("zero_rate", "norm_limit"):  # found during the run: the progress after it says so
         assert "not learning? see the warning" in job.last_event("step").data["text"]
     return text
 
@@ -207,6 +215,11 @@ def test_toy_a_template_that_hides_the_name_is_found_in_the_first_steps(toy, tmp
     text = _warned(job, "no_gradient")
     assert "received no gradient in the first 3 steps" in text and "plural.txt" in text and "[name]" in text
     assert job.to_dict()["warnings"][0]["step"] == 3
+
+
+def test_toy_a_norm_limit_too_small_is_warned_about_before_the_run(toy, tmp_path):
+    text = _warned(_train(toy, tmp_path, norm_limit=0.02), "norm_limit")
+    assert "the norm limit 0.02 holds the embedding's vectors" in text
 
 
 def test_toy_a_clip_value_of_zero_is_warned_about_before_the_run(toy, tmp_path):

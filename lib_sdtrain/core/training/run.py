@@ -157,6 +157,10 @@ class TrainingKind:
         """Warnings to log before training starts."""
         return []
 
+    def no_learning(self, start: int) -> list[NoLearning]:
+        """Settings of this kind that keep a run from learning (warned about before it starts)."""
+        return []
+
     def setup(self, device: torch.device, lr: float) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
         """The live trainable tensors (on `device`) and their optimizer."""
         raise NotImplementedError
@@ -388,7 +392,8 @@ def _announce(run: TrainingRun, data: TrainingData, start: int, lr_sched: Schedu
     for note in data.notes + kind.notes(run.info) + validation_note(cfg, data):
         run.emit("log", text=note)
     for warning in schedule_warnings(kind.subject(), start, cfg.steps, lr_sched.value, cfg.learn_rate,
-                                     clip_sched.value if clip_sched else None, cfg.clip_grad_value):
+                                     clip_sched.value if clip_sched else None, cfg.clip_grad_value
+                                     ) + kind.no_learning(start):
         run.warn(warning)
     run.settings_file(data)
 

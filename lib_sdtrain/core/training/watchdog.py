@@ -4,16 +4,18 @@ The host's trainer will run for hours on a setting that makes every step a no-op
 0, a template whose prompts never hold the embedding, a clip value of 0) and say nothing. This watch
 looks at three things, each cheaply and only a few times a run:
 
-1. before the run, the learning-rate schedule: a rate of exactly 0 for the whole run, or from some
-   step to the end, is legal but trains nothing (`schedule_warnings`);
+1. before the run, the settings: a learning rate (or clip value) of exactly 0 for the whole run, or from
+   some step to the end, is legal but trains nothing (`schedule_warnings`); an embedding's norm limit
+   so small that its vectors are held too short to carry a concept (`norm_limit_warning`);
 2. the first `GRADIENT_STEPS` optimizer steps: whether the trained tensors receive any gradient at all
    (none: the embedding never appears in a prompt, or clipping to 0 wiped it) — checked only until a
    gradient has been seen, so usually at step 1 alone;
 3. one step, `CHECK_AFTER` optimizer steps after the warm-up: how far the trained tensors have moved
    from where the run began, relative to their size (‖θ−θ₀‖/‖θ₀‖). Adam-type optimizers move each
    weight by about the learning rate per step whatever the gradient's scale, so this measures the rate
-   the run really trains at. The loss is no use this early: the diffusion loss of one step varies by a
-   factor of 10 with the timestep drawn.
+   the run really trains at. The loss is no use this early: its spread from step to step is 60-80 % of
+   its mean (the timestep drawn), and the mean of steps 11-20 over that of steps 1-10 was 1.00-1.10 in
+   healthy toy runs and 1.12-1.17 in sabotaged ones (a hypernetwork: 1.09-1.10 against 1.12).
 
 Measured on the SD1 toy world (AdamW, batch 4, seed 0), ‖θ−θ₀‖/‖θ₀‖ at step 20:
 
@@ -23,7 +25,7 @@ Measured on the SD1 toy world (AdamW, batch 4, seed 0), ‖θ−θ₀‖/‖θ�
 
 `MIN_CHANGE` = 1e-4 lies 29× under the slowest healthy run (a hypernetwork at the host's default rate)
 and 13× over the fastest sabotaged one (an embedding at 1e-8); at 1e-4 per 20 steps a run would need
-20,000 steps to change its tensors by 10 %, which the healthy runs do in 1-20.
+20,000 steps or more to move its tensors by 10 %.
 
 The warnings do not stop the run (a user may mean it, e.g. a rate of 0 to measure a baseline); the
 caller shows them in the job's status, the log and the job record.
@@ -44,6 +46,10 @@ GRADIENT_STEPS = 3
 CHECK_AFTER = 20
 #: below this relative change (‖θ−θ₀‖/‖θ₀‖) after CHECK_AFTER steps a run is not learning
 MIN_CHANGE = 1e-4
+#: a norm limit under this many typical token norms keeps the vectors too short to learn. The SD1 toy world's
+#: concept after 150 steps at lr 0.05 (share of 32 pictures): limit 0.02 0 %, 0.05 22 %, 0.1-0.5 41-44 %,
+#: 1 72 %, none 97 %
+MIN_NORM_LIMIT = 0.05
 #: a rate of 0 over at least this share of the run is worth a warning (a cosine schedule reaches 0 only
 #: at its very end)
 ZERO_SHARE = 0.05
@@ -106,6 +112,16 @@ def schedule_warnings(subject: Subject, start: int, total: int, rate_at: Callabl
                 f"the {what} is 0 from step {first} on ({field}: {text!r}): steps {first}-{total} will not "
                 f"change {subject.tensors}. End the schedule above 0, or set the max steps to {first}.")))
     return out
+
+
+def norm_limit_warning(subject: Subject, norm_limit: float, start: int) -> NoLearning | None:
+    """Before the run: a norm limit so small that the vectors, held that short, cannot carry the concept."""
+    if not 0 < norm_limit < MIN_NORM_LIMIT:
+        return None
+    return NoLearning("norm_limit", start, (
+        f"the norm limit {norm_limit:g} holds {subject.tensors} to {norm_limit:g} × a typical token's length: "
+        f"too short to carry a concept (at 0.02 the toy world's concept was not learned at all). "
+        "Set the norm limit to 1-2, or 0 to disable it."))
 
 
 class LearningWatch:
