@@ -137,9 +137,13 @@ def test_the_tab_and_the_command_line_show_a_warning():
     job = Job(id="j1", kind="train_embedding", config=CreateEmbeddingConfig(name="x"))
     job.control.emit("step", step=1, total=30, loss=0.1, lr=0.0, text="loss 0.1, lr 0, step 1/30")
     job.control.emit("warning", text="the embedding's vectors have <not> moved", code="not_moving", step=20)
-    job.control.emit("log", text="Training finished at 30 steps.")
-    status = job_view(job)["status"]
-    assert "sdtrain-warning" in status and "Warning: the embedding&#x27;s vectors have &lt;not&gt; moved" in status
+    shown = "<span class='sdtrain-warning'>Warning: the embedding&#x27;s vectors have &lt;not&gt; moved</span>"
+    for last in ("", "Training finished at 30 steps.\nWarning: the embedding's vectors have <not> moved"):
+        if last:  # the final message repeats the warning
+            job.control.emit("log", text=last)
+        status = job_view(job)["status"]
+        assert status.count(shown) == 1 and status.count("moved") == 1, status
+    assert "Training finished at 30 steps." in status
     out = io.StringIO()
     ProgressPrinter(out, bar=False).event(Event("warning", {"text": "the vectors have not moved"}))
     assert "WARNING: the vectors have not moved" in out.getvalue()
