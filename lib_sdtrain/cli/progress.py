@@ -138,6 +138,8 @@ class ProgressPrinter:
             self.message(f"validation loss at step {d['step']}: {d['loss']:.5f}{best}")
         elif e.kind == "log":
             self.message(str(d["text"]))
+        elif e.kind == "warning":
+            self.message(f"WARNING: {d['text']}")
 
     def close(self) -> None:
         """The last report if it was held back, and the newline that ends the bar."""

@@ -276,8 +276,14 @@ def _build_view(job: Job, smoothed: _Smoothed) -> dict[str, Any]:
         status += f"<br><span class='sdtrain-progress'>{html.escape(text)}</span>"
     elif d["total_steps"]:
         status += f"<br>step {d['step']}/{d['total_steps']}"
-    if job.message:
-        status += f"<br>{html.escape(job.message)}"
+    warned = [w["text"] for w in d["warnings"]]  # e.g. the run does not learn (core.training.watchdog)
+    message = job.message
+    for text in warned:  # shown once, marked, below
+        message = message.replace(f"Warning: {text}", "").strip()
+    if message:
+        status += f"<br>{html.escape(message)}"
+    for text in warned:
+        status += f"<br><span class='sdtrain-warning'>Warning: {html.escape(text)}</span>"
     loss = lr = None
     if loss_history:
         best = list(job.best) if job.best is not None else None

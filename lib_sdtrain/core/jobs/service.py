@@ -39,7 +39,7 @@ RESUMABLE_STATES = (STOPPED, FAILED, INTERRUPTED)
 
 @dataclass
 class Event:
-    """Something a job reports. kind: state | step | loss | validation | file | preview | log | error."""
+    """Something a job reports. kind: state | step | loss | validation | file | preview | log | warning | error."""
 
     kind: str
     data: dict[str, Any]
@@ -78,6 +78,8 @@ class Job:
     best: tuple[int, float] | None = None  # the best validation (step, loss) so far, when the run tracks it
     files: list[str] = field(default_factory=list)
     previews: list[str] = field(default_factory=list)
+    #: what the run found that did not stop it (core.training.watchdog: the run does not learn): step, code, text
+    warnings: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     message: str = ""
     result: Any = None
@@ -117,12 +119,15 @@ class Job:
                 self.previews.append(str(d["path"]))
             elif event.kind == "log":
                 self.message = str(d.get("text", ""))
+            elif event.kind == "warning":
+                self.warnings.append({"step": d.get("step"), "code": d.get("code"), "text": str(d.get("text", ""))})
+                self.message = f"Warning: {d.get('text', '')}"
             self.events.append(event)
             if (
                 len(self.events) > self.MAX_EVENTS
             ):  # keep memory bounded on long runs; history lives in loss/files
                 del self.events[: len(self.events) - self.MAX_EVENTS]
-        if self._on_change is not None and event.kind in ("state", "error", "file", "step"):
+        if self._on_change is not None and event.kind in ("state", "error", "file", "step", "warning"):
             self._on_change(event.kind)  # the job list on disk follows state changes, saves and progress
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -169,6 +174,7 @@ class Job:
                 "last_lr": self.loss[-1][2] if self.loss else None,
                 "files": list(self.files),
                 "previews": list(self.previews),
+                "warnings": [dict(w) for w in self.warnings],
                 "error": self.error,
                 "message": self.message,
                 "created": self.created,
@@ -314,6 +320,7 @@ class JobService:
                 job = Job(id=str(d["id"]), kind=d["kind"], config=config, state=state, step=int(d["step"]),
                           total_steps=int(d.get("total_steps") or 0), files=list(d.get("files") or []),
                           previews=list(d.get("previews") or []), error=d.get("error"),
+                          warnings=[dict(w) for w in d.get("warnings") or [] if isinstance(w, dict)],
                           message=str(d.get("message") or ""), created=float(d["created"]),
                           started=d.get("started"), finished=d.get("finished") or time.time(),
                           loss=[tuple(x) for x in d.get("loss_history") or []],

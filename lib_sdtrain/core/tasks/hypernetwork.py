@@ -25,6 +25,7 @@ from lib_sdtrain.core.options.config import CreateHypernetworkConfig, TrainHyper
 from lib_sdtrain.core.port import ImageSize, ModelInfo, TrainingHost
 from lib_sdtrain.core.training.optimizer_state import restore_optimizer
 from lib_sdtrain.core.training.run import TrainingKind, TrainResult, run_training
+from lib_sdtrain.core.training.watchdog import Subject
 
 LOSS_CSV = "hypernetwork_loss.csv"
 
@@ -123,6 +124,11 @@ class HypernetworkTraining(TrainingKind):
             "use_dropout": hn.use_dropout,
             "optimizer_name": self.optimizer_name,
         }
+
+    def subject(self) -> Subject:
+        return Subject("hypernetwork", "the hypernetwork's weights", "Hypernetwork Learning rate", (
+            "it takes no part in the model's forward pass. Check that its layer sizes include this model's "
+            "cross-attention width (see the log's note)."))
 
     def notes(self, info: ModelInfo) -> list[str]:
         width = info.context_width

@@ -36,6 +36,7 @@ from lib_sdtrain.core.training.embedding_norm import limit_norms, norm_summary
 from lib_sdtrain.core.training.loop import LoopState
 from lib_sdtrain.core.training.optimizer_state import regrouped, restore_optimizer
 from lib_sdtrain.core.training.run import TrainingKind, TrainingRun, TrainResult, report_text, run_training
+from lib_sdtrain.core.training.watchdog import NoLearning, Subject, norm_limit_warning
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,16 @@ class EmbeddingTraining(TrainingKind):
             "num_vectors_per_token": self.emb.n_vectors,
             "train_encoders": self.cfg.train_encoders,
         }
+
+    def subject(self) -> Subject:
+        return Subject("embedding", "the embedding's vectors", "Embedding Learning rate", (
+            f"its name {self.name!r} never reached the model in a prompt. Check the prompt template "
+            f"({self.cfg.template_filename}): [name] must stand apart from the words around it, as in "
+            "'a photo of [name], [filewords]' ('[name]s' or 'my[name]' reads as another word)."))
+
+    def no_learning(self, start: int) -> list[NoLearning]:
+        warning = norm_limit_warning(self.subject(), self.cfg.norm_limit, start)
+        return [warning] if warning else []
 
     def setup(self, device: torch.device, lr: float) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
         self.vectors = {

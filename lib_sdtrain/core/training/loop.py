@@ -110,7 +110,7 @@ class LoopHooks:
     encode: Callable[[list[str], list[ImageSize] | None], Any]  # prompts, sizes → conditioning (the host)
     lr_at: Callable[[int], float]
     finished: Callable[[int], bool]
-    clip: Callable[[int], None] | None  # clip gradients for this step, or None
+    clip: Callable[[int], None] | None  # clip (and look at) the gradients of this step, or None
     after_step: Callable[[LoopState], None]
     should_stop: Callable[[], bool]
     #: the data order's random state, and putting it back (resume points); None: not kept
@@ -193,7 +193,8 @@ def run_loop(
                     / gradient_step
                 )
             value = float(loss.detach())
-            (scaler.scale(loss) if scaler else loss).backward()
+            if loss.requires_grad:  # else no trained tensor took part (no prompt held the embedding)
+                (scaler.scale(loss) if scaler else loss).backward()
             accumulated += value
             state.last_prompt = batch.prompts[0]
             if (j + 1) % gradient_step:
@@ -206,14 +207,17 @@ def run_loop(
             if nan_guard and not math.isfinite(accumulated):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(state.step + 1, accumulated)
-            if scaler:
+            # the optimizer skips tensors without a gradient; with none at all there is nothing to step
+            # (and the fp16 scaler would fail: it found no gradient to check for inf)
+            stepping = any(p.grad is not None for p in params)
+            if scaler and stepping:
                 scaler.unscale_(optimizer)  # clip real gradients (the host clips scaled ones)
             if hooks.clip:
                 hooks.clip(state.step)
-            if scaler:
+            if stepping and scaler:
                 scaler.step(optimizer)
                 scaler.update()
-            else:
+            elif stepping:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1

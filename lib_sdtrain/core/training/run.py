@@ -65,6 +65,7 @@ from lib_sdtrain.core.training.resume import (
     save_resume_point,
 )
 from lib_sdtrain.core.training.tensorboard import TensorBoardLog, tensorboard_log
+from lib_sdtrain.core.training.watchdog import LearningWatch, NoLearning, Subject, schedule_warnings
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,17 @@ class TrainingKind:
         """Kind-specific entries of the settings file."""
         return {}
 
+    def subject(self) -> Subject:
+        """What is trained, in the words of the no-learning warnings (core.training.watchdog)."""
+        return Subject(self.noun, f"the {self.noun}'s tensors", "Learning rate",
+                       f"the {self.noun} takes no part in the model's forward pass.")
+
     def notes(self, info: ModelInfo) -> list[str]:
         """Warnings to log before training starts."""
+        return []
+
+    def no_learning(self, start: int) -> list[NoLearning]:
+        """Settings of this kind that keep a run from learning (warned about before it starts)."""
         return []
 
     def setup(self, device: torch.device, lr: float) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
@@ -209,6 +219,7 @@ class TrainingRun:
         self.name = kind.name
         self.info = host.describe()
         self.files: list[str] = []
+        self.warnings: list[NoLearning] = []
         self.resumed_from: int | None = None  # the step an interrupted run's resume point was at
         self.tensorboard = TensorBoardLog()  # the run's TensorBoard events (nothing unless the setting is on)
         day = datetime.datetime.now().strftime("%Y-%m-%d")
@@ -221,6 +232,14 @@ class TrainingRun:
     def say(self, text: str) -> None:
         """A line for the run's log (the job's status shows it)."""
         self.emit("log", text=text)
+
+    def warn(self, warning: NoLearning | None) -> None:
+        """A warning that does not stop the run: the log, and the job's record and status."""
+        if warning is None:
+            return
+        self.warnings.append(warning)
+        log.warning("sdtrain: %s: %s", self.name, warning.text)
+        self.emit("warning", text=warning.text, code=warning.code, step=warning.step)
 
     def wrote(self, path: str, what: str) -> str:
         self.files.append(path)
@@ -363,6 +382,38 @@ def _apply_resume_point(point: ResumePoint, params: list[torch.Tensor], optimize
     return None
 
 
+def _announce(run: TrainingRun, data: TrainingData, start: int, lr_sched: Schedule, clip_sched: Schedule | None
+              ) -> None:
+    """Before the model is touched: what the data check found, the kind's notes, schedules that train
+    nothing, and the settings file."""
+    cfg, kind = run.cfg, run.kind
+    for path, reason in data.skipped:
+        run.emit("log", text=f"skipped {path}: {reason}")
+    for note in data.notes + kind.notes(run.info) + validation_note(cfg, data):
+        run.emit("log", text=note)
+    for warning in schedule_warnings(kind.subject(), start, cfg.steps, lr_sched.value, cfg.learn_rate,
+                                     clip_sched.value if clip_sched else None, cfg.clip_grad_value
+                                     ) + kind.no_learning(start):
+        run.warn(warning)
+    run.settings_file(data)
+
+
+def _result(run: TrainingRun, state: LoopState, saved_step: int, tracker: Any, curve: str | None) -> TrainResult:
+    """What the run reports: its files, and a message with how it ended and any warning."""
+    kind, noun = run.kind, run.kind.noun
+    result = TrainResult(kind.out_file, state.step, stopped=state.stopped, log_dir=run.log_dir, files=run.files,
+                         kind=noun, saved_step=saved_step, loss_curve=curve)
+    csv_path = os.path.join(run.log_dir, kind.loss_csv) if run.log_dir else None
+    if csv_path and os.path.exists(csv_path):
+        result.loss_csv = csv_path
+    verb = "interrupted" if state.stopped else "finished"
+    resumed = f" (resumed from step {run.resumed_from})" if run.resumed_from is not None else ""
+    result.message = f"Training {verb} at {state.step} steps{resumed}.\n{noun.capitalize()} saved to {kind.out_file}"
+    result.message += final_note(run.cfg, tracker, state.step, saved_step, state.stopped)
+    result.message += "".join(f"\nWarning: {w}" for w in run.warnings)
+    return result
+
+
 def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind: TrainingKind) -> TrainResult:
     """Train `kind` as `cfg` says (see the module docstring). Raises SdtrainError after saving when
     the loss stops being finite; returns normally when stopped."""
@@ -400,13 +451,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
     lr_sched = cfg.lr_schedule(run_start, data.gradient_step)
     group_lrs = kind.group_rates(lr_sched, run_start, data.gradient_step)
     clip_sched = cfg.clip_schedule(run_start, data.gradient_step)
-    for path, reason in data.skipped:
-        run.emit("log", text=f"skipped {path}: {reason}")
-    for note in data.notes:
-        run.emit("log", text=note)
-    for note in kind.notes(run.info) + validation_note(cfg, data):
-        run.emit("log", text=note)
-    run.settings_file(data)
+    _announce(run, data, point.step if point else kind.initial_step, lr_sched, clip_sched)
 
     generator = torch.Generator().manual_seed(seed)
     options = SessionOptions(
@@ -454,6 +499,9 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             if ema is not None:
                 ema.begin(params, state.step)
         dp.decorrelate_rng()  # dropout: each process its own draws
+        watch = LearningWatch(kind.subject(), params, state.step, cfg.steps,
+                              warmup=cfg.lr_warmup_steps if cfg.lr_scheduler != "dsl" else 0,
+                              quiet=any(w.code == "zero_rate" for w in run.warnings))  # said it all
         fp = fingerprint(cfg)
         last_point = [time.monotonic()]
 
@@ -472,7 +520,6 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
         def ema_in(use: bool):
             """The EMA tensors in the live ones for a save, preview or validation, when `use` and begun."""
             return swapped_in(params, ema.tensors if use and ema is not None else None)
-        csv_path = os.path.join(run.log_dir, kind.loss_csv) if run.log_dir else None
         curve_path = os.path.join(run.log_dir, "loss.png") if run.log_dir else None
         history: list[tuple[int, float]] = []
         val_history: list[tuple[int, float]] = []
@@ -508,9 +555,10 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 ema.update(params, st.step)
             saved = False
             history.append((st.step, st.last_loss))
-            text = report_text(st)
+            run.warn(watch.after_step(st.step, st.last_lr))
+            text = report_text(st) + (" — not learning? see the warning" if run.warnings else "")
             run.emit("step", step=st.step, total=st.total, loss=st.last_loss, lr=st.last_lr, text=text)
-            report(session, st, kind.progress_label)
+            report(session, st, kind.progress_label + (" (not learning? see the warning)" if run.warnings else ""))
             run.tensorboard.step(st.step, st.steps_per_epoch, st.last_loss, st.last_lr)
             if cfg.training_write_csv_every and st.step % cfg.training_write_csv_every == 0 and run.log_dir:
                 write_loss_row(
@@ -533,13 +581,16 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             if saved or (minutes and time.monotonic() - last_point[0] >= minutes * 60):
                 keep_resume_point(st)
 
-        def clip(step: int) -> None:
+        def clip_gradients(step: int) -> None:
             assert clip_sched is not None
             value = clip_sched.value(step)
             if cfg.clip_grad_mode == "value":
                 torch.nn.utils.clip_grad_value_(params, value)
             else:
                 torch.nn.utils.clip_grad_norm_(params, value)
+
+        def clip(step: int) -> None:  # the watch looks at the first steps' gradients around the clipping
+            run.warn(watch.around_clip(step + 1, (lambda: clip_gradients(step)) if clip_sched else None))
 
         def should_stop() -> bool:
             if session.interrupted() and control is not None:
@@ -552,7 +603,7 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
             lr_at=lr_sched.value,
             group_lrs=group_lrs,
             finished=lambda step: lr_sched.finished(step) or (tracker is not None and tracker.should_stop),
-            clip=clip if clip_sched else None,
+            clip=clip,
             after_step=after_step,
             should_stop=should_stop,
             data_state=lambda: data_order_state(data),
@@ -604,17 +655,6 @@ def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind:
                 remove_resume_point(kind.out_file)  # finished: the file is the result
         finally:
             kind.finish()
-    result = TrainResult(
-        kind.out_file, state.step, stopped=state.stopped, log_dir=run.log_dir, files=run.files, kind=noun
-    )
-    result.saved_step = saved_step
-    if csv_path and os.path.exists(csv_path):
-        result.loss_csv = csv_path
-    result.loss_curve = curve()
-    verb = "interrupted" if state.stopped else "finished"
-    resumed = f" (resumed from step {run.resumed_from})" if run.resumed_from is not None else ""
-    result.message = f"Training {verb} at {state.step} steps{resumed}.\n{noun.capitalize()} saved to {kind.out_file}"
-    result.message += final_note(cfg, tracker, state.step, saved_step, state.stopped)
     if error is not None:
         raise SdtrainError(f"{error} The {noun} at step {saved_step} was saved to {kind.out_file}.")
-    return result
+    return _result(run, state, saved_step, tracker, curve())
