@@ -75,3 +75,14 @@ def test_the_tab_shows_what_a_preset_sets():
     assert values == fields
     assert all(k in note for k in fields)
     assert preset_view("train_embedding", "none", list(fields)) == ("", {})
+
+
+def test_the_command_line_takes_a_preset(data_dir):
+    from lib_sdtrain.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["train-embedding", "--embedding-name", "emb", "--data-root", data_dir,
+                                      "--preset", "recommended", "--ckpt", "model.safetensors"])
+    data = _config_from_args(TrainEmbeddingConfig, args)
+    assert data == {"embedding_name": "emb", "data_root": data_dir, "preset": "recommended"}
+    assert TrainEmbeddingConfig.from_dict(data).min_snr_gamma == preset_fields("train_embedding", "recommended")[
+        "min_snr_gamma"]
