@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             from lib_sdtrain.toyworld import models
 
             before = json.loads(models.RECORD.read_text(encoding="utf-8")).get(args.what, {})
-            stats["continued_from"] = {k: v for k, v in before.items() if k != "continued_from"}
+            stats["continued_from"] = before  # the whole chain of runs
         train.update_record(**{args.what: stats})
         print(f"wrote {out}: {json.dumps(stats)}")
         assembled = models.assemble(args.what, Path(tmp) / "ckpt", webui_dir=args.webui, check=False)
