@@ -74,10 +74,10 @@ def test_a_missing_or_altered_world_file_names_it_and_how_to_rebuild(tmp_path, m
     raw = bytearray((weights / "sd1-unet.safetensors").read_bytes())
     raw[-5] ^= 1
     (weights / "sd1-unet.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(models.ToyWorldFileError, match=r"sd1-unet.safetensors is altered.*toyworld train sd1"):
+    with pytest.raises(models.ToyWorldFileError, match=r"sd1-unet.safetensors is altered.*toyworld train sd1`"):
         models.stored_file("sd1-unet.safetensors")
     (weights / "vae.safetensors").unlink()
-    with pytest.raises(models.ToyWorldFileError, match=r"vae.safetensors is missing.*toyworld train"):
+    with pytest.raises(models.ToyWorldFileError, match=r"vae.safetensors is missing.*toyworld train vae`"):
         models.stored_file("vae.safetensors")
 
 
