@@ -5,8 +5,12 @@ would do it (routes, Euler a, CFG), with the pictures read back by the toy world
 through the host's options route; Forge learns their shapes from a test-only extension (forge_toyworld.py).
 
 Figures go to `$SDTRAIN_FIGURES/<host>-toyworld.json`, one section per family ("sd1", "sdxl"), when that
-variable names a folder (README's table is built from them); the SDXL caption figure is then taken
-over 64 pictures instead of CI's 32.
+variable names a folder (README's table is built from them).
+
+CI's time budget holds a small form: the SDXL world's captions over 32 pictures (8 captions x 4) and its
+embedding without the dark-background edit, and the toy worlds in A1111 only (Forge's run, a server of
+its own with SD1's hypernetwork, costs several minutes more). With the figures, or SDTRAIN_TOYWORLD=full,
+everything runs: every host that loads the worlds, SDXL's captions over 64 pictures, both edits.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ pytestmark = [pytest.mark.webui]
 SD1 = pytest.param("sd1", marks=pytest.mark.needs("toyworld_sd1"))
 SDXL = pytest.param("sdxl", marks=pytest.mark.needs("toyworld_sdxl"))
 FIGURES: dict = {}
-#: the figures are wanted: the SDXL caption figure over 64 pictures (CI: 32)
-FULL = bool(os.environ.get("SDTRAIN_FIGURES"))
+#: the whole run (see above), not CI's small form
+FULL = bool(os.environ.get("SDTRAIN_FIGURES")) or os.environ.get("SDTRAIN_TOYWORLD") == "full"
+#: the hosts whose toy-world run CI's time budget holds
+CI_HOSTS = ("a1111",)
 #: the least share of pictures whose shape and colour match their caption
 FIDELITY_MIN = {"sd1": 0.85, "sdxl": 0.75}
 
@@ -45,12 +51,13 @@ def _record(family: str, **values) -> None:
     if folder:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{HOST.name}-toyworld.json")
-        known = {}
-        if os.path.isfile(path):  # the other family's section, from an earlier run, stays
+        known: dict = {}
+        if os.path.isfile(path):  # what an earlier run (another family, another -k) measured stays
             with open(path) as f:
                 known = {k: v for k, v in json.load(f).items() if k in ("sd1", "sdxl")}
+        known[family] = {**known.get(family, {}), **FIGURES[family]}
         with open(path, "w") as f:
-            json.dump({**known, family: FIGURES[family]}, f, indent=1, sort_keys=True)
+            json.dump(known, f, indent=1, sort_keys=True)
 
 
 def _families() -> list[str]:
@@ -61,6 +68,9 @@ def _families() -> list[str]:
 def toy_server(webui_assets, request):
     """One server for both toy worlds (a start costs more than a model switch): their checkpoints side
     by side in --ckpt-dir (the SD1 one loaded first), with what the host needs to load them."""
+    if not FULL and HOST.name not in CI_HOSTS:
+        pytest.skip(f"the toy worlds run in {HOST.title} with SDTRAIN_TOYWORLD=full (or SDTRAIN_FIGURES): "
+                    "kept out of CI's time budget")
     root = webui_assets["root"]
     families = _families()
     ckpt_dir = root / "models-toyworld"
@@ -140,6 +150,9 @@ def test_the_webui_draws_the_worlds_captions(toy_webui):
     assert both >= FIDELITY_MIN[family], (both, per)
 
 
+# training plus 96-128 pictures: SDXL's run took 290 s on 2 cores shared with other jobs, SD1's
+# hypernetwork in Forge 590 s (pytest's default limit is 300 s)
+@pytest.mark.timeout(900)
 def test_an_embedding_trained_through_the_routes_draws_the_concept(toy_webui):
     family = toy_webui.family
     name = "toy-concept" if family == "sd1" else "toy-concept-xl"  # one server: one file per family
@@ -167,6 +180,7 @@ def test_an_embedding_trained_through_the_routes_draws_the_concept(toy_webui):
 
 
 @pytest.mark.needs("hypernetwork_prompt")
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("toy_webui", [SD1], indirect=True)  # SDXL: no toy-world hypernetwork figure yet
 def test_a_hypernetwork_trained_through_the_routes_changes_every_picture(toy_webui):
     assert toy_webui.family == "sd1"
