@@ -163,7 +163,7 @@ def test_sdxl_world_draws_its_captions(toy_sdxl):
 
     _, host = toy_sdxl
     fid, _, _ = world_fidelity(host, n=64, seed=3)
-    assert fid.match >= 0.7, fid  # 73% measured (the goal is 90%: shapes are the weak part)
+    assert fid.match >= 0.8, fid  # 88 % measured (bench/toyworld.py, this call); squares drawn as circles are the main error
     assert min(fid.per_attribute[a] for a in ("color", "size", "background")) >= 0.9, fid
 
 
