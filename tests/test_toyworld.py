@@ -74,10 +74,10 @@ def test_a_missing_or_altered_world_file_names_it_and_how_to_rebuild(tmp_path, m
     raw = bytearray((weights / "sd1-unet.safetensors").read_bytes())
     raw[-5] ^= 1
     (weights / "sd1-unet.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(models.ToyWorldFileError, match=r"sd1-unet.safetensors is altered.*toyworld train sd1"):
+    with pytest.raises(models.ToyWorldFileError, match=r"sd1-unet.safetensors is altered.*toyworld train sd1`"):
         models.stored_file("sd1-unet.safetensors")
     (weights / "vae.safetensors").unlink()
-    with pytest.raises(models.ToyWorldFileError, match=r"vae.safetensors is missing.*toyworld train"):
+    with pytest.raises(models.ToyWorldFileError, match=r"vae.safetensors is missing.*toyworld train vae`"):
         models.stored_file("vae.safetensors")
 
 
@@ -163,7 +163,7 @@ def test_sdxl_world_draws_its_captions(toy_sdxl):
 
     _, host = toy_sdxl
     fid, _, _ = world_fidelity(host, n=64, seed=3)
-    assert fid.match >= 0.7, fid  # 73% measured (the goal is 90%: shapes are the weak part)
+    assert fid.match >= 0.8, fid  # 88 % measured (bench/toyworld.py, this call); squares drawn as circles are the main error
     assert min(fid.per_attribute[a] for a in ("color", "size", "background")) >= 0.9, fid
 
 

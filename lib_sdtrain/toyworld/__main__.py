@@ -3,6 +3,7 @@
     python -m lib_sdtrain.toyworld train vae  [--steps N]
     python -m lib_sdtrain.toyworld train sd1  [--steps N]
     python -m lib_sdtrain.toyworld train sdxl [--steps N] --webui WEBUI_DIR   (sgm comes with a webui)
+    python -m lib_sdtrain.toyworld train sdxl --init-unet --steps N --lr R --webui W  (continue training)
     python -m lib_sdtrain.toyworld assemble sd1|sdxl DEST [--webui WEBUI_DIR]
     python -m lib_sdtrain.toyworld fidelity sd1|sdxl [--n 64] [--grid out.png] [--webui WEBUI_DIR]
 
@@ -77,9 +78,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         host, stats = train.train_unet(args.what, steps=args.steps or 3000, seed=args.seed, lr=args.lr or 1e-3,
                                        workdir=tmp, webui_dir=args.webui, batch_size=args.batch,
-                                       log=lambda m: print(m, flush=True), eval_fn=check, eval_every=500)
+                                       log=lambda m: print(m, flush=True), eval_fn=check, eval_every=500,
+                                       init_unet=args.init_unet)
         out = train.save_unet(host, args.what)
         stats["seed"] = args.seed
+        stats["lr"] = args.lr or 1e-3
+        if args.init_unet:  # a continuation: keep what the stored weights came from
+            from lib_sdtrain.toyworld import models
+
+            before = json.loads(models.RECORD.read_text(encoding="utf-8")).get(args.what, {})
+            stats["continued_from"] = before  # the whole chain of runs
         train.update_record(**{args.what: stats})
         print(f"wrote {out}: {json.dumps(stats)}")
         assembled = models.assemble(args.what, Path(tmp) / "ckpt", webui_dir=args.webui, check=False)
@@ -137,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--stop-at", type=int, default=0, help="vae: stop the full phase after N of --steps")
     t.add_argument("--decoder-steps", type=int, default=0, help="vae: then train the decoder alone N steps")
     t.add_argument("--init", default="", help="vae: a state dict that stands for the full phase")
+    t.add_argument("--init-unet", action="store_true",
+                   help="sd1/sdxl: continue from the stored UNet (weights/<family>-unet.safetensors)")
     t.add_argument("--webui", default=None, help="a webui folder (SDXL's sgm code comes from it)")
     a = sub.add_parser("assemble", help="write a family's full checkpoint and yaml into DEST")
     a.add_argument("family", choices=["sd1", "sdxl"])

@@ -207,7 +207,7 @@ def stored_file(name: str) -> Path:
     """A file of `weights/`, checked against its recorded SHA-256."""
     record = _read_record()
     path = WEIGHTS / name
-    family = name.split(".")[0] if not name.startswith("vae") else "all"
+    family = name.split("-")[0] if not name.startswith("vae") else "vae"
     if not path.is_file():
         raise ToyWorldFileError(f"{path} is missing: restore it from git, or rebuild it with "
                                 f"`{REBUILD.format(family=family)}`")

@@ -76,8 +76,14 @@ def _select(table: Any, idx: torch.Tensor) -> Any:
 def train_unet(family: str, *, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
                pool: int = 6000, workdir: str | Path, webui_dir: str | Path | None = None,
                log: Callable[[str], None] = print, every: int = 100,
-               eval_fn: Callable[[Any, int], None] | None = None, eval_every: int = 0) -> tuple[Any, dict]:
-    """Train the family's UNet over the stored VAE; returns (host over the EMA model, stats)."""
+               eval_fn: Callable[[Any, int], None] | None = None, eval_every: int = 0,
+               init_unet: bool = False) -> tuple[Any, dict]:
+    """Train the family's UNet over the stored VAE; returns (host over the EMA model, stats).
+
+    init_unet: continue from the stored weights/<family>-unet.safetensors (which is the EMA of the
+    earlier run): both the trained UNet and its EMA start from it, and the EMA keeps its full decay
+    from the first step (it already is an average, not a fresh copy to be warmed up).
+    """
     from safetensors.torch import load_file
 
     model = models.build(family, workdir, webui_dir)
@@ -93,6 +99,12 @@ def train_unet(family: str, *, steps: int, seed: int = 0, batch_size: int = 32, 
     log(f"{family}: {len(caps)} captions and {pool} latents ready in {time.time() - t0:.0f}s "
         f"(latent std {means.std():.3f})")
     unet = model.model.diffusion_model
+    if init_unet:
+        stored = load_file(str(models.stored_file(f"{family}-unet.safetensors")))
+        missing, unexpected = unet.load_state_dict({k: v.float() for k, v in stored.items()}, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{family}: the stored UNet does not fit the model ({missing[:3]}, {unexpected[:3]})")
+        log(f"{family}: UNet and its EMA start from the stored weights")
     for p in model.parameters():
         p.requires_grad_(False)
     for p in unet.parameters():
@@ -129,7 +141,7 @@ def train_unet(family: str, *, steps: int, seed: int = 0, batch_size: int = 32, 
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = 0.999 if init_unet else min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pu in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(pu, 1 - decay)

@@ -1,9 +1,16 @@
-"""The SD1 toy world inside the real webui: the host's own txt2img draws what the captions say, and an
+"""The toy worlds inside the real webui: the host's own txt2img draws what the captions say, and an
 embedding trained through the host's routes makes the host draw a concept no word names — as a user
-would do it (routes, Euler a, CFG), with the pictures read back by the toy world's reader.
+would do it (routes, Euler a, CFG), with the pictures read back by the toy world's reader. Both families
+(SD1: ldm LatentDiffusion; SDXL: sgm DiffusionEngine, CLIP-L + CLIP-G) load in one server, switched
+through the host's options route; Forge learns their shapes from a test-only extension (forge_toyworld.py).
 
-Figures go to `$SDTRAIN_FIGURES/<host>-toyworld.json` when that variable names a folder (README's
-table is built from them).
+Figures go to `$SDTRAIN_FIGURES/<host>-toyworld.json`, one section per family ("sd1", "sdxl"), when that
+variable names a folder (README's table is built from them).
+
+CI's time budget holds a small form: the SDXL world's captions over 32 pictures (8 captions x 4) and its
+embedding without the dark-background edit, and the toy worlds in A1111 only (Forge's run, a server of
+its own with SD1's hypernetwork, costs several minutes more). With the figures, or SDTRAIN_TOYWORLD=full,
+everything runs: every host that loads the worlds, SDXL's captions over 64 pictures, both edits.
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ import io
 import json
 import os
 import random
+import re
 import shutil
+from pathlib import Path
 
 import pytest
-from conftest import HOST, WebUI
+from conftest import HOST, OPEN_CLIP_ARCH_SCRIPT, WEBUI_DIR, WebUI
 from PIL import Image
 
 from lib_sdtrain.toyworld import concept, models
@@ -24,29 +33,87 @@ from lib_sdtrain.toyworld.reader import read
 from lib_sdtrain.toyworld.sample import CFG
 from lib_sdtrain.toyworld.world import random_scene
 
-pytestmark = [pytest.mark.webui, pytest.mark.needs("toyworld_sd1")]
+pytestmark = [pytest.mark.webui]
+SD1 = pytest.param("sd1", marks=pytest.mark.needs("toyworld_sd1"))
+SDXL = pytest.param("sdxl", marks=pytest.mark.needs("toyworld_sdxl"))
 FIGURES: dict = {}
+#: the whole run (see above), not CI's small form
+FULL = bool(os.environ.get("SDTRAIN_FIGURES")) or os.environ.get("SDTRAIN_TOYWORLD") == "full"
+#: the hosts whose toy-world run CI's time budget holds
+CI_HOSTS = ("a1111",)
+#: the least share of pictures whose shape and colour match their caption
+FIDELITY_MIN = {"sd1": 0.85, "sdxl": 0.75}
 
 
-def _record(**values) -> None:
-    FIGURES.update(values)
+def _record(family: str, **values) -> None:
+    FIGURES.setdefault(family, {}).update(values)
     folder = os.environ.get("SDTRAIN_FIGURES")
     if folder:
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"{HOST.name}-toyworld.json"), "w") as f:
-            json.dump(FIGURES, f, indent=1, sort_keys=True)
+        path = os.path.join(folder, f"{HOST.name}-toyworld.json")
+        known: dict = {}
+        if os.path.isfile(path):  # what an earlier run (another family, another -k) measured stays
+            with open(path) as f:
+                known = {k: v for k, v in json.load(f).items() if k in ("sd1", "sdxl")}
+        known[family] = {**known.get(family, {}), **FIGURES[family]}
+        with open(path, "w") as f:
+            json.dump(known, f, indent=1, sort_keys=True)
+
+
+def _families() -> list[str]:
+    return [f for f in ("sd1", "sdxl") if HOST.verdict(f"toyworld_{f}") is None]
 
 
 @pytest.fixture(scope="module")
-def toy_webui(webui_assets):
+def toy_server(webui_assets, request):
+    """One server for both toy worlds (a start costs more than a model switch): their checkpoints side
+    by side in --ckpt-dir (the SD1 one loaded first), with what the host needs to load them."""
+    if not FULL and HOST.name not in CI_HOSTS:
+        pytest.skip(f"the toy worlds run in {HOST.title} with SDTRAIN_TOYWORLD=full (or SDTRAIN_FIGURES): "
+                    "kept out of CI's time budget")
     root = webui_assets["root"]
-    files = models.assemble("sd1", root / "models-toyworld")
+    families = _families()
+    ckpt_dir = root / "models-toyworld"
+    shims: dict = {}
+    files = {}
+    for family in families:
+        webui_dir = None
+        if family == "sdxl":  # sgm: the webui's own (A1111), else the one from the A1111 archive
+            if (Path(WEBUI_DIR) / "repositories" / "generative-models").is_dir():
+                webui_dir = WEBUI_DIR
+            else:
+                request.getfixturevalue("sgm_dir")
+        files[family] = models.assemble(family, ckpt_dir, webui_dir=webui_dir)
+        if HOST.name == "forge":  # Forge builds no model from a yaml: its detector learns the toy shapes
+            from forge_toyworld import toyworld_shim_for_forge
+
+            shims.setdefault("sdtrain-test-toyworld", {}).update(toyworld_shim_for_forge(family, files[family], root))
+        elif family == "sdxl":  # the toy CLIP-G architecture, registered with open_clip in the webui
+            configs = Path(files[family]["clip"]).parent / "open_clip_configs"
+            shims["sdtrain-test-open-clip-arch"] = {
+                "scripts/register_arch.py": OPEN_CLIP_ARCH_SCRIPT,
+                **{f"open_clip_configs/{f.name}": f.read_text() for f in configs.glob("*.json")}}
     templates = concept.write_template(root / "toyworld-templates").parent
     concept.write_template(templates, "toyworld_hn.txt", concept.HN_TEMPLATE)
-    server = WebUI({**webui_assets, "ckpt": files["ckpt"]}, "toyworld",
-                   extra_args=("--textual-inversion-templates-dir", str(templates)))
+    # live previews would download the SDXL approximation model (they change no picture)
+    server = WebUI({**webui_assets, "ckpt": files[families[0]]["ckpt"], "shims": shims}, "toyworld",
+                   settings={"live_previews_enable": False},
+                   extra_args=("--ckpt-dir", str(ckpt_dir), "--textual-inversion-templates-dir", str(templates)))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module", params=[SD1, SDXL])
+def toy_webui(request, toy_server):
+    """The server with the family's toy world loaded (switched through the host's options route)."""
+    family = request.param
+    status, listed = toy_server.get("/sdapi/v1/sd-models")
+    assert status == 200, listed
+    title = next(m["title"] for m in listed if m["model_name"] == f"toyworld-{family}")
+    status, out = toy_server.post("/sdapi/v1/options", {"sd_model_checkpoint": title})
+    assert status == 200, out
+    toy_server.family = family
+    return toy_server
 
 
 def _draw(server, prompt: str, seed: int, n: int) -> list[Image.Image]:
@@ -63,40 +130,60 @@ def _draw_each(server, prompts: list[str], seed: int, n: int, stride: int = 100)
 
 
 def test_the_webui_draws_the_worlds_captions(toy_webui):
+    family = toy_webui.family
+    # SD1: 16 captions x 4 pictures; SDXL in CI: the first 8 of them x 4 (the figure: all 16)
+    n_captions = 16 if family == "sd1" or FULL else 8
     rng = random.Random(11)
-    captions = [random_scene(rng) for _ in range(16)]
-    images = _draw_each(toy_webui, [s.caption() for s in captions], 500, 4)  # 16 captions x 4 pictures
+    captions = [random_scene(rng) for _ in range(16)][:n_captions]
+    images = _draw_each(toy_webui, [s.caption() for s in captions], 500, 4)
     scenes = [s for s in captions for _ in range(4)]
+    n = len(scenes)
+    assert len(images) == n
     hits = [read(im).attributes() for im in images]
-    both = sum(h["shape"] == s.shape and h["color"] == s.color for h, s in zip(hits, scenes)) / 64
-    per = {a: sum(h[a] == s.attributes()[a] for h, s in zip(hits, scenes)) / 64 for a in hits[0]}
-    _record(fidelity_shape_and_color=both, fidelity_per_attribute=per, fidelity_n=64, fidelity_captions=16)
-    assert both >= 0.85, (both, per)
+    both = sum(h["shape"] == s.shape and h["color"] == s.color for h, s in zip(hits, scenes)) / n
+    per = {a: sum(h[a] == s.attributes()[a] for h, s in zip(hits, scenes)) / n for a in hits[0]}
+    # loaded whole: Forge loads every part with strict=False and only prints what is Missing/Unexpected
+    bad = [ln for ln in toy_webui.log_text().splitlines()
+           if re.search(r"Traceback|\bMissing: |\bUnexpected: |no match \{", ln)]
+    assert bad == [], bad
+    _record(family, fidelity_shape_and_color=both, fidelity_per_attribute=per, fidelity_n=n, fidelity_captions=n_captions)
+    assert both >= FIDELITY_MIN[family], (both, per)
 
 
+# training plus 96-128 pictures: SDXL's run took 290 s on 2 cores shared with other jobs, SD1's
+# hypernetwork in Forge 590 s (pytest's default limit is 300 s)
+@pytest.mark.timeout(900)
 def test_an_embedding_trained_through_the_routes_draws_the_concept(toy_webui):
-    data = concept.write_concept_set(toy_webui.dir / "concept", n=8, seed=0)
-    status, out = toy_webui.post("/sdapi/v1/create/embedding", {"name": "toy-concept", "num_vectors_per_token": 2,
+    family = toy_webui.family
+    name = "toy-concept" if family == "sd1" else "toy-concept-xl"  # one server: one file per family
+    data = concept.write_concept_set(toy_webui.dir / f"concept-{family}", n=8, seed=0)
+    status, out = toy_webui.post("/sdapi/v1/create/embedding", {"name": name, "num_vectors_per_token": 2,
                                                                "init_text": "thing"})
     assert status == 200, out
     want = dict(concept.CONCEPT)
-    before = concept.matches(_draw(toy_webui, "toy-concept", 900, 32), want)
+    before = concept.matches(_draw(toy_webui, name, 900, 32), want)
     status, out = toy_webui.post("/sdapi/v1/train/embedding", {
-        "embedding_name": "toy-concept", "learn_rate": "0.05", "batch_size": 4, "data_root": str(data),
-        "log_directory": str(toy_webui.dir / "ti_log"), "training_width": 64, "training_height": 64,
+        "embedding_name": name, "learn_rate": "0.05", "batch_size": 4, "data_root": str(data),
+        "log_directory": str(toy_webui.dir / f"ti_log-{family}"), "training_width": 64, "training_height": 64,
         "steps": 150, "template_filename": "toyworld.txt", "create_image_every": 0, "save_embedding_every": 0})
     assert status == 200 and "error: None" in out["info"], out
-    after = concept.matches(_draw(toy_webui, "toy-concept", 900, 32), want)
-    light = concept.matches(_draw(toy_webui, "toy-concept, light background", 900, 32), {**want, "background": "light"})
-    dark = concept.matches(_draw(toy_webui, "toy-concept, dark background", 900, 32), {**want, "background": "dark"})
-    _record(ti_before=before, ti_after=after, ti_edit_light=light, ti_edit_dark=dark, ti_n=32, ti_steps=150)
+    after = concept.matches(_draw(toy_webui, name, 900, 32), want)
+    light = concept.matches(_draw(toy_webui, f"{name}, light background", 900, 32), {**want, "background": "light"})
+    edits = {"ti_edit_light": light}
+    if family == "sd1" or FULL:  # SDXL in CI: the light edit alone (the dark one with the figures)
+        edits["ti_edit_dark"] = concept.matches(_draw(toy_webui, f"{name}, dark background", 900, 32),
+                                                {**want, "background": "dark"})
+    _record(family, ti_before=before, ti_after=after, **edits, ti_n=32, ti_steps=150)
     assert before <= 0.2 and after >= 0.8, (before, after)
-    assert min(light, dark) >= 0.7, (light, dark)
+    assert min(edits.values()) >= 0.7, edits
     shutil.rmtree(data)
 
 
 @pytest.mark.needs("hypernetwork_prompt")
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("toy_webui", [SD1], indirect=True)  # SDXL: no toy-world hypernetwork figure yet
 def test_a_hypernetwork_trained_through_the_routes_changes_every_picture(toy_webui):
+    assert toy_webui.family == "sd1"
     data = concept.write_style_set(toy_webui.dir / "style", n=64, seed=0)
     status, out = toy_webui.post("/sdapi/v1/create/hypernetwork", {"name": "toy-style", "enable_sizes": [768]})
     assert status == 200, out
@@ -115,7 +202,7 @@ def test_a_hypernetwork_trained_through_the_routes_changes_every_picture(toy_web
     purple = {"color": concept.STYLE_COLOR}
     figures = {"hn_purple_plain": concept.matches(plain, purple), "hn_purple_styled": concept.matches(styled, purple),
                "hn_multiplier_0_identical": all(a.tobytes() == b.tobytes() for a, b in zip(off, plain))}
-    _record(**figures)
+    _record(toy_webui.family, **figures)
     assert figures["hn_purple_styled"] >= 0.8 and figures["hn_purple_plain"] <= 0.3, figures
     assert figures["hn_multiplier_0_identical"], figures
     shutil.rmtree(data)

@@ -26,6 +26,7 @@ CAPABILITIES = {
     "hypernetwork_prompt": "the host applies `<hypernet:name:m>` in generation",
     "preprocess": "sdtrain's preprocess route and sub-tab",
     "toyworld_sd1": "loads the SD1 toy world (a trained model of its own small architecture, from its yaml)",
+    "toyworld_sdxl": "loads the SDXL toy world (a trained sgm DiffusionEngine of its own small architecture)",
 }
 
 
@@ -139,6 +140,7 @@ REFORGE = HostSpec(
     known_log_lines=("WARNING:root:clip missing: ['clip_h.text_projection']",),
     cannot={
         "toyworld_sd1": "the detector takes only registered shapes (tiny SD1, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
+        "toyworld_sdxl": "the detector takes SDXL only at real shapes (see sdxl); registering the toy world's own UNet/VAE sizes with it is not built yet",
         "stock_hypernetwork_trainer": "reForge's in-tree hypernetwork trainer trains through the attention that no longer "
                                       "applies hypernetworks (modules/sd_hijack_optimizations.py:44-47, 186, ...)",
         "inpainting": "the detector takes SD1.5 inpainting only at real shapes; registering the tiny inpainting model "
@@ -175,9 +177,10 @@ FORGE = HostSpec(
     model_log=r"StateDict Keys: \{{'unet'",
     api_lists_skipped_embeddings=False,
     model_stack="forge backend",
-    claims=frozenset({"sd1", "hypernetwork_prompt", "preprocess", "sdxl", "sd2", "inpainting"}),
+    # the toy worlds: their shapes registered with the detector by a test-only extension (forge_toyworld.py)
+    claims=frozenset({"sd1", "hypernetwork_prompt", "preprocess", "sdxl", "sd2", "inpainting", "toyworld_sd1",
+                      "toyworld_sdxl"}),
     cannot={
-        "toyworld_sd1": "the detector takes only registered shapes (tiny SD1, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
         "train_tab": "Forge has no Train tab (modules/ui.py builds none; on_ui_train_tabs never fires): sdtrain's "
                      "top-level tab holds the same sub-tabs (checked by the same test)",
         "stock_hypernetwork_trainer": "Forge deleted its trainers (see stock_trainer)",
@@ -214,6 +217,7 @@ FORGE_CLASSIC = HostSpec(
     claims=frozenset({"sd1", "preprocess", "hypernetwork_prompt"}),
     cannot={
         "toyworld_sd1": "the detector takes only registered shapes (tiny SD1); registering the toy world's own UNet/VAE sizes with it is not built yet",
+        "toyworld_sdxl": "no SDXL here (see sdxl)",
         "train_tab": "Forge Classic has no Train tab (modules/ui.py never calls ui_train_tabs_callback): sdtrain's "
                      "top-level tab holds the same sub-tabs (checked by the same test)",
         "stock_trainer": "Forge Classic removed its trainers (modules/textual_inversion keeps loading code only; "
@@ -247,7 +251,7 @@ OTHER = HostSpec(
     model_stack=None,
     claims=frozenset({"sd1", "preprocess", "hypernetwork_prompt", "train_tab"}),
     cannot=dict.fromkeys(("sd2", "sd2_tiny_prompt", "inpainting", "sdxl", "stock_trainer", "stock_hypernetwork_trainer",
-                          "toyworld_sd1"),
+                          "toyworld_sd1", "toyworld_sdxl"),
                          "not declared for an untried webui: add a HostSpec in tests/webui/webui_hosts.py once known"),
 )
 
