@@ -41,6 +41,8 @@ FIGURES: dict = {}
 FULL = bool(os.environ.get("SDTRAIN_FIGURES")) or os.environ.get("SDTRAIN_TOYWORLD") == "full"
 #: the hosts whose toy-world run CI's time budget holds
 CI_HOSTS = ("a1111",)
+#: the step at which CI checks sdtrain's learning speed against bench/quality.py's record (its seeds: 66-97 %)
+QUALITY_CHECK_STEP = 40
 #: the least share of pictures whose shape and colour match their caption
 FIDELITY_MIN = {"sd1": 0.85, "sdxl": 0.75}
 
@@ -205,4 +207,38 @@ def test_a_hypernetwork_trained_through_the_routes_changes_every_picture(toy_web
     _record(toy_webui.family, **figures)
     assert figures["hn_purple_styled"] >= 0.8 and figures["hn_purple_plain"] <= 0.3, figures
     assert figures["hn_multiplier_0_identical"], figures
+    shutil.rmtree(data)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("toy_webui", [SD1], indirect=True)
+def test_sdtrain_learns_as_fast_as_its_benchmark_recorded(toy_webui):
+    """The short form of bench/quality.py, CI's guard on learning speed: sdtrain's defaults, one seed, the
+    benchmark's concept, pictures and request, trained through the webui's route to a fixed step. The
+    webui's txt2img must show the concept at least as often as the benchmark recorded at that step (the
+    mean of its seeds) less the spread of its seeds (docs/figures/quality-<host>.json)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import quality
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "figures" / f"quality-{HOST.name}.json"
+    if not path.is_file():
+        pytest.skip(f"no quality benchmark recorded in {HOST.title} ({path.name})")
+    recorded = json.loads(path.read_text())
+    step = QUALITY_CHECK_STEP
+    row = recorded["kinds"]["ti"]["arms"]["sdtrain"]["steps"][str(step)]
+    floor = row["match"] - (row["match_max"] - row["match_min"])
+    want, settings = recorded["concept"], recorded["settings"]
+    data = concept.write_concept_set(toy_webui.dir / "quality", want, n=8, seed=0)
+    status, out = toy_webui.post("/sdapi/v1/create/embedding", {
+        "name": "qbcheck", "num_vectors_per_token": settings["vectors"], "init_text": "thing"})
+    assert status == 200, out
+    body = quality.request_body("ti", "qbcheck", data, toy_webui.dir / "quality_log", step, 0, settings["batch"],
+                                settings["lr"]["ti"])
+    status, out = toy_webui.post("/sdapi/v1/train/embedding", {**body, "seed": 0})
+    assert status == 200 and "error: None" in out["info"], out
+    got = quality.measure_ti(toy_webui, "qbcheck", want, 32)["match"]
+    _record("sd1", quality_check_step=step, quality_check_match=got, quality_check_floor=floor)
+    assert got >= floor, (got, floor, row)
     shutil.rmtree(data)
