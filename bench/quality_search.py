@@ -42,18 +42,10 @@ SETS: dict[str, dict] = {
 }
 
 
-def snapshots(log_dir: Path, name: str) -> dict[int, Path]:
-    """step -> intermediate embedding file written under a run's log directory."""
-    out = {}
-    for f in log_dir.rglob(f"{name}-*.pt"):
-        tail = f.stem[len(name) + 1:]
-        if tail.isdigit():
-            out[int(tail)] = f
-    return out
-
-
 def run_set(host, tmp: Path, data: Path, label: str, options: dict, seed: int, steps: int, every: int,
             n: int, batch: int) -> dict:
+    from quality import snapshots
+
     from lib_sdtrain.core.formats.embedding_io import load_embedding
     from lib_sdtrain.toyworld import concept
 

@@ -93,3 +93,12 @@ def tiny_sdxl(sgm_dir, tiny_sdxl_dir):
     from lib_sdtrain.hosts.standalone.tiny_sdxl import build_tiny_sdxl
 
     return build_tiny_sdxl(tiny_sdxl_dir, seed=0)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A dataset folder with one file (the config tests check paths, not pictures)."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "a.png").write_bytes(b"not checked here")
+    return str(d)

@@ -8,14 +8,6 @@ from lib_sdtrain.core.errors import ConfigError
 from lib_sdtrain.core.options.config import DEFAULT_TEMPLATES_DIR, TrainEmbeddingConfig
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    (d / "a.png").write_bytes(b"not checked here")
-    return str(d)
-
-
 def cfg(data_dir, **kw):
     return TrainEmbeddingConfig.from_dict({"embedding_name": "emb", "data_root": data_dir, **kw})
 

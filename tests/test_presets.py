@@ -9,14 +9,6 @@ from lib_sdtrain.core.options.config import TrainEmbeddingConfig, TrainHypernetw
 from lib_sdtrain.core.options.presets import PRESETS, apply_preset, preset_fields
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    (d / "a.png").write_bytes(b"not checked here")
-    return str(d)
-
-
 def _ti(data_dir, **kw):
     return TrainEmbeddingConfig.from_dict({"embedding_name": "emb", "data_root": data_dir, **kw})
 
