@@ -54,12 +54,13 @@ def ti_figures(host, tmp: Path, data: Path, label: str, **options) -> tuple[dict
     return out, [before_pics[:16], after_pics[:16]]
 
 
-def hn_figures(host, tmp: Path) -> dict:
+def hn_figures(host, tmp: Path, family: str) -> dict:
     from lib_sdtrain.toyworld import concept
     from lib_sdtrain.toyworld.reader import read
 
     data = concept.write_style_set(tmp / "style", n=64, seed=0)
-    hn, _ = concept.train_hypernetwork(host, tmp / "hn", data, steps=200)
+    sizes = (2048,) if family == "sdxl" else ()  # SDXL: its cross-attention context (CLIP-L + CLIP-G)
+    hn, _ = concept.train_hypernetwork(host, tmp / "hn", data, steps=200, sizes=sizes)
     prompts, plain, styled, off = concept.style_pictures(host, hn)
     purple = {"color": concept.STYLE_COLOR}
     return {"purple_plain": concept.matches(plain, purple), "purple_styled": concept.matches(styled, purple),
@@ -113,9 +114,8 @@ def main() -> int:
             for enc in ("clip_l", "clip_g"):
                 r[f"ti_{enc}_only"], _ = ti_figures(host, tmp, data, f"ti-{enc}", train_encoders=enc)
                 print(family, enc, json.dumps(r[f"ti_{enc}_only"]), flush=True)
-        if family == "sd1":
-            r["hn"] = hn_figures(host, tmp)
-            print(family, "hn", json.dumps(r["hn"]), flush=True)
+        r["hn"] = hn_figures(host, tmp, family)
+        print(family, "hn", json.dumps(r["hn"]), flush=True)
         results[family] = r
         path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     print(f"wrote {path}")
