@@ -32,6 +32,10 @@ from lib_sdtrain.core.tasks.registry import job_runners
 from lib_sdtrain.hosts.standalone.host import StandaloneHost
 from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1
 
+# Ctrl-C live, as in a terminal: a shell that starts this suite in the background hands its children
+# SIGINT ignored, and sdtrain's handler then (rightly) leaves the process running
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 host = StandaloneHost(build_tiny_sd1(sys.argv[2], seed=0))
 service = JobService(lambda: host, job_runners())
 stop_jobs_on_signals(service)
