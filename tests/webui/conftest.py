@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from objective_shim import OBJECTIVE_SCRIPT
 from webui_hosts import selected
 
 HOST = selected()
@@ -406,7 +407,8 @@ class WebUI:
         ext_dir.mkdir(parents=True)
         if install and sdtrain:
             shutil.copytree(assets["extension"], ext_dir / "sdtrain")
-        shims = {"sdtrain-test-model-digest": {"scripts/digest.py": MODEL_DIGEST_SCRIPT}, **assets.get("shims", {})}
+        shims = {"sdtrain-test-model-digest": {"scripts/digest.py": MODEL_DIGEST_SCRIPT},
+                 "sdtrain-test-objective": {"scripts/objective.py": OBJECTIVE_SCRIPT}, **assets.get("shims", {})}
         if compat:
             shims["sdtrain-test-torch-compat"] = {"scripts/compat.py": TORCH_COMPAT_SCRIPT}
         for shim, files in shims.items():  # test-only extensions: {name: {relative path: text}}

@@ -227,6 +227,34 @@ def test_model_untouched_and_generation_waits_for_the_job(webui, webui_assets):
 
 
 @pytest.mark.needs("stock_trainer")
+@pytest.mark.parametrize("kind", ["ti", "hn"])
+def test_loss_and_gradients_equal_the_in_tree_trainers(webui, kind):
+    """The objective itself, not a file or a route: on one picture, text, noise and timestep, sdtrain's loss
+    and the gradient of what it trains equal what the host's in-tree trainer computes (its dataset's
+    latent, its own embedding or `Hypernetwork` object, ldm's `p_losses`) — computed inside the webui by
+    the test-only extension tests/webui/objective_shim.py. A timestep scaled, a wrong target or latent
+    scale, a hypernetwork applied elsewhere than the host applies it: each changes the loss or the
+    gradient at some t."""
+    name = f"objective{kind}"
+    if kind == "ti":
+        status, out = webui.post("/sdapi/v1/create/embedding", {"name": name, "num_vectors_per_token": 2,
+                                                               "init_text": "red circle"})
+    else:
+        status, out = webui.post("/sdapi/v1/create/hypernetwork", {"name": name, "enable_sizes": ["768"],
+                                                                   "layer_structure": [1, 2, 1]})
+    assert status == 200, out
+    status, rows = webui.post("/sdtrain-test/objective", {"kind": kind, "name": name, "text": f"{name}, red circle",
+                                                           "t": [3, 250, 600, 999]})
+    assert status == 200, rows
+    for row in rows:
+        assert row["counts"][0] == row["counts"][1] == (1 if kind == "ti" else 8), row
+        assert row["loss_sdtrain"] == pytest.approx(row["loss_in_tree"], rel=1e-5, abs=1e-7), row
+        for g in row["grads"]:
+            assert g["max_abs"] > 0, row  # the in-tree gradient reaches the tensor
+            assert g["max_abs_diff"] <= 1e-4 * g["max_abs"] + 1e-9, row
+
+
+@pytest.mark.needs("stock_trainer")
 def test_stock_embedding_continued_by_sdtrain_and_back(stock_webui, webui_assets):
     s = stock_webui
     stock_body = {"id_task": "task(s)", "embedding_name": "swap", "learn_rate": "0.005", "batch_size": 1,
