@@ -414,247 +414,272 @@ def _result(run: TrainingRun, state: LoopState, saved_step: int, tracker: Any, c
     return result
 
 
-def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind: TrainingKind) -> TrainResult:
-    """Train `kind` as `cfg` says (see the module docstring). Raises SdtrainError after saving when
-    the loss stops being finite; returns normally when stopped."""
-    run = TrainingRun(host, cfg, control, kind)
-    noun = kind.noun
-    dp = distributed.current()  # data-parallel processes (torchrun): only rank 0 writes files
-    if not dp.is_writer:
-        run.log_dir = None  # no settings file, CSV, intermediate saves, previews, loss curve, TensorBoard
+@dataclass
+class _Plan:
+    """Phase 1's outcome: what is settled before the model is touched."""
+
+    point: ResumePoint | None  # the interrupted run this one continues, if any
+    seed: int
+    run_start: int  # the step the rate language counts from
+    data: TrainingData
+    lr_sched: Schedule
+    group_lrs: Callable[[int], list[float]] | None
+    clip_sched: Schedule | None
+
+
+def _plan(run: TrainingRun, dp: Any) -> _Plan | TrainResult:
+    """Phase 1, without the model: stale temporaries, the resume point, the seed, the data read and
+    checked, the schedules, the warnings and the settings file. A TrainResult: nothing to train."""
+    cfg, kind = run.cfg, run.kind
     for stale in remove_stale_temporaries(kind.out_file) if dp.is_writer else ():
         run.emit("log", text=f"removed {stale}, left by a save that was cut short")
     point, why = _resume_point(cfg, kind, dp.is_writer)
     if why:
         run.emit("log", text=why)
     if point is None and kind.initial_step >= cfg.steps:
-        return TrainResult(
-            kind.source,
-            kind.initial_step,
-            kind=noun,
-            message=(
-                f"{run.name} is already trained to step {kind.initial_step} (max steps {cfg.steps}); nothing to do"
-            ),
-        )
+        return TrainResult(kind.source, kind.initial_step, kind=kind.noun, message=(
+            f"{run.name} is already trained to step {kind.initial_step} (max steps {cfg.steps}); nothing to do"))
     seed = dp.same_int(point.seed if point else cfg.seed if cfg.seed >= 0 else random.randrange(2**31))
-    run_start = point.run_start_step if point else kind.initial_step  # the rate language counts from here
-    # images are read and checked before the model is touched
-    data = prepare_training_data(
-        cfg,
-        placeholder=run.name,
-        seed=seed,
-        validation_count=cfg.validation_images,
-        require_name=kind.require_name_in_template,
-        family=run.info.family,
-    )
+    run_start = point.run_start_step if point else kind.initial_step
+    data = prepare_training_data(cfg, placeholder=run.name, seed=seed, validation_count=cfg.validation_images,
+                                 require_name=kind.require_name_in_template, family=run.info.family)
     dp.check_batch(data.dataset.batch_size)
     lr_sched = cfg.lr_schedule(run_start, data.gradient_step)
-    group_lrs = kind.group_rates(lr_sched, run_start, data.gradient_step)
-    clip_sched = cfg.clip_schedule(run_start, data.gradient_step)
-    _announce(run, data, point.step if point else kind.initial_step, lr_sched, clip_sched)
+    plan = _Plan(point, seed, run_start, data, lr_sched, kind.group_rates(lr_sched, run_start, data.gradient_step),
+                 cfg.clip_schedule(run_start, data.gradient_step))
+    _announce(run, data, point.step if point else kind.initial_step, lr_sched, plan.clip_sched)
+    return plan
 
-    generator = torch.Generator().manual_seed(seed)
-    options = SessionOptions(
-        gradient_checkpointing=cfg.gradient_checkpointing, attention_optimization=cfg.attention_optimization
-    )
-    autocast_dtype = {
-        "auto": run.info.autocast_dtype,
-        "no": None,
-        "fp16": torch.float16,
-        "bf16": torch.bfloat16,
-    }[cfg.mixed_precision]
+
+class _Training:
+    """Phases 2-4, inside the GPU session: the trained tensors with their optimizer, EMA and validation
+    tracker (phase 2, `__init__`); the loop with what each step runs after it — loss CSV, intermediate
+    saves, validation, previews, resume points (phase 3, `train`); the final save (phase 4, `finish`)."""
+
+    def __init__(self, run: TrainingRun, plan: _Plan, dp: Any, session: Any) -> None:
+        cfg, kind, host = run.cfg, run.kind, run.host
+        self.run, self.plan, self.dp, self.session, self.cfg, self.kind = run, plan, dp, session, cfg, kind
+        self.generator = torch.Generator().manual_seed(plan.seed)
+        self.autocast_dtype = {"auto": run.info.autocast_dtype, "no": None, "fp16": torch.float16,
+                               "bf16": torch.bfloat16}[cfg.mixed_precision]
+        self.schedule = host.noise_schedule()
+        self.loss_options = LossOptions.from_config(cfg, self.schedule)  # the validation loss stays the plain one
+        self.params, self.optimizer = kind.setup(run.info.device, plan.lr_sched.value(kind.initial_step))
+        self.state = LoopState(step=kind.initial_step, start_step=kind.initial_step, total=cfg.steps,
+                               steps_per_epoch=plan.data.steps_per_epoch)
+        self.ema = Ema(cfg.ema_decay, cfg.ema_start_step) if cfg.ema_decay > 0 else None
+        self.tracker = make_tracker(cfg)  # the best validation step (None: no validation)
+        self._resume()
+        dp.decorrelate_rng()  # dropout: each process its own draws
+        self.watch = LearningWatch(kind.subject(), self.params, self.state.step, cfg.steps,
+                                   warmup=cfg.lr_warmup_steps if cfg.lr_scheduler != "dsl" else 0,
+                                   quiet=any(w.code == "zero_rate" for w in run.warnings))  # said it all
+        self.fingerprint = fingerprint(cfg)
+        self.last_point = time.monotonic()
+        self.curve_path = os.path.join(run.log_dir, "loss.png") if run.log_dir else None
+        self.history: list[tuple[int, float]] = []
+        self.val_history: list[tuple[int, float]] = []
+
+    def _resume(self) -> None:
+        """The interrupted run's state when its resume point fits, else the file's optimizer state."""
+        run, point = self.run, self.plan.point
+        if point is not None:
+            why = _apply_resume_point(point, self.params, self.optimizer, self.generator, self.state, self.ema)
+            if why:
+                run.emit("log", text=f"ignored {resume_path(self.kind.out_file)}: {why}; starting from the file")
+                self.plan.point = None
+            else:
+                run.emit("log", text=f"resumed from step {point.step} (where the interrupted run was)")
+                run.resumed_from = point.step
+                if self.tracker is not None and point.validation is not None:
+                    self.tracker.load(point.validation)  # its evaluations count on, none is made again
+                    if run.log_dir:
+                        trim_validation_csv(run.log_dir, point.step)
+                return
+        resumed = self.kind.resume(self.optimizer)
+        if resumed:
+            run.emit("log", text=resumed)
+        if self.ema is not None:
+            self.ema.begin(self.params, self.state.step)
+
+    # -- what runs around the steps ------------------------------------------------------------
+    def keep_resume_point(self, st: LoopState) -> None:
+        if not self.dp.is_writer:
+            return
+        ema, tracker = self.ema, self.tracker
+        save_resume_point(self.kind.out_file, ResumePoint(
+            step=st.step, run_start_step=self.plan.run_start, seed=self.plan.seed, fingerprint=self.fingerprint,
+            params=self.params, optimizer=self.optimizer.state_dict(),
+            scaler=st.scaler.state_dict() if st.scaler else None, generator=self.generator.get_state(),
+            torch_rng=torch.get_rng_state(), epoch_data_state=st.epoch_data_state, micro_in_epoch=st.micro_in_epoch,
+            ema=ema.state() if ema is not None else None,
+            validation=tracker.state() if tracker is not None else None))
+        self.last_point = time.monotonic()
+
+    def ema_in(self, use: bool) -> AbstractContextManager[Any]:
+        """The EMA tensors in the live ones for a save, preview or validation, when `use` and begun."""
+        return swapped_in(self.params, self.ema.tensors if use and self.ema is not None else None)
+
+    def curve(self) -> str | None:
+        if not (self.curve_path and self.history):
+            return None
+        tracker = self.tracker
+        return save_loss_curve(
+            self.curve_path, [s for s, _ in self.history], [v for _, v in self.history],
+            validation=self.val_history,
+            best=(tracker.best_step, tracker.best_loss) if tracker and tracker.best_step is not None else None,
+            title=f"{self.run.name} loss")
+
+    def validate(self, step: int) -> None:
+        run, tracker = self.run, self.tracker
+        with self.kind.evaluating(), self.ema_in(self.cfg.ema_for_previews):
+            loss = validation_loss(run.host, self.schedule, self.plan.data, self.plan.seed, self.autocast_dtype,
+                                   parallel=self.dp)
+            if tracker is not None:
+                tracker.observe(step, loss, self.params, self.optimizer)  # the tensors evaluated
+        self.val_history.append((step, loss))
+        if tracker is None:
+            run.emit("validation", step=step, loss=loss)
+            return
+        run.emit("validation", step=step, loss=loss, best_step=tracker.best_step, best_loss=tracker.best_loss)
+        if run.log_dir:
+            write_validation_row(run.log_dir, step, loss, tracker)
+
+    def after_step(self, st: LoopState) -> None:
+        run, kind, cfg = self.run, self.kind, self.cfg
+        kind.after_update(st.step)
+        if self.ema is not None:
+            self.ema.update(self.params, st.step)
+        saved = False
+        self.history.append((st.step, st.last_loss))
+        run.warn(self.watch.after_step(st.step, st.last_lr))
+        text = report_text(st) + (" — not learning? see the warning" if run.warnings else "")
+        run.emit("step", step=st.step, total=st.total, loss=st.last_loss, lr=st.last_lr, text=text)
+        report(self.session, st, kind.progress_label + (" (not learning? see the warning)" if run.warnings else ""))
+        run.tensorboard.step(st.step, st.steps_per_epoch, st.last_loss, st.last_lr)
+        if cfg.training_write_csv_every and st.step % cfg.training_write_csv_every == 0 and run.log_dir:
+            write_loss_row(run.log_dir, kind.loss_csv, st.step, st.steps_per_epoch, st.last_loss, st.last_lr)
+        if kind.save_every and st.step % kind.save_every == 0 and run.log_dir:
+            stem, stored = kind.intermediate(st.step)
+            path = os.path.join(run.log_dir, kind.log_subdir, f"{stem}.{kind.file_ext}")
+            run.save(self.optimizer, st.step, path, stored, "intermediate")
+            kind.after_intermediate(st.step, stored)
+            self.curve()
+            saved = True
+        if cfg.validation_every and st.step % cfg.validation_every == 0:
+            self.validate(st.step)
+        if cfg.create_image_every and st.step % cfg.create_image_every == 0 and self.dp.is_writer:
+            with self.ema_in(cfg.ema_for_previews):
+                run.preview(st)
+        # last: the random states after everything this step drew (previews draw too)
+        minutes = cfg.resume_point_minutes
+        if saved or (minutes and time.monotonic() - self.last_point >= minutes * 60):
+            self.keep_resume_point(st)
+
+    def clip(self, step: int) -> None:
+        """Clip this step's gradients (when the run clips); the watch looks at the first steps' gradients."""
+        clip_sched, cfg = self.plan.clip_sched, self.cfg
+
+        def clip_gradients() -> None:
+            assert clip_sched is not None
+            value = clip_sched.value(step)
+            if cfg.clip_grad_mode == "value":
+                torch.nn.utils.clip_grad_value_(self.params, value)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, value)
+
+        self.run.warn(self.watch.around_clip(step + 1, clip_gradients if clip_sched else None))
+
+    def should_stop(self) -> bool:
+        control = self.run.control
+        if self.session.interrupted() and control is not None:
+            control.stop()  # the host's Interrupt button ends the job as Stop does
+        return self.dp.any(self.session.interrupted() or (control is not None and control.stop_requested))
+
+    def hooks(self) -> LoopHooks:
+        data, lr_sched, tracker = self.plan.data, self.plan.lr_sched, self.tracker
+        device = self.run.info.device
+        return LoopHooks(
+            batches=lambda: data.batches(device),
+            encode=self.kind.encoder(self.run.host),
+            lr_at=lr_sched.value,
+            group_lrs=self.plan.group_lrs,
+            finished=lambda step: lr_sched.finished(step) or (tracker is not None and tracker.should_stop),
+            clip=self.clip,
+            after_step=self.after_step,
+            should_stop=self.should_stop,
+            data_state=lambda: data_order_state(data),
+            set_data_state=lambda st: set_data_order_state(data, st),
+        )
+
+    # -- phases 3 and 4 ------------------------------------------------------------------------
+    def train(self) -> NonFiniteLoss | None:
+        """The loop (after the first validation); a non-finite loss ends it and is handed back, so
+        that the last finite tensors are saved before the run fails."""
+        if self.cfg.validation_every and not (self.tracker is not None and self.tracker.evaluations):
+            self.validate(self.state.step)  # (a resumed run's tracker has made this evaluation)
+        try:
+            run_loop(self.run.host, self.optimizer, self.params, self.state, self.hooks(),
+                     gradient_step=self.plan.data.gradient_step, schedule=self.schedule, generator=self.generator,
+                     autocast_dtype=self.autocast_dtype, nan_guard=self.cfg.nan_guard,
+                     scaler_state=self.plan.point.scaler if self.plan.point else None,
+                     loss_options=self.loss_options, parallel=self.dp)
+        except NonFiniteLoss as e:
+            return e
+        return None
+
+    def finish(self, error: NonFiniteLoss | None) -> int:
+        """The loss CSV's last row, the final file (also after Stop/Interrupt or a non-finite loss, as the
+        host saves after its try), the resume point kept or removed; the step of the saved tensors."""
+        run, kind, cfg, state, tracker = self.run, self.kind, self.cfg, self.state, self.tracker
+        # the CSV always ends with the last step (the host writes only every N-th step, so a
+        # 30-step run with its default N=500 leaves no CSV at all)
+        every = cfg.training_write_csv_every
+        if every and run.log_dir and self.history and self.history[-1][0] % every:
+            write_loss_row(run.log_dir, kind.loss_csv, state.step, state.steps_per_epoch, state.last_loss,
+                           state.last_lr)
+        if cfg.ema_for_output and self.ema is not None and not self.ema.started:
+            run.say(f"the EMA starts at step {cfg.ema_start_step}: the {kind.noun} saved holds the trained tensors")
+        saved_step = state.step
+        if tracker is not None and tracker.tensors is not None and tracker.best_step is not None:
+            saved_step = tracker.best_step  # what best_in puts in the file (other ranks write nothing)
+        if self.dp.is_writer:
+            with self.ema_in(cfg.ema_for_output), best_in(self.params, self.optimizer, tracker):
+                run.save(self.optimizer, saved_step, kind.out_file, run.name, kind.noun)
+        for line in kind.summary(state.step):
+            run.say(line)
+        if state.stopped and error is None:
+            self.keep_resume_point(state)  # the same job again goes on exactly from here
+        elif error is None and self.dp.is_writer:
+            remove_resume_point(kind.out_file)  # finished: the file is the result
+        return saved_step
+
+
+def run_training(host: TrainingHost, cfg: Any, control: JobControl | None, kind: TrainingKind) -> TrainResult:
+    """Train `kind` as `cfg` says (see the module docstring), in four phases: plan (no model), set up,
+    train, finish. Raises SdtrainError after saving when the loss stops being finite; returns normally
+    when stopped."""
+    run = TrainingRun(host, cfg, control, kind)
+    dp = distributed.current()  # data-parallel processes (torchrun): only rank 0 writes files
+    if not dp.is_writer:
+        run.log_dir = None  # no settings file, CSV, intermediate saves, previews, loss curve, TensorBoard
+    plan = _plan(run, dp)
+    if isinstance(plan, TrainResult):
+        return plan
+    options = SessionOptions(gradient_checkpointing=cfg.gradient_checkpointing,
+                             attention_optimization=cfg.attention_optimization)
     with (
         tensorboard_log(cfg, run.log_dir, run.say) as run.tensorboard,  # closed also on stop or failure
         host.gpu_session(kind.job_label, options) as session,
     ):
-        data.encode(host)
-        schedule = host.noise_schedule()
-        loss_options = LossOptions.from_config(cfg, schedule)  # the validation loss stays the plain one
-        device = run.info.device
-        params, optimizer = kind.setup(device, lr_sched.value(kind.initial_step))
-        state = LoopState(
-            step=kind.initial_step,
-            start_step=kind.initial_step,
-            total=cfg.steps,
-            steps_per_epoch=data.steps_per_epoch,
-        )
-        ema = Ema(cfg.ema_decay, cfg.ema_start_step) if cfg.ema_decay > 0 else None
-        tracker = make_tracker(cfg)  # the best validation step (None: no validation)
-        if point is not None:
-            why = _apply_resume_point(point, params, optimizer, generator, state, ema)
-            if why:
-                run.emit("log", text=f"ignored {resume_path(kind.out_file)}: {why}; starting from the file")
-                point = None
-            else:
-                run.emit("log", text=f"resumed from step {point.step} (where the interrupted run was)")
-                run.resumed_from = point.step
-                if tracker is not None and point.validation is not None:
-                    tracker.load(point.validation)  # its evaluations count on, none is made again
-                    if run.log_dir:
-                        trim_validation_csv(run.log_dir, point.step)
-        if point is None:
-            resumed = kind.resume(optimizer)
-            if resumed:
-                run.emit("log", text=resumed)
-            if ema is not None:
-                ema.begin(params, state.step)
-        dp.decorrelate_rng()  # dropout: each process its own draws
-        watch = LearningWatch(kind.subject(), params, state.step, cfg.steps,
-                              warmup=cfg.lr_warmup_steps if cfg.lr_scheduler != "dsl" else 0,
-                              quiet=any(w.code == "zero_rate" for w in run.warnings))  # said it all
-        fp = fingerprint(cfg)
-        last_point = [time.monotonic()]
-
-        def keep_resume_point(st: LoopState) -> None:
-            if not dp.is_writer:
-                return
-            save_resume_point(kind.out_file, ResumePoint(
-                step=st.step, run_start_step=run_start, seed=seed, fingerprint=fp, params=params,
-                optimizer=optimizer.state_dict(), scaler=st.scaler.state_dict() if st.scaler else None,
-                generator=generator.get_state(), torch_rng=torch.get_rng_state(),
-                epoch_data_state=st.epoch_data_state, micro_in_epoch=st.micro_in_epoch,
-                ema=ema.state() if ema is not None else None,
-                validation=tracker.state() if tracker is not None else None))
-            last_point[0] = time.monotonic()
-
-        def ema_in(use: bool):
-            """The EMA tensors in the live ones for a save, preview or validation, when `use` and begun."""
-            return swapped_in(params, ema.tensors if use and ema is not None else None)
-        curve_path = os.path.join(run.log_dir, "loss.png") if run.log_dir else None
-        history: list[tuple[int, float]] = []
-        val_history: list[tuple[int, float]] = []
-
-        def curve() -> str | None:
-            if not (curve_path and history):
-                return None
-            return save_loss_curve(
-                curve_path,
-                [s for s, _ in history],
-                [v for _, v in history],
-                validation=val_history,
-                best=(tracker.best_step, tracker.best_loss) if tracker and tracker.best_step is not None else None,
-                title=f"{run.name} loss",
-            )
-
-        def validate(step: int) -> None:
-            with kind.evaluating(), ema_in(cfg.ema_for_previews):
-                loss = validation_loss(host, schedule, data, seed, autocast_dtype, parallel=dp)
-                if tracker is not None:
-                    tracker.observe(step, loss, params, optimizer)  # the tensors evaluated
-            val_history.append((step, loss))
-            if tracker is None:
-                run.emit("validation", step=step, loss=loss)
-                return
-            run.emit("validation", step=step, loss=loss, best_step=tracker.best_step, best_loss=tracker.best_loss)
-            if run.log_dir:
-                write_validation_row(run.log_dir, step, loss, tracker)
-
-        def after_step(st: LoopState) -> None:
-            kind.after_update(st.step)
-            if ema is not None:
-                ema.update(params, st.step)
-            saved = False
-            history.append((st.step, st.last_loss))
-            run.warn(watch.after_step(st.step, st.last_lr))
-            text = report_text(st) + (" — not learning? see the warning" if run.warnings else "")
-            run.emit("step", step=st.step, total=st.total, loss=st.last_loss, lr=st.last_lr, text=text)
-            report(session, st, kind.progress_label + (" (not learning? see the warning)" if run.warnings else ""))
-            run.tensorboard.step(st.step, st.steps_per_epoch, st.last_loss, st.last_lr)
-            if cfg.training_write_csv_every and st.step % cfg.training_write_csv_every == 0 and run.log_dir:
-                write_loss_row(
-                    run.log_dir, kind.loss_csv, st.step, st.steps_per_epoch, st.last_loss, st.last_lr
-                )
-            if kind.save_every and st.step % kind.save_every == 0 and run.log_dir:
-                stem, stored = kind.intermediate(st.step)
-                path = os.path.join(run.log_dir, kind.log_subdir, f"{stem}.{kind.file_ext}")
-                run.save(optimizer, st.step, path, stored, "intermediate")
-                kind.after_intermediate(st.step, stored)
-                curve()
-                saved = True
-            if cfg.validation_every and st.step % cfg.validation_every == 0:
-                validate(st.step)
-            if cfg.create_image_every and st.step % cfg.create_image_every == 0 and dp.is_writer:
-                with ema_in(cfg.ema_for_previews):
-                    run.preview(st)
-            # last: the random states after everything this step drew (previews draw too)
-            minutes = cfg.resume_point_minutes
-            if saved or (minutes and time.monotonic() - last_point[0] >= minutes * 60):
-                keep_resume_point(st)
-
-        def clip_gradients(step: int) -> None:
-            assert clip_sched is not None
-            value = clip_sched.value(step)
-            if cfg.clip_grad_mode == "value":
-                torch.nn.utils.clip_grad_value_(params, value)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, value)
-
-        def clip(step: int) -> None:  # the watch looks at the first steps' gradients around the clipping
-            run.warn(watch.around_clip(step + 1, (lambda: clip_gradients(step)) if clip_sched else None))
-
-        def should_stop() -> bool:
-            if session.interrupted() and control is not None:
-                control.stop()  # the host's Interrupt button ends the job as Stop does
-            return dp.any(session.interrupted() or (control is not None and control.stop_requested))
-
-        hooks = LoopHooks(
-            batches=lambda: data.batches(device),
-            encode=kind.encoder(host),
-            lr_at=lr_sched.value,
-            group_lrs=group_lrs,
-            finished=lambda step: lr_sched.finished(step) or (tracker is not None and tracker.should_stop),
-            clip=clip,
-            after_step=after_step,
-            should_stop=should_stop,
-            data_state=lambda: data_order_state(data),
-            set_data_state=lambda st: set_data_order_state(data, st),
-        )
-        error: NonFiniteLoss | None = None
+        plan.data.encode(host)
+        training = _Training(run, plan, dp, session)
         try:
             with kind.active(host):
-                if cfg.validation_every and not (tracker is not None and tracker.evaluations):
-                    validate(state.step)  # (a resumed run's tracker has made this evaluation)
-                try:
-                    run_loop(
-                        host,
-                        optimizer,
-                        params,
-                        state,
-                        hooks,
-                        gradient_step=data.gradient_step,
-                        schedule=schedule,
-                        generator=generator,
-                        autocast_dtype=autocast_dtype,
-                        nan_guard=cfg.nan_guard,
-                        scaler_state=point.scaler if point else None,
-                        loss_options=loss_options,
-                        parallel=dp,
-                    )
-                except NonFiniteLoss as e:
-                    error = e  # the trained values are still the last finite ones: save them, then fail
-            # the CSV always ends with the last step (the host writes only every N-th step, so a
-            # 30-step run with its default N=500 leaves no CSV at all)
-            every = cfg.training_write_csv_every
-            if every and run.log_dir and history and history[-1][0] % every:
-                write_loss_row(run.log_dir, kind.loss_csv, state.step, state.steps_per_epoch,
-                               state.last_loss, state.last_lr)
-            # the final file, also after Stop/Interrupt (the host saves after its try, likewise)
-            if cfg.ema_for_output and ema is not None and not ema.started:
-                run.say(f"the EMA starts at step {cfg.ema_start_step}: the {noun} saved holds the trained tensors")
-            saved_step = state.step
-            if tracker is not None and tracker.tensors is not None and tracker.best_step is not None:
-                saved_step = tracker.best_step  # what best_in puts in the file (other ranks write nothing)
-            if dp.is_writer:
-                with ema_in(cfg.ema_for_output), best_in(params, optimizer, tracker):
-                    run.save(optimizer, saved_step, kind.out_file, run.name, noun)
-            for line in kind.summary(state.step):
-                run.say(line)
-            if state.stopped and error is None:
-                keep_resume_point(state)  # the same job again goes on exactly from here
-            elif error is None and dp.is_writer:
-                remove_resume_point(kind.out_file)  # finished: the file is the result
+                error = training.train()
+                saved_step = training.finish(error)
         finally:
             kind.finish()
     if error is not None:
-        raise SdtrainError(f"{error} The {noun} at step {saved_step} was saved to {kind.out_file}.")
-    return _result(run, state, saved_step, tracker, curve())
+        raise SdtrainError(f"{error} The {kind.noun} at step {saved_step} was saved to {kind.out_file}.")
+    return _result(run, training.state, saved_step, training.tracker, training.curve())
