@@ -91,10 +91,10 @@ def build(cfg, device: str, text_device: str | None = None):
     on `text_device`: transformers' CLIP cannot run on the meta device), eval mode."""
     import torch
 
-    from lib_sdtrain.hosts.standalone.loader import _clip_text_model_from_config, _skip_weight_init
+    from lib_sdtrain.hosts.standalone.loader import clip_text_model_from_config, skip_weight_init
     from lib_sdtrain.hosts.standalone.tiny_sdxl import instantiate_sgm
 
-    with _skip_weight_init(), _clip_text_model_from_config({}, module="sgm.modules.encoders.modules"):
+    with skip_weight_init(), clip_text_model_from_config({}, module="sgm.modules.encoders.modules"):
         model = instantiate_sgm(cfg)
     model.eval()
     text_device = text_device or device

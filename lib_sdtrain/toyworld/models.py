@@ -140,24 +140,24 @@ def build(family: str, workdir: str | Path, webui_dir: str | Path | None = None,
     import contextlib
     import io
 
-    from lib_sdtrain.hosts.standalone.loader import _clip_text_model_from_config, _skip_weight_init
+    from lib_sdtrain.hosts.standalone.loader import clip_text_model_from_config, skip_weight_init
     from lib_sdtrain.hosts.standalone.tiny import unzero_init
 
     workdir = Path(workdir)
     clip = _clip_folder(workdir / "clip")
-    skip = contextlib.nullcontext() if init else _skip_weight_init()
+    skip = contextlib.nullcontext() if init else skip_weight_init()
     if family == "sd1":
-        from lib_sdtrain.hosts.standalone.tiny import _instantiate
+        from lib_sdtrain.hosts.standalone.tiny import instantiate
 
-        with _clip_text_model_from_config({}), skip:
-            model = _instantiate(sd1_config(str(clip)))
+        with clip_text_model_from_config({}), skip:
+            model = instantiate(sd1_config(str(clip)))
     elif family == "sdxl":
         from lib_sdtrain.hosts.standalone.sgm_source import ensure_sgm
         from lib_sdtrain.hosts.standalone.tiny_sdxl import instantiate_sgm, register_clip_g_arch
 
         ensure_sgm(webui_dir)
         register_clip_g_arch(workdir / "open_clip_configs")
-        with _clip_text_model_from_config({}, module="sgm.modules.encoders.modules"), skip, \
+        with clip_text_model_from_config({}, module="sgm.modules.encoders.modules"), skip, \
                 contextlib.redirect_stdout(io.StringIO()):
             model = instantiate_sgm(sdxl_config(str(clip)))
         for embedder in model.conditioner.embedders:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lib_sdtrain.core.errors import FormatError
-from lib_sdtrain.hosts.standalone.tiny import _instantiate
+from lib_sdtrain.hosts.standalone.tiny import instantiate
 from lib_sdtrain.hosts.standalone.tokenizer import MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
 
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
@@ -88,7 +88,7 @@ def clip_config_from_state(state: dict[str, torch.Tensor], prefix: str = CLIP_PR
 
 
 @contextlib.contextmanager
-def _skip_weight_init() -> Iterator[None]:
+def skip_weight_init() -> Iterator[None]:
     """Skip random initialisation while building (about 17 s of CPU for SD1, all overwritten by the
     checkpoint). Every parameter that stays uninitialised is caught by the missing-keys check."""
     from transformers.modeling_utils import no_init_weights
@@ -105,7 +105,7 @@ def _skip_weight_init() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _clip_text_model_from_config(
+def clip_text_model_from_config(
     state: dict[str, torch.Tensor], prefix: str = CLIP_PREFIX, module: str = "ldm.modules.encoders.modules"
 ) -> Iterator[None]:
     """Make FrozenCLIPEmbedder build its CLIPTextModel from a config instead of loading hub weights."""
@@ -179,18 +179,18 @@ def load_ldm_model(
     if "params" not in cond or cond.params is None:
         cond.params = {}
     cond.params.device = str(device)
-    with tempfile.TemporaryDirectory(prefix="sdtrain-clip-") as tmp, _skip_weight_init():
+    with tempfile.TemporaryDirectory(prefix="sdtrain-clip-") as tmp, skip_weight_init():
         if target.endswith(".FrozenCLIPEmbedder"):
             version = _local_dir(clip_dir) or _local_dir(cond.params.get("version"))
             if version is None:
                 version = write_clip_tokenizer(tmp)
                 (version / "config.json").write_text(json.dumps(clip_config_from_state(state)))
             cond.params.version = str(version)
-            with _clip_text_model_from_config(state):
-                model = _instantiate(config)
+            with clip_text_model_from_config(state):
+                model = instantiate(config)
         elif target.endswith(".FrozenOpenCLIPEmbedder"):
             cond.params.version = None  # open_clip would otherwise download the pretrained weights
-            model = _instantiate(config)
+            model = instantiate(config)
         else:
             raise FormatError(str(yaml_path), f"unsupported text encoder {target} (SD1/SD2 only)")
     # The schedule buffers (betas, alphas_cumprod, ...: the only top-level keys) are recomputed from the
@@ -267,7 +267,7 @@ def load_sgm_model(
             emb.params.version = None
         if target.endswith(".FrozenCLIPEmbedder") or target.endswith(".FrozenOpenCLIPEmbedder2"):
             emb.params.device = str(device)
-    with tempfile.TemporaryDirectory(prefix="sdtrain-clip-") as tmp, _skip_weight_init():
+    with tempfile.TemporaryDirectory(prefix="sdtrain-clip-") as tmp, skip_weight_init():
         for emb in embedders:
             if str(emb.target).endswith(".FrozenCLIPEmbedder"):
                 version = _local_dir(clip_dir) or _local_dir(emb.params.get("version"))
@@ -276,7 +276,7 @@ def load_sgm_model(
                     cfg = clip_config_from_state(state, _SDXL_CLIP_L_PREFIX)
                     (version / "config.json").write_text(json.dumps(cfg))
                 emb.params.version = str(version)
-        with _clip_text_model_from_config(state, _SDXL_CLIP_L_PREFIX, "sgm.modules.encoders.modules"):
+        with clip_text_model_from_config(state, _SDXL_CLIP_L_PREFIX, "sgm.modules.encoders.modules"):
             model = instantiate_sgm(config)
     _load_weights(model, state, ckpt_path, yaml_path, _SDXL_REQUIRED)
     del state

@@ -161,7 +161,7 @@ def unzero_init(model: torch.nn.Module) -> int:
     return count
 
 
-def _instantiate(config: Any) -> torch.nn.Module:
+def instantiate(config: Any) -> torch.nn.Module:
     silence_legacy_warnings()
     from ldm.util import instantiate_from_config
 
@@ -199,7 +199,7 @@ def build_tiny_sd1(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _instantiate(config)
+        model = instantiate(config)
         unzero_init(model)
     return model.eval()
 
@@ -223,7 +223,7 @@ def build_tiny_sd2(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _instantiate(config)
+        model = instantiate(config)
         unzero_init(model)
         _randomise_layer_norms(model.cond_stage_model)
     return model.eval()
