@@ -105,12 +105,14 @@ def request_body(kind: str, name: str, data: Path, log: Path, steps: int, every:
 def _create(server, kind: str, name: str, vectors: int) -> Path:
     if kind == "ti":
         status, out = server.post("/sdapi/v1/create/embedding", {"name": name, "num_vectors_per_token": vectors,
-                                                                 "init_text": "thing", "overwrite_old": False})
+                                                                 "init_text": "thing", "overwrite_old": False},
+                                  timeout=1800)  # the first request loads the model (Forge: lazily)
         path = server.embeddings / f"{name}.pt"
     else:
         status, out = server.post("/sdapi/v1/create/hypernetwork", {
             "name": name, "enable_sizes": ["768"], "overwrite_old": False, "layer_structure": [1, 2, 1],
-            "activation_func": "linear", "weight_init": "Normal", "add_layer_norm": False, "use_dropout": False})
+            "activation_func": "linear", "weight_init": "Normal", "add_layer_norm": False, "use_dropout": False},
+            timeout=1800)
         path = server.hypernetworks / f"{name}.pt"
     assert status == 200 and path.is_file(), (status, out)
     return path
@@ -286,16 +288,18 @@ def plot(results: list[dict], path: Path) -> None:
 
     kinds = [k for k in ("ti", "hn") if any(k in r["kinds"] for r in results)]
     fig, axes = plt.subplots(len(kinds), 2, figsize=(10, 3.6 * len(kinds)), squeeze=False)
-    arms = [(f"{r['host'].split()[0]} {arm}" if len(results) > 1 else arm, kind, a)
-            for r in results for kind in kinds for arm, a in r["kinds"].get(kind, {}).get("arms", {}).items()]
+    # one line style per host, so that equal curves of two hosts both show
+    arms = [(f"{r['host'].split()[0]} {arm}" if len(results) > 1 else arm, kind, a, ("-", "--", ":")[i % 3])
+            for i, r in enumerate(results) for kind in kinds
+            for arm, a in r["kinds"].get(kind, {}).get("arms", {}).items()]
     for row, kind in zip(axes, kinds):
-        for arm, _, a in (x for x in arms if x[1] == kind):
+        for arm, _, a, style in (x for x in arms if x[1] == kind):
             steps = sorted(int(s) for s in a["steps"])
             mean = [a["steps"][str(s)]["match"] for s in steps]
             lo = [a["steps"][str(s)]["match_min"] for s in steps]
             hi = [a["steps"][str(s)]["match_max"] for s in steps]
             for ax, xs in ((row[0], steps), (row[1], [s * a["s_per_step_wall"] for s in steps])):
-                ax.plot(xs, mean, marker="o", label=f"{arm} ({a['seeds']} seeds)")
+                ax.plot(xs, mean, marker="o" if style == "-" else "s", linestyle=style, label=f"{arm} ({a['seeds']} seeds)")
                 ax.fill_between(xs, lo, hi, alpha=0.15)
         label = "TI: concept match" if kind == "ti" else "HN: pictures in the style"
         row[0].set(xlabel="step", ylabel=label, ylim=(-0.02, 1.02))
@@ -428,7 +432,10 @@ def judge_all(conftest, assets: dict, tmpl: tuple, ckpt: dict, runs: list[dict],
         judge.start()  # reads both folders at start-up
         loaded = judge.log_text()
         assert "Unable to load" not in loaded and "Error verifying" not in loaded, loaded[-3000:]
-        if "ti" in kinds:  # every embedding known to the judge (one it skipped would draw as plain words)
+        if "ti" in kinds:  # every embedding known to the judge (one it skipped would draw as plain words);
+            # A1111 reads the folder at the first generation, or when told to
+            status, out = judge.post("/sdapi/v1/refresh-embeddings", timeout=1800)
+            assert status == 200, out
             status, listed = judge.get("/sdapi/v1/embeddings")
             missing = {lb for r in runs if r["kind"] == "ti" for lb in r["labels"].values()} - set(listed.get("loaded", {}))
             assert status == 200 and not missing, (status, sorted(missing)[:5], listed.get("skipped"))
