@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What bench/gpu_check.sh needs on a bare GPU machine, made here (where the package index is reachable):
 #
-#   bash bench/gpu_kit.sh            # -> .gpu/ (ignored by git): the webui tree and its packages, ~40 MB
+#   bash bench/gpu_kit.sh            # -> .gpu/ (ignored by git): the webui tree and its packages, 29 MiB
 #
 # The lent GPU machines have a python3 with a CUDA torch and a set of common packages (numpy, Pillow,
 # scipy, scikit-image, safetensors, opencv, matplotlib, pandas, requests, pytest, ...), and no network.
@@ -17,7 +17,9 @@
 # bench/gpu_check.sh --kit .gpu unpacks both into a venv that sees the machine's own packages after
 # these (a .pth line), so torch, numpy and the other compiled packages are the machine's. Pins: A1111's
 # requirements_versions.txt where that Python has a wheel; tokenizers 0.13.3 has none for 3.12, so
-# tokenizers 0.14.1 and the transformers that takes it (4.35.2, instead of 4.30.2).
+# tokenizers 0.14.1 and the transformers that takes it (4.35.2, instead of 4.30.2); setuptools 80 (the
+# machine's may lack pkg_resources, which lightning_fabric imports) and pytz (A1111 imports it; pandas 3
+# no longer brings it).
 #
 # SDTRAIN_KIT_PYTHON: the target Python's version (default 3.12, the GPU machines'); 3.11 builds the
 # same kit for this machine's Python (the CPU rehearsal in docs/development.md). SDTRAIN_HOSTS_DIR: the
