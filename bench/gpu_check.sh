@@ -36,7 +36,16 @@ if [ "${1:-}" = --kit ]; then
     started=$(date +%s)
     mkdir -p "$DEST"
     tar -C "$DEST" -xzf "$KIT"/a1111-v1.10.1-src.tar.gz stable-diffusion-webui
-    "$BASE" -m venv --without-pip "$WEBUI/venv"
+    "$BASE" -m venv --without-pip "$WEBUI/venv" 2>/dev/null || "$BASE" - "$WEBUI/venv" <<'PY'
+import os, sys, sysconfig  # what `python -m venv --without-pip` makes, where its module is missing
+dest = sys.argv[1]
+os.makedirs(os.path.join(dest, "bin"), exist_ok=True)
+os.symlink(os.path.realpath(sys._base_executable), os.path.join(dest, "bin", "python"))
+with open(os.path.join(dest, "pyvenv.cfg"), "w") as f:
+    f.write(f"home = {os.path.dirname(os.path.realpath(sys._base_executable))}\n"
+            f"include-system-site-packages = false\nversion = {sysconfig.get_python_version()}\n")
+os.makedirs(sysconfig.get_paths(vars={"base": dest, "platbase": dest})["purelib"], exist_ok=True)
+PY
     SITE="$("$WEBUI/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     tar -C "$SITE" -xJf "$KIT/site-$TAG.tar.xz"
     # the machine's packages after the kit's (site.addsitedir also reads their .pth files)
