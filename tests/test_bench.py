@@ -54,3 +54,35 @@ def test_quality_draws_equal_vectors_once_and_tells_changed_ones_apart(tmp_path)
     digest = {name: quality.tensors_digest("ti", path) for name, path in paths.items()}
     assert digest["a"] == digest["b-25"]
     assert len({digest["a"], digest["c"], digest["d"]}) == 3
+
+
+def test_random_checkpoint_streams_a_file_safetensors_reads_back(tmp_path):
+    """bench/random_checkpoint.py writes its own safetensors stream (the GPU machine's SD1.5 and SDXL files):
+    what it writes must be what safetensors reads — keys, shapes, dtypes, offsets — with the scaled values."""
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import random_checkpoint as rc
+
+    tensors = {"model.diffusion_model.out.2.weight": ((4, 320, 3, 3), torch.float32),
+               "model.diffusion_model.out.0.weight": ((320,), torch.float32),  # a GroupNorm scale: ~1
+               "model.diffusion_model.out.2.bias": ((4,), torch.float32),
+               "conditioner.embedders.1.model.ln_final.weight": ((1280,), torch.float32),
+               "conditioner.embedders.1.model.logit_scale": ((), torch.float32),
+               "first_stage_model.steps": ((3,), torch.int64)}
+    extra = {"alphas_cumprod": torch.linspace(0.99, 0.01, 7, dtype=torch.float64)}
+    path = tmp_path / "random.safetensors"
+    assert rc.write(path, tensors, extra=extra) == path.stat().st_size
+    back = load_file(str(path))
+    assert {k: (tuple(v.shape), v.dtype) for k, v in back.items() if k in tensors} == {
+        k: (s, torch.float16 if d.is_floating_point else d) for k, (s, d) in tensors.items()}
+    assert torch.equal(back["alphas_cumprod"], extra["alphas_cumprod"])
+    conv = back["model.diffusion_model.out.2.weight"].float()
+    assert 0.5 < conv.std().item() * (320 * 9) ** 0.5 < 1.5  # N(0, 1/fan_in)
+    assert abs(back["conditioner.embedders.1.model.ln_final.weight"].float().mean().item() - 1) < 0.05
+    assert all(torch.isfinite(v.float()).all() for v in back.values())
+    assert not list(tmp_path.glob("*.part"))
+    assert rc.check(path, tensors) == []
+    wrong = {**tensors, "model.diffusion_model.out.2.bias": ((8,), torch.float32)}
+    assert rc.check(path, wrong) == ["model.diffusion_model.out.2.bias: [4] != [8]"]
