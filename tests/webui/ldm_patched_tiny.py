@@ -65,17 +65,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-#: the tiny SD1 UNet as `detect_unet_config` reads it back (channel_mult [1, 2], one res block per
-#: level, a conv-projected transformer at both levels): the keys the model class compares. No
-#: `in_channels`, as SD15 has none: a tiny inpainting SD1 (9 input channels) would match too (not tried).
-TINY_SD1_UNET_MATCH = {
-    "model_channels": 32,
-    "use_linear_in_transformer": False,
-    "transformer_depth": [1, 1],
-    "context_dim": 768,
-    "adm_in_channels": None,
-    "use_temporal_attention": False,
-}
+# the tiny UNets as `detect_unet_config` reads them back are the same in ldm_patched and huggingface_guess
+from forge_tiny_sdxl import TINY_SD1_UNET_MATCH, TINY_SD2_UNET_MATCH, TINY_UNET_MATCH
+
 #: the tiny first stage (lib_sdtrain.hosts.standalone.tiny.tiny_config; tiny_sdxl's is the same), as
 #: ldm_patched's AutoencoderKL takes it
 TINY_VAE_PARAMS = {
@@ -295,8 +287,6 @@ def tiny_sd2_shim(root: Path, *, width: int, layers: int, heads: int) -> dict:
     ldm's FrozenOpenCLIPEmbedder, penultimate layer, over a toy open_clip tower; v-prediction) with the
     detector: {relative path: text}. Its tokenizer files and text config go to `root/tiny-sd2-text`
     (named by absolute path in the shim: they must stay while the server runs)."""
-    from forge_tiny_sdxl import TINY_SD2_UNET_MATCH
-
     from lib_sdtrain.hosts.standalone.tokenizer import write_clip_tokenizer
 
     text_dir = Path(root).resolve() / "tiny-sd2-text"
@@ -312,8 +302,6 @@ def tiny_sdxl_shim(root: Path, clip_dir: Path) -> dict:
     sgm's DiffusionEngine with CLIP-L 768 x 2 from `clip_dir` — the offline hub snapshot its yaml names —
     and a toy CLIP-G 1280 x 2, 20 heads) with the detector: {relative path: text}. CLIP-G's text config goes
     to `root/tiny-sdxl-clip-g.json`, named by absolute path in the shim, as `clip_dir` is."""
-    from forge_tiny_sdxl import TINY_UNET_MATCH
-
     from lib_sdtrain.hosts.standalone.tiny_sdxl import CLIP_G_WIDTH
 
     root = Path(root).resolve()

@@ -226,7 +226,11 @@ FORGE_CLASSIC = HostSpec(
     settings={"live_previews_enable": False},
     hypernetwork_pages=False,
     model_stack="ldm_patched",
-    full_run_only=LDM_PATCHED_SDXL_FULL_RUN_ONLY,
+    # SD2 here passes (SDTRAIN_WEBUI_FULL=1) and takes a server of its own; CI checks SD2 in reForge's ldm_patched
+    full_run_only={**LDM_PATCHED_SDXL_FULL_RUN_ONLY, **dict.fromkeys(
+        ("test_sd2_embedding_trains_lists_at_the_openclip_width_and_works_in_a_prompt",
+         "test_sd2_embedding_works_in_a_prompt", "test_sd2_embedding_only_fits_its_own_width"),
+        "reForge's SD2 tests (the same ldm_patched SD20 model class and the A1111 shell's OpenCLIP wrapper)")},
     # the A1111 shell built from the yaml prints nothing; ldm_patched's loader reports the model type the tiny
     # SD2's class gave (ldm_patched/modules/model_base.py:82)
     model_log=r"\nmodel_type V_PREDICTION\n",
