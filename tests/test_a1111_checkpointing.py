@@ -84,3 +84,32 @@ def test_blocks_that_add_into_their_input_get_a_copy_under_checkpointing():
         grad(blocks, clone_input=False)
     assert torch.allclose(grad(blocks, clone_input=True), expected, atol=1e-6)
     assert "forward" in _AddsIntoItsInput.__dict__ and not hasattr(_AddsIntoItsInput.forward, "__sdtrain_original__")
+
+
+def test_the_unets_own_checkpointing_is_off_while_training(tiny_sd1):
+    """A1111 before v1.10 builds the UNet as v1-inference.yaml says (`use_checkpoint: True`): ldm's own
+    reentrant CheckpointFunction then differentiates the frozen weights, and backward fails. sdtrain turns
+    those flags off while it trains and back on after; the gradient is the unflagged UNet's."""
+    unet = tiny_sd1.model.diffusion_model
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    flagged = [(m, name) for m in unet.modules() for name in checkpointing.OWN_FLAGS if isinstance(getattr(m, name, None), bool)]
+    before = [getattr(m, name) for m, name in flagged]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        plain = context_grad(unet)
+        for m, name in flagged:  # as A1111 v1.9 builds it
+            setattr(m, name, True)
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            context_grad(unet)
+        with checkpointing.own_checkpointing_off(unet) as blocks:
+            assert blocks > 0 and not any(getattr(m, name) for m, name in flagged)
+            assert torch.allclose(context_grad(unet), plain, atol=1e-6)
+            with checkpointing.enabled(True, unet):  # sdtrain's own checkpointing in its place
+                assert torch.allclose(context_grad(unet), plain, atol=1e-6)
+        assert all(getattr(m, name) is True for m, name in flagged)
+    finally:
+        for (m, name), value in zip(flagged, before):
+            setattr(m, name, value)
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -140,6 +140,9 @@ def pytest_collection_modifyitems(config, items):
         why = [HOST.verdict(capability) for capability in sorted(needs)]  # raises on an undeclared one
         if any(why):
             item.add_marker(pytest.mark.skip(reason="; ".join(w for w in why if w)))
+        elif item.originalname in HOST.full_run_only and os.environ.get("SDTRAIN_WEBUI_FULL") != "1":
+            item.add_marker(pytest.mark.skip(reason=f"in {HOST.title} with SDTRAIN_WEBUI_FULL=1 only (passes there): "
+                                                    f"shown in the default run by {HOST.full_run_only[item.originalname]}"))
 
 
 def write_random_sd15(path: Path, clip_dir: Path, *, seed: int = 0) -> Path:
@@ -228,7 +231,7 @@ def build_webui_assets(root: Path, *, full: bool | None = None) -> dict:
     (the `webui_assets` fixture; bench/host_step.py calls it directly).
     For a host whose detector needs SD1.5 at its real shapes (`sd1_model="full"`): `write_random_sd15`;
     for one whose detector learns the tiny shapes from a test-only extension ("registered": Forge,
-    reForge): the tiny SD1 and that extension (forge_tiny_sdxl.py, reforge_tiny.py)."""
+    reForge, Forge Classic): the tiny SD1 and that extension (forge_tiny_sdxl.py, ldm_patched_tiny.py)."""
     from lib_sdtrain.core.data.samples import write_sample_dataset
     from lib_sdtrain.hosts.standalone.tiny import build_tiny_sd1, save_tiny_checkpoint, write_tiny_yaml
 
@@ -251,10 +254,8 @@ def build_webui_assets(root: Path, *, full: bool | None = None) -> dict:
     shutil.rmtree(build)
     shims = {}
     if HOST.sd1_model == "registered" and not full:  # the same tiny SD1, made known to the host's detector
-        if HOST.name == "reforge":
-            from reforge_tiny import write_tiny_sd1_for_reforge as write_registered
-        elif HOST.name == "forge-classic":
-            from classic_tiny import write_tiny_sd1_for_classic as write_registered
+        if HOST.model_stack == "ldm_patched":  # reForge, Forge Classic
+            from ldm_patched_tiny import write_tiny_sd1 as write_registered
         else:
             from forge_tiny_sdxl import write_tiny_sd1_for_forge as write_registered
 
@@ -310,10 +311,10 @@ def sd2_assets(webui_assets):
             **{f"open_clip_configs/{f.name}": f.read_text() for f in configs.glob("*.json")}}
     shutil.rmtree(build)
     shims = {"sdtrain-test-open-clip-arch": shim}
-    if HOST.name == "reforge":  # the same checkpoint and yaml, its shapes registered with reForge's detector
-        from reforge_tiny import tiny_sd2_shim_for_reforge
+    if HOST.model_stack == "ldm_patched":  # the same checkpoint and yaml, its shapes registered with the detector
+        from ldm_patched_tiny import tiny_sd2_shim
 
-        shims["sdtrain-test-tiny-sd2"] = tiny_sd2_shim_for_reforge(
+        shims["sdtrain-test-tiny-sd2"] = tiny_sd2_shim(
             ckpt_dir, width=kw["text_width"], layers=kw["text_layers"], heads=kw["text_heads"])
     return {**webui_assets, "ckpt": ckpt, "text_width": 64, "shims": shims}
 
@@ -359,8 +360,12 @@ def sdxl_assets(webui_assets, request):
     shim = {"scripts/register_arch.py": OPEN_CLIP_ARCH_SCRIPT,
             **{f"open_clip_configs/{f.name}": f.read_text() for f in (build / "open_clip_configs").glob("*.json")}}
     shutil.rmtree(build)
-    return {**webui_assets, "ckpt": ckpt, "shims": {"sdtrain-test-open-clip-arch": shim},
-            "settings": {"live_previews_enable": False}}
+    shims = {"sdtrain-test-open-clip-arch": shim}
+    if HOST.model_stack == "ldm_patched":  # the same checkpoint and yaml, its shapes registered with the detector
+        from ldm_patched_tiny import tiny_sdxl_shim
+
+        shims["sdtrain-test-tiny-sdxl"] = tiny_sdxl_shim(ckpt_dir, webui_assets["clip_dir"])
+    return {**webui_assets, "ckpt": ckpt, "shims": shims, "settings": {"live_previews_enable": False}}
 
 
 @pytest.fixture(scope="session")

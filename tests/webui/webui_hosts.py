@@ -68,6 +68,9 @@ class HostSpec:
     model_stack: str | None = "ldm/sgm"
     #: the signal a user or service manager ends this host with in the restart test
     shutdown_signal: str = "SIGINT"
+    #: tests this host runs only with SDTRAIN_WEBUI_FULL=1 (test name -> what already shows the same in the
+    #: default run): they pass here, and CI's time goes to what only this host can show
+    full_run_only: dict[str, str] = field(default_factory=dict)
 
     def names_embedding(self, infotext: str, name: str) -> bool:
         import re
@@ -95,6 +98,17 @@ A1111 = HostSpec(
     claims=frozenset(CAPABILITIES),
 )
 
+#: The SDXL tests the ldm_patched webuis (reForge, Forge Classic) run only in a full run: the adapter code they
+#: exercise is the same as in those webuis' SDXL TI test and in A1111's and Forge's SDXL runs
+LDM_PATCHED_SDXL_FULL_RUN_ONLY = {
+    "test_sdxl_job_matches_the_standalone_conditioning": "the SDXL TI test trains both encoders through this webui's "
+    "CLIP path; A1111 and Forge check the losses against the standalone host",
+    "test_sdxl_encoder_rate_and_norm_limit_in_the_webui": "core options, checked in A1111 and Forge",
+    "test_sdxl_buckets_and_a_held_out_split_match_the_standalone_host": "core bucketing, checked in A1111 and Forge",
+    "test_sdxl_interrupt_stops_within_a_step_and_keeps_a_loadable_file": "this webui's SD1 interrupt test (the same "
+    "progress bar and Interrupt)",
+}
+
 #: reForge (Panchovix/stable-diffusion-webui-reForge, main 3b56b268): A1111's front end (gradio 3.41,
 #: pydantic 1, the Train tab, the stock trainer and its routes) over a ComfyUI-derived backend
 #: (ldm_patched/, modules_forge/): the model comes from ldm_patched's detector, and the A1111-side
@@ -116,7 +130,7 @@ REFORGE = HostSpec(
     # (ldm_patched/modules/sd.py:395-406; sd1_clip.py:95-96 with sd1_clip_config.json, 12 x 768). A
     # test-only extension registers the tiny SD1 with the detector's model list (its CLIP from the tiny
     # config) and, the one place with no extension point, rebinds forge_loader.VAE to a subclass that
-    # passes the tiny VAE config for that model only (tests/webui/reforge_tiny.py). sd1_model="full" (a
+    # passes the tiny VAE config for that model only (tests/webui/ldm_patched_tiny.py). sd1_model="full" (a
     # random SD1.5 at real shapes through the unmodified loader) also passes, at ~4x the suite time.
     sd1_model="registered",
     # live previews would download the SD1 Approx-NN model (reForge ships only vaeapprox-sdxl.pt;
@@ -128,9 +142,10 @@ REFORGE = HostSpec(
     # out: modules/sd_hijack_optimizations.py:44-47, 186, ...); sdtrain's always-on script applies them
     # through the UNet patcher (lib_sdtrain/hosts/forge/generation.py)
     claims=frozenset({"sd1", "train_tab", "stock_trainer", "preprocess", "hypernetwork_prompt", "sd2",
-                      "sd2_tiny_prompt"}),
+                      "sd2_tiny_prompt", "sdxl"}),
     shutdown_signal="SIGTERM",
     model_stack="ldm_patched",
+    full_run_only=LDM_PATCHED_SDXL_FULL_RUN_ONLY,
     # reForge builds the A1111 shell from the yaml and prints no "Creating model from config"; the yaml's
     # v-prediction is what it reports (modules_forge/forge_loader.py:510-511)
     model_log=r"LatentDiffusion: Running in v-prediction mode",
@@ -139,15 +154,12 @@ REFORGE = HostSpec(
     # projected pooled output. reForge logs it for every SD2 file, as "clip missing: [...logit_scale]" for SD1
     known_log_lines=("WARNING:root:clip missing: ['clip_h.text_projection']",),
     cannot={
-        "toyworld_sd1": "the detector takes only registered shapes (tiny SD1, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
-        "toyworld_sdxl": "the detector takes SDXL only at real shapes (see sdxl); registering the toy world's own UNet/VAE sizes with it is not built yet",
+        "toyworld_sd1": "the detector takes only registered shapes (tiny SD1, SD2, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
+        "toyworld_sdxl": "the detector takes only registered shapes (tiny SD1, SD2, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
         "stock_hypernetwork_trainer": "reForge's in-tree hypernetwork trainer trains through the attention that no longer "
                                       "applies hypernetworks (modules/sd_hijack_optimizations.py:44-47, 186, ...)",
         "inpainting": "the detector takes SD1.5 inpainting only at real shapes; registering the tiny inpainting model "
                       "as the tiny SD1 is not built yet",
-        "sdxl": "the detector takes SDXL only at real shapes (ldm_patched/modules/supported_models.py:189-197; CLIP-G "
-                "fixed at 1280 x 32 layers): 3.5 B parameters, ~14 GB in fp32 in the server and as much again for "
-                "the standalone reference in the test process, beyond this machine's 23 GB",
     },
 )
 
@@ -208,29 +220,31 @@ FORGE_CLASSIC = HostSpec(
     launch_args=("--skip-prepare-environment", "--skip-install", "--skip-version-check", "--use-cpu", "all",
                  "--always-cpu", "--clip-in-fp32", "--no-half", "--skip-torch-cuda-test", "--no-download-sd-model"),
     # the detector takes SD1.5 only at its real shapes; the tiny SD1 is registered with it by a test-only
-    # extension, as for reForge (tests/webui/classic_tiny.py)
+    # extension, as for reForge (tests/webui/ldm_patched_tiny.py)
     sd1_model="registered",
     # live previews would download the SD1 Approx-NN model
     settings={"live_previews_enable": False},
     hypernetwork_pages=False,
     model_stack="ldm_patched",
-    claims=frozenset({"sd1", "preprocess", "hypernetwork_prompt"}),
+    # SD2 here passes (SDTRAIN_WEBUI_FULL=1) and takes a server of its own; CI checks SD2 in reForge's ldm_patched
+    full_run_only={**LDM_PATCHED_SDXL_FULL_RUN_ONLY, **dict.fromkeys(
+        ("test_sd2_embedding_trains_lists_at_the_openclip_width_and_works_in_a_prompt",
+         "test_sd2_embedding_works_in_a_prompt", "test_sd2_embedding_only_fits_its_own_width"),
+        "reForge's SD2 tests (the same ldm_patched SD20 model class and the A1111 shell's OpenCLIP wrapper)")},
+    # the A1111 shell built from the yaml prints nothing; ldm_patched's loader reports the model type the tiny
+    # SD2's class gave (ldm_patched/modules/model_base.py:82)
+    model_log=r"\nmodel_type V_PREDICTION\n",
+    claims=frozenset({"sd1", "preprocess", "hypernetwork_prompt", "sd2", "sd2_tiny_prompt", "sdxl"}),
     cannot={
-        "toyworld_sd1": "the detector takes only registered shapes (tiny SD1); registering the toy world's own UNet/VAE sizes with it is not built yet",
-        "toyworld_sdxl": "no SDXL here (see sdxl)",
+        "toyworld_sd1": "the detector takes only registered shapes (tiny SD1, SD2, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
+        "toyworld_sdxl": "the detector takes only registered shapes (tiny SD1, SD2, SDXL); registering the toy world's own UNet/VAE sizes with it is not built yet",
         "train_tab": "Forge Classic has no Train tab (modules/ui.py never calls ui_train_tabs_callback): sdtrain's "
                      "top-level tab holds the same sub-tabs (checked by the same test)",
         "stock_trainer": "Forge Classic removed its trainers (modules/textual_inversion keeps loading code only; "
                          "Embedding.save raises 'Training is not supported'): there is no stock file to continue",
         "stock_hypernetwork_trainer": "Forge Classic removed hypernetworks entirely (no modules/hypernetworks)",
-        "sd2": "the detector takes SD2 only at real shapes (ldm_patched/modules/supported_models.py SD20); "
-               "registering the tiny SD2 with it is not built yet",
-        "sd2_tiny_prompt": "no SD2 here (see sd2)",
         "inpainting": "the detector takes SD1.5 inpainting only at real shapes; registering the tiny inpainting "
                       "model is not built yet",
-        "sdxl": "the detector takes SDXL only at real shapes (ldm_patched/modules/supported_models.py:187-197); "
-                "registering the tiny SDXL (CLIP-L + CLIP-G built from tiny configs, the A1111 shell from "
-                "sd_xl_base.yaml) with it is not built yet",
     },
 )
 

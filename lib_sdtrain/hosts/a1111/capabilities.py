@@ -109,6 +109,7 @@ _TITLES = {
 _train_tab_called = False
 _train_tab: bool | None = None
 _autograd = ""
+_checkpointing = ""
 
 
 def saw_train_tab_callback() -> None:
@@ -129,6 +130,12 @@ def ui_tabs_need_own_tab() -> bool:
 def record_autograd(text: str) -> None:
     global _autograd
     _autograd = text
+
+
+def record_checkpointing(text: str) -> None:
+    """what a training session did about the checkpointing the webui built the UNet with"""
+    global _checkpointing
+    _checkpointing = text
 
 
 # -- probes ---------------------------------------------------------------------------------------
@@ -205,6 +212,6 @@ def probe() -> HostReport:
                                              "preprocess runs without the captioners it lacks"))
     report = HostReport(model_stack=model_stack(), train_tab=_train_tab, hypernetwork_dir=folder,
                         hypernetwork_dir_source=source, features=features)
-    if _autograd:
-        report.autograd = _autograd
+    if _autograd or _checkpointing:
+        report.autograd = "; ".join(t for t in (_autograd, _checkpointing) if t)
     return report

@@ -75,3 +75,29 @@ def enabled(on: bool, unet: torch.nn.Module | None = None, classes: list[type] |
     finally:
         for cls, forward in saved:
             cls.forward = forward
+
+
+#: the block attributes that turn on the model code's own checkpointing: ldm's and sgm's ResBlock and
+#: AttentionBlock (`use_checkpoint`) and BasicTransformerBlock (`checkpoint`), read at every forward
+OWN_FLAGS = ("use_checkpoint", "checkpoint")
+
+
+@contextlib.contextmanager
+def own_checkpointing_off(unet: torch.nn.Module) -> Iterator[int]:
+    """Turn off, while inside, the checkpointing the UNet was built with (yields how many blocks had it).
+
+    ldm's `checkpoint(func, inputs, params, flag)` (ldm/modules/diffusionmodules/util.py) is a reentrant
+    autograd Function whose backward differentiates the block's weights; with the weights frozen, as sdtrain
+    trains, backward fails ("One of the differentiated Tensors does not require grad"). A1111 builds the UNet
+    with it off since v1.10 (modules/sd_models.py, repair_config), but v1-inference.yaml asks for it
+    (`use_checkpoint: True`) and A1111 v1.9 and older build what the yaml says. Reentrant checkpointing of
+    other model code would silently drop a hypernetwork's gradient instead (see the module docstring).
+    The flags are restored on the way out; sdtrain's own checkpointing (`enabled`) replaces them when asked."""
+    saved = [(m, name) for m in unet.modules() for name in OWN_FLAGS if getattr(m, name, None) is True]
+    try:
+        for m, name in saved:
+            setattr(m, name, False)
+        yield len({id(m) for m, _ in saved})
+    finally:
+        for m, name in saved:
+            setattr(m, name, True)

@@ -181,6 +181,21 @@ def residuals_usable_by_autograd(unet: torch.nn.Module) -> Iterator[bool]:
         yield True
 
 
+@contextlib.contextmanager
+def checkpointing_built_in_off(unet: torch.nn.Module) -> Iterator[None]:
+    """The checkpointing the webui built the UNet with (ldm's `use_checkpoint`, on in A1111 before v1.10)
+    off while training: its backward needs the frozen weights to require grad. Noted in the probe's answer."""
+    from lib_sdtrain.hosts.a1111 import capabilities
+
+    with checkpointing.own_checkpointing_off(unet) as blocks:
+        if blocks:
+            capabilities.record_checkpointing(
+                f"the webui built {blocks} UNet blocks with the model code's own (reentrant) checkpointing, which "
+                "cannot backpropagate past frozen weights: off while training (sdtrain's gradient checkpointing "
+                "option replaces it)")
+        yield
+
+
 def is_sd2(m) -> bool:
     """SD2 (OpenCLIP text encoder): the webui's flag, or what its text encoder is. reForge sets `is_sd2`
     from `hasattr(cond_stage_model, "model")` on the hijack wrapper, which has no `model`
@@ -424,8 +439,9 @@ class A1111Host:
                     sd_hijack.undo_optimizations()
                 unet = m.model.diffusion_model
                 # the prompt's <hypernet:...> must not leak into TI
-                with _loaded_hypernetworks([]), residuals_usable_by_autograd(unet) as cloned, checkpointing.enabled(
-                        options.gradient_checkpointing, unet, clone_input=cloned):
+                with _loaded_hypernetworks([]), checkpointing_built_in_off(unet), \
+                        residuals_usable_by_autograd(unet) as cloned, \
+                        checkpointing.enabled(options.gradient_checkpointing, unet, clone_input=cloned):
                     yield A1111Session(label)
             finally:
                 if undo_attention:
