@@ -38,7 +38,7 @@ from lib_sdtrain.core.port import (
 )
 from lib_sdtrain.core.training.embedding_norm import typical_norm
 from lib_sdtrain.hosts.a1111 import checkpointing
-from lib_sdtrain.hosts.a1111.host import A1111Host, A1111Session, clear_cond_caches
+from lib_sdtrain.hosts.a1111.host import A1111Host, A1111Session, clear_cond_caches, gpu_lock, holds_gpu_lock
 from lib_sdtrain.hosts.forge.trainable import Aliases, out_of_place_residuals
 
 #: `active` in the thread that runs a job's GPU session (it holds the GPU lock)
@@ -78,11 +78,14 @@ class ForgeHost(A1111Host):
         session it is loaded here, under the GPU lock as processing does (a job started right after a
         switch described the previous model and trained the new one: an SDXL hypernetwork was told the
         model's text width is 768). Inside the session the loaded model stays (the session holds the lock)."""
-        from modules import call_queue, shared
+        from modules import shared
 
         if not getattr(_SESSION, "active", False) and ForgeHost._selection_not_loaded():
-            with call_queue.queue_lock:
+            if holds_gpu_lock():  # a create job runs under the lock (runtime._wrapped_runners)
                 ForgeHost._ensure_model_loaded()
+            else:
+                with gpu_lock():
+                    ForgeHost._ensure_model_loaded()
         m = shared.sd_model
         name = type(m).__name__
         if m is None or not hasattr(m, "forge_objects"):
