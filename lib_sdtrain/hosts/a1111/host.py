@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +42,27 @@ def _modules():
     from modules.textual_inversion import textual_inversion
 
     return call_queue, devices, processing, sd_hijack, shared, textual_inversion
+
+
+_GPU_LOCK = threading.local()
+
+
+@contextlib.contextmanager
+def gpu_lock() -> Iterator[None]:
+    """The webui's GPU lock (`call_queue.queue_lock`, not reentrant), marked held in this thread so
+    that code under it knows not to take it again (holds_gpu_lock)."""
+    from modules import call_queue
+
+    with call_queue.queue_lock:
+        _GPU_LOCK.held = True
+        try:
+            yield
+        finally:
+            _GPU_LOCK.held = False
+
+
+def holds_gpu_lock() -> bool:
+    return getattr(_GPU_LOCK, "held", False)
 
 
 def clear_cond_caches() -> None:

@@ -70,7 +70,7 @@ def hypernetwork_dir() -> str:
 def _wrapped_runners() -> dict[str, tuple[type, Any]]:
     """The core runners, plus what the webui needs around them: the GPU lock for work that is not
     a training session, and a forced embedding reload so the new file is listed at once."""
-    from modules import call_queue
+    from lib_sdtrain.hosts.a1111.host import gpu_lock
 
     runners = dict(job_runners())
 
@@ -78,7 +78,7 @@ def _wrapped_runners() -> dict[str, tuple[type, Any]]:
         def run(h, cfg, control: JobControl):
             try:
                 if lock:
-                    with call_queue.queue_lock:
+                    with gpu_lock():
                         return runner(h, cfg, control)
                 return runner(h, cfg, control)
             finally:

@@ -19,6 +19,7 @@ as they are (docs/dev/forge-adapter-notes.md has the host facts with file:line):
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,9 +38,11 @@ from lib_sdtrain.core.port import (
 )
 from lib_sdtrain.core.training.embedding_norm import typical_norm
 from lib_sdtrain.hosts.a1111 import checkpointing
-from lib_sdtrain.hosts.a1111.host import A1111Host, A1111Session, clear_cond_caches
+from lib_sdtrain.hosts.a1111.host import A1111Host, A1111Session, clear_cond_caches, gpu_lock, holds_gpu_lock
 from lib_sdtrain.hosts.forge.trainable import Aliases, out_of_place_residuals
 
+#: `active` in the thread that runs a job's GPU session (it holds the GPU lock)
+_SESSION = threading.local()
 #: the engine classes sdtrain trains on, by family (backend/diffusion_engine/*.py)
 FAMILIES = {"StableDiffusion": "sd1", "StableDiffusion2": "sd2", "StableDiffusionXL": "sdxl"}
 
@@ -69,10 +72,20 @@ class ForgeHost(A1111Host):
     # -- the model -------------------------------------------------------------------------------
     @staticmethod
     def model():
+        """The model a job trains: the checkpoint selected now. Forge loads a newly selected checkpoint
+        only when the next generation starts (an options change, the UI's list or the API's, just sets
+        its loading parameters), so until then `shared.sd_model` is the previous one; outside a job's
+        session it is loaded here, under the GPU lock as processing does (a job started right after a
+        switch described the previous model and trained the new one: an SDXL hypernetwork was told the
+        model's text width is 768). Inside the session the loaded model stays (the session holds the lock)."""
         from modules import shared
 
-        if not hasattr(shared.sd_model, "forge_objects"):  # Forge loads the checkpoint on first use
-            ForgeHost._ensure_model_loaded()
+        if not getattr(_SESSION, "active", False) and ForgeHost._selection_not_loaded():
+            if holds_gpu_lock():  # a create job runs under the lock (runtime._wrapped_runners)
+                ForgeHost._ensure_model_loaded()
+            else:
+                with gpu_lock():
+                    ForgeHost._ensure_model_loaded()
         m = shared.sd_model
         name = type(m).__name__
         if m is None or not hasattr(m, "forge_objects"):
@@ -261,13 +274,19 @@ class ForgeHost(A1111Host):
             self._hypernetworks = []
 
     @staticmethod
+    def _selection_not_loaded() -> bool:
+        from modules import sd_models
+
+        data = sd_models.model_data
+        return str(data.forge_loading_parameters) != data.forge_hash or not hasattr(data.sd_model, "forge_objects")
+
+    @staticmethod
     def _ensure_model_loaded() -> None:
         """Forge loads the checkpoint on first use (a `FakeInitialModel` stands in until then), and
         under --nowebui never sets its loading parameters; load it the way processing does."""
         from modules import sd_models
 
-        if str(sd_models.model_data.forge_loading_parameters) != sd_models.model_data.forge_hash or not hasattr(
-                sd_models.model_data.sd_model, "forge_objects"):
+        if ForgeHost._selection_not_loaded():
             if not sd_models.model_data.forge_loading_parameters:
                 from modules_forge import main_entry
 
@@ -292,6 +311,7 @@ class ForgeHost(A1111Host):
             hypernetworks = list(getattr(shared, "loaded_hypernetworks", []))
             attention = forge_unet.attention_function
             self._aliases = Aliases()
+            _SESSION.active = True
             try:
                 self._aliases.make_usable([objects.unet.model, objects.clip.cond_stage_model])
                 shared.loaded_hypernetworks = []  # the prompt's <hypernet:...> must not leak into TI
@@ -302,6 +322,7 @@ class ForgeHost(A1111Host):
                         clone_input=True):
                     yield A1111Session(label)
             finally:
+                _SESSION.active = False
                 forge_unet.attention_function = attention
                 self._aliases.restore()
                 self._aliases = None
