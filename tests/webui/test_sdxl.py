@@ -196,6 +196,41 @@ def test_sdxl_hypernetwork_created_trained_and_applied_in_a_prompt(sdxl_webui, s
     assert "xlhn" in info, info
 
 
+def test_sdxl_hypernetwork_job_matches_the_standalone_host(sdxl_webui, sdxl_assets):
+    """An SDXL hypernetwork (cross-attention width 2048) trained through the job route gives the standalone
+    host's losses from the same file and seed: the webui applies the modules where sgm's attention takes
+    its context, in training as in generation."""
+    import shutil
+
+    from lib_sdtrain.core.jobs.service import Job
+    from lib_sdtrain.core.options.config import TrainHypernetworkConfig
+    from lib_sdtrain.core.tasks.hypernetwork import train_hypernetwork
+    from lib_sdtrain.hosts.standalone.host import StandaloneHost
+
+    s = sdxl_webui
+    status, out = s.post("/sdapi/v1/create/hypernetwork", {"name": "xlhnref", "enable_sizes": ["2048"], "seed": 4})
+    assert status == 200 and out["info"].endswith("xlhnref.pt"), out
+    ref_dir = s.dir / "hn_reference"
+    ref_dir.mkdir()
+    shutil.copy2(s.hypernetworks / "xlhnref.pt", ref_dir / "xlhnref.pt")
+    config = {"hypernetwork_name": "xlhnref", "data_root": str(sdxl_assets["data"]), "steps": 6,
+              "training_width": 64, "training_height": 64, "learn_rate": "0.001", "batch_size": 2,
+              "template_filename": "style_filewords.txt", "create_image_every": 0, "save_hypernetwork_every": 0,
+              "seed": 5}
+    status, out = s.post("/sdtrain/v1/jobs", {"kind": "train_hypernetwork", "config": {
+        **config, "log_directory": str(s.dir / "hnref_log")}})
+    assert status == 202, out
+    job = s.wait_job(out["id"])
+    assert job["state"] == "done" and job["step"] == 6, job
+    ckpt = sdxl_assets["ckpt"]
+    host = StandaloneHost.load_checkpoint(ckpt, ckpt.with_suffix(".yaml"))
+    cfg = TrainHypernetworkConfig.from_dict({**job["config"], "hypernetwork_dir": str(ref_dir),
+                                             "log_directory": str(ref_dir / "log")})
+    ref = Job(id="reference", kind="train_hypernetwork", config=cfg)
+    train_hypernetwork(host, cfg, ref.control)
+    assert [h[1] for h in job["loss_history"]] == pytest.approx([loss for _step, loss, _lr in ref.loss], rel=1e-4)
+
+
 def test_sdxl_interrupt_stops_within_a_step_and_keeps_a_loadable_file(sdxl_webui, sdxl_assets):
     """The host's progress bar and Interrupt drive an SDXL job as they drive an SD1 one; the file saved
     at the stop holds both vector sets (and, as a .pt, its step in the .optim)."""

@@ -76,6 +76,7 @@ def _wrapped_runners() -> dict[str, tuple[type, Any]]:
 
     def with_refresh(runner, lock: bool, refresh):
         def run(h, cfg, control: JobControl):
+            wait_for_model_load()
             try:
                 if lock:
                     with gpu_lock():
@@ -94,6 +95,21 @@ def _wrapped_runners() -> dict[str, tuple[type, Any]]:
         refresh = _refresh_hypernetworks if "hypernetwork" in kind else _refresh_embeddings
         out[kind] = (cls, with_refresh(runner, lock=kind.startswith("create_"), refresh=refresh))
     return out
+
+
+def wait_for_model_load() -> None:
+    """Webuis that load the checkpoint in a thread of its own at start-up (A1111, reForge, Forge Classic:
+    `sd_models.model_data.lock` is held meanwhile) patch torch's layer constructors while it runs
+    (sd_disable_initialization: a Linear made then lands on the meta device), so a job started early —
+    a create request right after start-up — waits for the load to end. Where the lock is absent, nothing."""
+    try:
+        from modules import sd_models
+    except ImportError:
+        return
+    lock = getattr(getattr(sd_models, "model_data", None), "lock", None)
+    if lock is not None and hasattr(lock, "acquire"):
+        with lock:
+            pass
 
 
 def service() -> JobService:
