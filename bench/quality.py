@@ -75,7 +75,8 @@ ARMS: dict[str, dict[str, dict]] = {
 #: the SDXL toy world's arms (`--family sdxl`): sdtrain only — no webui has an in-tree SDXL trainer (A1111
 #: v1.10.1's trains SD1/SD2 embeddings only; Forge deleted its trainer) —, both text encoders or one
 SDXL_ARMS: dict[str, dict[str, dict]] = {
-    "ti": {"sdtrain": {}, "sdtrain-clip_l": {"train_encoders": "clip_l"}, "sdtrain-clip_g": {"train_encoders": "clip_g"}},
+    "ti": {"sdtrain": {}, "sdtrain-preset": {"preset": "recommended"}, "sdtrain-clip_l": {"train_encoders": "clip_l"},
+           "sdtrain-clip_g": {"train_encoders": "clip_g"}},
 }
 #: per family: its arms, and the request's rate and batch unless given (SD1: the webui's defaults; SDXL:
 #: the toy-world test's request, where the standalone SDXL figures come from — at batch 1 and 0.005 an
