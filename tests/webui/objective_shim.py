@@ -14,7 +14,7 @@ picture, then for each timestep computes the loss and the gradient of the traine
 
 It answers both losses and, per trained tensor, the largest absolute difference of the gradients and the
 gradients' largest magnitude. Only hosts whose model has ldm's `p_losses` (the ones with an in-tree
-trainer) can answer; elsewhere it says so with 501.
+trainer over ldm's model and posterior: A1111) can answer; elsewhere it says so with 501.
 """
 
 OBJECTIVE_SCRIPT = '''
@@ -91,6 +91,11 @@ def objective(body: dict):
     if not hasattr(m, "p_losses"):
         raise HTTPException(501, "the loaded model has no ldm p_losses: no in-tree objective to compare with")
     pixels, g = _picture()
+    with torch.no_grad():
+        posterior = m.encode_first_stage(pixels)
+    if not isinstance(getattr(posterior, "std", None), torch.Tensor):
+        raise HTTPException(501, f"the first stage of {type(m).__name__} gives no ldm posterior: no in-tree "
+                                 "dataset latent to compare with")
     x0 = _in_tree_latent(m, pixels)
     out = []
     for step in body["t"]:

@@ -245,6 +245,8 @@ def test_loss_and_gradients_equal_the_in_tree_trainers(webui, kind):
     assert status == 200, out
     status, rows = webui.post("/sdtrain-test/objective", {"kind": kind, "name": name, "text": f"{name}, red circle",
                                                            "t": [3, 250, 600, 999]})
+    if status == 501:  # the model is not ldm's LatentDiffusion (reForge keeps a trainer over its own backend)
+        pytest.skip(f"{HOST.title}: {rows.get('detail', rows)}")
     assert status == 200, rows
     for row in rows:
         assert row["counts"][0] == row["counts"][1] == (1 if kind == "ti" else 8), row
