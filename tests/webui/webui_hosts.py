@@ -107,6 +107,8 @@ LDM_PATCHED_SDXL_FULL_RUN_ONLY = {
     "test_sdxl_buckets_and_a_held_out_split_match_the_standalone_host": "core bucketing, checked in A1111 and Forge",
     "test_sdxl_interrupt_stops_within_a_step_and_keeps_a_loadable_file": "this webui's SD1 interrupt test (the same "
     "progress bar and Interrupt)",
+    "test_sdxl_hypernetwork_job_matches_the_standalone_host": "the SDXL hypernetwork test (trained and applied in a "
+    "prompt here); A1111 and Forge check its losses against the standalone host",
 }
 
 #: reForge (Panchovix/stable-diffusion-webui-reForge, main 3b56b268): A1111's front end (gradio 3.41,
