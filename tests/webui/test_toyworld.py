@@ -7,8 +7,8 @@ through the host's options route; Forge learns their shapes from a test-only ext
 Figures go to `$SDTRAIN_FIGURES/<host>-toyworld.json`, one section per family ("sd1", "sdxl"), when that
 variable names a folder (README's table is built from them).
 
-CI runs a small form in A1111 only (Forge's run, a server of its own, costs several minutes more): SD1
-whole, and of SDXL the switch to it and its captions over 32 pictures. With the figures, or
+CI runs a small form in A1111 only (Forge's run, a server of its own, costs several minutes more): SD1's
+captions, embedding and learning-speed guard, and of SDXL the switch to it and its captions over 32 pictures. With the figures, or
 SDTRAIN_TOYWORLD=full, everything runs: every host that loads the worlds, SDXL's captions over 64
 pictures, its embedding and its hypernetwork. Every training request sends a seed (SEED).
 """
@@ -246,6 +246,9 @@ HN_SIZES = {"sd1": 768, "sdxl": 2048}
 def test_a_hypernetwork_trained_through_the_routes_changes_every_picture(toy_webui):
     family = toy_webui.family
     _full_run_only(family)
+    if not FULL:  # 200 steps at batch 4 and 96 pictures: the first cut to keep CI under 35 minutes
+        pytest.skip("the webui hypernetwork runs with SDTRAIN_TOYWORLD=full (or SDTRAIN_FIGURES): CI's time; "
+                    "tests/test_toyworld.py's hypernetwork learning test and the A1111 objective test run in CI")
     name = "toy-style" if family == "sd1" else "toy-style-xl"  # one server: one file per family
     data = concept.write_style_set(toy_webui.dir / f"style-{family}", n=64, seed=0)
     status, out = toy_webui.post("/sdapi/v1/create/hypernetwork", {
