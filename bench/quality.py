@@ -287,6 +287,8 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lib_sdtrain.toyworld import concept
+
     kinds = [k for k in ("ti", "hn") if any(k in r["kinds"] for r in results)]
     fig, axes = plt.subplots(len(kinds), 2, figsize=(10, 3.6 * len(kinds)), squeeze=False)
     # one line style per host, so that equal curves of two hosts both show
@@ -306,9 +308,12 @@ def plot(results: list[dict], path: Path) -> None:
         row[0].set(xlabel="step", ylabel=label, ylim=(-0.02, 1.02))
         row[1].set(xlabel="wall seconds (training request)", ylabel=label, ylim=(-0.02, 1.02))
         row[0].legend(loc="lower right", fontsize=8)
+        # each kind's own target: the embedding's concept, the hypernetwork's style
+        row[0].set_title(f"TI: {results[0]['concept_text']}" if kind == "ti"
+                         else f"HN: everything {concept.STYLE_COLOR}", fontsize=9)
     hosts = ", ".join(r["host"] for r in results)
     world = "SDXL" if results[0].get("family") == "sdxl" else "SD1"
-    fig.suptitle(f"{hosts}, {world} toy world: {results[0]['concept_text']}; mean and range over seeds", fontsize=9)
+    fig.suptitle(f"{hosts}, {world} toy world; mean and range over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90, metadata={"sdtrain-picture": json.dumps({"bench": "bench/quality.py",
                                                                        "picture": path.name})})
@@ -475,8 +480,10 @@ def plot_sdxl(folder: Path) -> Path:
 
 
 def plot_path(host: str, kinds: list[str], out_path: Path) -> Path:
+    """README's plot (docs/) when the figures are README's (docs/figures), else beside the JSON."""
     name = PLOTS.get((host, kinds[0])) if len(kinds) == 1 else None
-    return ROOT / "docs" / name if name else out_path.with_suffix(".png")
+    readme = Path(out_path).resolve().parent == ROOT / "docs" / "figures"
+    return ROOT / "docs" / name if name and readme else Path(out_path).with_suffix(".png")
 
 
 def main(argv: list[str] | None = None) -> int:
