@@ -2,13 +2,15 @@
 learn concepts in it (README's "Results" table and pictures come from here and from the webui tests).
 
     python bench/toyworld.py [--families sd1 sdxl] [--out docs/figures] [--webui WEBUI_DIR]
+                             [--hn-seeds 0,1,2] [--only hn]
 
 For each family: the share of 64 pictures of random full captions whose shape and colour (and each
 attribute) are the caption's; an embedding trained on 8 pictures of a large green triangle (150 steps,
 the defaults of tests/test_toyworld.py) and the share of 32 pictures of its prompt that show it before
 and after, and with ", light background" / ", dark background" added; for SDXL also one encoder at a
 time (`train_encoders` clip_l / clip_g); a hypernetwork trained to draw everything purple and the share
-of purple pictures of 32 captions that name no colour, at multiplier 1 and 0. Writes
+of purple pictures of 32 captions that name no colour, at multiplier 1 and 0, for each training seed of
+`--hn-seeds` (README's figures: 0,1,2; `--only hn` reruns that part alone). Writes
 `<out>/toyworld-standalone.json`, and the picture grids into `--pictures` (docs/).
 """
 
@@ -54,18 +56,30 @@ def ti_figures(host, tmp: Path, data: Path, label: str, **options) -> tuple[dict
     return out, [before_pics[:16], after_pics[:16]]
 
 
-def hn_figures(host, tmp: Path, family: str) -> dict:
+def hn_figures(host, tmp: Path, family: str, seeds: list[int]) -> dict:
+    """The hypernetwork "everything purple" trained with each training seed (the file created from seed 0),
+    at the world's rate (concept.HN_RATE): the mean over seeds, and each seed's figures."""
     from lib_sdtrain.toyworld import concept
     from lib_sdtrain.toyworld.reader import read
 
     data = concept.write_style_set(tmp / "style", n=64, seed=0)
-    sizes = (2048,) if family == "sdxl" else ()  # SDXL: its cross-attention context (CLIP-L + CLIP-G)
-    hn, _ = concept.train_hypernetwork(host, tmp / "hn", data, steps=200, sizes=sizes)
-    prompts, plain, styled, off = concept.style_pictures(host, hn)
+    sizes = (concept.HN_SIZES[family],) if family == "sdxl" else ()  # SD1: the create job's default sizes
     purple = {"color": concept.STYLE_COLOR}
-    return {"purple_plain": concept.matches(plain, purple), "purple_styled": concept.matches(styled, purple),
-            "shape_kept": sum(read(im).shape == s.shape for im, (_, s) in zip(styled, prompts)) / 32,
-            "multiplier_0_identical": all(a.tobytes() == b.tobytes() for a, b in zip(off, plain))}
+    runs = []
+    for seed in seeds:
+        hn, _ = concept.train_hypernetwork(host, tmp / f"hn-{seed}", data, steps=200, family=family, sizes=sizes,
+                                           seed=seed)
+        prompts, plain, styled, off = concept.style_pictures(host, hn)
+        runs.append({"seed": seed, "purple_plain": concept.matches(plain, purple),
+                     "purple_styled": concept.matches(styled, purple),
+                     "shape_kept": sum(read(im).shape == s.shape for im, (_, s) in zip(styled, prompts)) / 32,
+                     "multiplier_0_identical": all(a.tobytes() == b.tobytes() for a, b in zip(off, plain))})
+        print(family, "hn seed", json.dumps(runs[-1]), flush=True)
+    return {"purple_plain": runs[0]["purple_plain"],
+            "purple_styled": sum(r["purple_styled"] for r in runs) / len(runs),
+            "shape_kept": sum(r["shape_kept"] for r in runs) / len(runs),
+            "multiplier_0_identical": all(r["multiplier_0_identical"] for r in runs),
+            "rate": concept.HN_RATE[family], "runs": runs}
 
 
 def main() -> int:
@@ -74,6 +88,9 @@ def main() -> int:
     p.add_argument("--out", default="docs/figures", help="the figures (JSON)")
     p.add_argument("--pictures", default="docs", help="the picture grids")
     p.add_argument("--webui", default=None, help="a webui folder (SDXL's sgm comes from it)")
+    p.add_argument("--hn-seeds", default="0", help="the hypernetwork's training seeds (README's: 0,1,2)")
+    p.add_argument("--only", choices=["all", "hn"], default="all",
+                   help="hn: the hypernetwork's figures only (the others in the JSON stay)")
     args = p.parse_args()
     import torch
 
@@ -95,7 +112,13 @@ def main() -> int:
         tmp = Path(tempfile.mkdtemp(prefix=f"sdtrain-toyworld-{family}-"))
         files = models.assemble(family, tmp / "model", webui_dir=args.webui)
         host = StandaloneHost.load_checkpoint(files["ckpt"], files["yaml"], files["clip"], webui_dir=args.webui)
-        r: dict = {}
+        r: dict = dict(results.get(family, {}))
+        seeds = [int(x) for x in args.hn_seeds.split(",")]
+        if args.only == "hn":
+            r["hn"] = hn_figures(host, tmp, family, seeds)
+            results[family] = r
+            path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            continue
         t0 = time.time()
         fid, images, _ = world_fidelity(host, n=64, seed=3)
         r["fidelity"] = {"shape_and_color": fid.match, "all_four": fid.all_four, "per_attribute": fid.per_attribute,
@@ -114,7 +137,7 @@ def main() -> int:
             for enc in ("clip_l", "clip_g"):
                 r[f"ti_{enc}_only"], _ = ti_figures(host, tmp, data, f"ti-{enc}", train_encoders=enc)
                 print(family, enc, json.dumps(r[f"ti_{enc}_only"]), flush=True)
-        r["hn"] = hn_figures(host, tmp, family)
+        r["hn"] = hn_figures(host, tmp, family, seeds)
         print(family, "hn", json.dumps(r["hn"]), flush=True)
         results[family] = r
         path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

@@ -24,6 +24,13 @@ CONCEPT = {"shape": "triangle", "color": "green", "size": "large"}
 STYLE_COLOR = "purple"
 TEMPLATE = "[name], [filewords]\n"  # the concept's name, then the tags of what it leaves free
 HN_TEMPLATE = "[filewords]\n"
+#: the hypernetwork's rate in each world (batch 4, 200 steps). SDXL's modules are 2048 wide (4096 inside),
+#: and Adam moves every weight by about the rate whatever its gradient, so a rate moves them further than
+#: SD1's 768: at SD1's 0.0005 the SDXL world learned the style with 1 training seed of 3 (94 / 28 / 28 %
+#: standalone, 6 / 75 / 53 % in A1111), at 0.0001 with every seed (docs/verification.md#toy-worlds).
+HN_RATE = {"sd1": "0.0005", "sdxl": "0.0001"}
+#: the module sizes for each world's cross-attention context (SDXL: CLIP-L + CLIP-G)
+HN_SIZES = {"sd1": 768, "sdxl": 2048}
 
 
 def _free_tags(scene: Scene, fixed: dict[str, str]) -> str:
@@ -143,8 +150,10 @@ def train_embedding(host: Any, workdir: str | Path, data: str | Path, *, name: s
 
 
 def train_hypernetwork(host: Any, workdir: str | Path, data: str | Path, *, name: str = "toy-style",
-                       steps: int = 200, sizes: tuple[int, ...] = (), **options: Any) -> Any:
-    """Create and train a hypernetwork on `data` ("[filewords]" template); returns (Hypernetwork, job)."""
+                       steps: int = 200, family: str = "sd1", sizes: tuple[int, ...] = (),
+                       **options: Any) -> Any:
+    """Create (seed 0) and train a hypernetwork on `data` ("[filewords]" template) at the world's rate
+    (HN_RATE), with modules of `sizes` (default: the create job's); returns (Hypernetwork, job)."""
     from lib_sdtrain.core.hypernetwork.network import load_hypernetwork
 
     workdir = Path(workdir)
@@ -156,7 +165,7 @@ def train_hypernetwork(host: Any, workdir: str | Path, data: str | Path, *, name
         create["enable_sizes"] = list(sizes)
     run_job(host, "create_hypernetwork", create)
     config = {"hypernetwork_name": name, "hypernetwork_dir": str(hn_dir), "data_root": str(data),
-              "log_directory": str(workdir / "log"), "learn_rate": "0.0005", "steps": steps,
+              "log_directory": str(workdir / "log"), "learn_rate": HN_RATE[family], "steps": steps,
               "training_width": 64, "training_height": 64, "batch_size": 4,
               "templates_dir": str(templates), "template_filename": "toyworld_hn.txt",
               "save_hypernetwork_every": 0, "create_image_every": 0, "seed": 0, **options}
