@@ -271,3 +271,32 @@ def test_the_probe_leaves_the_global_rng_alone():
     torch.manual_seed(3)
     assert residual_in_place(block) is True
     assert torch.equal(torch.rand(4), expected)  # a seeded training run draws the same numbers
+
+
+# -- the start-up model load ----------------------------------------------------------------------
+@pytest.mark.parametrize("has_lock", [True, False])
+def test_a_job_waits_for_the_webuis_start_up_model_load(webui, monkeypatch, has_lock):
+    """A1111 loads its checkpoint at start-up in a thread of its own, holding sd_models.model_data.lock,
+    while its layer constructors are patched (a Linear made then lands on the meta device): a job posted
+    meanwhile starts only when the load has ended. A webui without that lock starts it at once."""
+    import threading
+    import time
+
+    from lib_sdtrain.hosts.a1111 import runtime
+
+    load = threading.Lock()
+    data = types.SimpleNamespace(lock=load) if has_lock else types.SimpleNamespace()
+    monkeypatch.setitem(sys.modules, "modules.sd_models", _module("modules.sd_models", model_data=data))
+    ran = threading.Event()
+    monkeypatch.setattr(runtime, "job_runners", lambda: {"train_embedding": (object, lambda h, c, ctl: ran.set())})
+    monkeypatch.setattr(runtime, "_refresh_embeddings", lambda: None)
+    job = runtime._wrapped_runners()["train_embedding"][1]
+    load.acquire()  # the start-up load is under way
+    worker = threading.Thread(target=job, args=(None, None, None), daemon=True)
+    worker.start()
+    try:
+        assert ran.wait(0.5) is (not has_lock)  # with the lock: not before the load ends
+    finally:
+        load.release()
+    assert ran.wait(5), "the job never ran after the load ended"
+    worker.join(5)
