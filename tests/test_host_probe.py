@@ -280,7 +280,6 @@ def test_a_job_waits_for_the_webuis_start_up_model_load(webui, monkeypatch, has_
     while its layer constructors are patched (a Linear made then lands on the meta device): a job posted
     meanwhile starts only when the load has ended. A webui without that lock starts it at once."""
     import threading
-    import time
 
     from lib_sdtrain.hosts.a1111 import runtime
 
