@@ -112,11 +112,10 @@ def main() -> int:
         tmp = Path(tempfile.mkdtemp(prefix=f"sdtrain-toyworld-{family}-"))
         files = models.assemble(family, tmp / "model", webui_dir=args.webui)
         host = StandaloneHost.load_checkpoint(files["ckpt"], files["yaml"], files["clip"], webui_dir=args.webui)
-        r: dict = dict(results.get(family, {}))
+        r: dict = {}
         seeds = [int(x) for x in args.hn_seeds.split(",")]
-        if args.only == "hn":
-            r["hn"] = hn_figures(host, tmp, family, seeds)
-            results[family] = r
+        if args.only == "hn":  # the family's other figures stay as the last whole run wrote them
+            results[family] = {**results.get(family, {}), "hn": hn_figures(host, tmp, family, seeds)}
             path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
             continue
         t0 = time.time()
